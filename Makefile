@@ -1,0 +1,34 @@
+# The two commands of the README. Each creates .venv and installs what it needs.
+#   make demo   the main job (a short end-to-end run for now)
+#   make test   lint, then the full test suite (what CI runs: .ci/run)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: demo test lint conformance bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch is pinned to 2.13.0 (a CPU build here); never let pip pick a CUDA build.
+	$(PY) -m pip install --quiet -e '.[torch,tensorflow,tests]'
+	@rm -f $(VENV)/.installed-*; touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m influence_core.demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest
+
+conformance: $(STAMP)
+	$(PY) -m influence_conformance --backend torch
+	$(PY) -m influence_conformance --backend tensorflow
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_kernels.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

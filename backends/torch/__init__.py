@@ -1,0 +1,1 @@
+"""The PyTorch backend: ``torch.func`` kernels (``vmap(grad)``, double-backward HVPs)."""

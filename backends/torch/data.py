@@ -1,0 +1,16 @@
+"""Iteration over PyTorch datasets: ``DataLoader`` as is, a map-style ``Dataset`` batched."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+
+def native_batches(data: Any, batch_size: int) -> Iterator[Any] | None:
+    if isinstance(data, DataLoader):
+        return iter(data)
+    if isinstance(data, (Dataset, IterableDataset)):
+        return iter(DataLoader(data, batch_size=batch_size, shuffle=False))
+    return None

@@ -1,0 +1,72 @@
+"""influence_core: which training examples made my model do this?
+
+One implementation of training-data influence for PyTorch and TensorFlow.
+The core is written against the Python Array API and the autodiff protocol
+(:class:`ModelKernels`); backends are pluggy plugins.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .data import Batch
+from .errors import (
+    BackendNotFoundError,
+    DatasetFormatError,
+    DuplicateBackendError,
+    InvalidBackendSpecError,
+    NonFiniteGradientError,
+    PerSampleLossError,
+    PluginLoadWarning,
+    PrecisionWarning,
+    UnknownParameterError,
+)
+from .hookspecs import hookimpl
+from .model import InfluenceModel
+from .namespace import ArrayNamespace, numpy_namespace
+from .protocol import ModelKernels
+from .registry import BackendRegistry, BackendSpec, get_registry
+
+__all__ = [
+    "ArrayNamespace",
+    "BackendNotFoundError",
+    "BackendRegistry",
+    "BackendSpec",
+    "Batch",
+    "DatasetFormatError",
+    "DuplicateBackendError",
+    "InfluenceModel",
+    "InvalidBackendSpecError",
+    "ModelKernels",
+    "NonFiniteGradientError",
+    "PerSampleLossError",
+    "PluginLoadWarning",
+    "PrecisionWarning",
+    "UnknownParameterError",
+    "array_namespace",
+    "available_backends",
+    "get_registry",
+    "hookimpl",
+]
+
+__version__ = "0.1.0.dev0"
+
+
+def available_backends() -> list[str]:
+    """Names of the backends whose plugins loaded."""
+    return get_registry().names()
+
+
+def array_namespace(array: Any) -> ArrayNamespace:
+    """The namespace (Array API plus ``top_k``) for a native or NumPy array."""
+    spec = get_registry().for_array(array)
+    if spec is not None:
+        return spec.load_namespace()
+    import numpy as np
+
+    if isinstance(array, np.ndarray | np.generic):
+        return numpy_namespace()
+    raise BackendNotFoundError(
+        f"no installed backend handles arrays of type {type(array).__module__}."
+        f"{type(array).__qualname__}; installed backends: {available_backends() or 'none'}"
+    )

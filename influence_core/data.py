@@ -1,0 +1,145 @@
+"""Framework-free iteration over the user's data.
+
+Accepted data, in the order they are recognised:
+
+1. ``(X, y)``: a tuple of two arrays (NumPy or native) with the same leading
+   dimension, cut into batches of ``batch_size`` (the last one partial);
+2. a framework-native dataset the backend recognises (a PyTorch ``DataLoader``
+   or ``Dataset``; a batched or unbatched ``tf.data.Dataset``);
+3. any other iterable of ``(inputs, targets)`` batches (a list, a generator).
+
+Each element is checked to be an ``(inputs, targets)`` pair with matching
+leading dimensions, and converted to native arrays in the model's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
+
+from .errors import DatasetFormatError
+
+__all__ = ["Batch", "iter_batches", "leading_dim"]
+
+
+class Batch(NamedTuple):
+    """One batch of native arrays, and where it starts in the data passed in."""
+
+    inputs: Any
+    targets: Any
+    start: int
+
+    @property
+    def size(self) -> int:
+        return leading_dim(self.targets)
+
+
+def leading_dim(tree: Any) -> int:
+    """Size of the leading (batch) dimension of an array or of the first array of a pytree."""
+    while isinstance(tree, (tuple, list)) and tree:
+        tree = tree[0]
+    if isinstance(tree, dict) and tree:
+        return leading_dim(next(iter(tree.values())))
+    shape = getattr(tree, "shape", None)
+    if shape is None or len(shape) == 0:
+        raise DatasetFormatError(
+            f"expected arrays with a leading batch dimension, got {type(tree).__name__} "
+            f"with shape {shape}; a scalar target needs shape (batch,), not ()"
+        )
+    return int(shape[0])
+
+
+def _slice(tree: Any, start: int, stop: int) -> Any:
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_slice(t, start, stop) for t in tree)
+    if isinstance(tree, dict):
+        return {k: _slice(v, start, stop) for k, v in tree.items()}
+    return tree[start:stop]
+
+
+def _is_array_pair(data: Any) -> bool:
+    return (
+        isinstance(data, tuple)
+        and len(data) == 2
+        and all(hasattr(leaf, "shape") or isinstance(leaf, (tuple, dict)) for leaf in data)
+        and not isinstance(data, Batch)
+    )
+
+
+def _describe(element: Any) -> str:
+    if isinstance(element, dict):
+        return f"a dict with keys {sorted(map(str, element))}"
+    if isinstance(element, (tuple, list)):
+        return f"a {type(element).__name__} of {len(element)} elements"
+    shape = getattr(element, "shape", None)
+    return f"a {type(element).__name__}" + (f" of shape {tuple(shape)}" if shape is not None else "")
+
+
+def _as_pair(element: Any) -> tuple[Any, Any]:
+    if isinstance(element, (tuple, list)) and len(element) == 2:
+        return element[0], element[1]
+    raise DatasetFormatError(
+        f"each batch must be an (inputs, targets) pair, but the data yielded {_describe(element)}. "
+        "Map your dataset to pairs first, e.g. ds.map(lambda d: (d['image'], d['label'])) "
+        "for tf.data, or return (x, y) from your torch Dataset's __getitem__."
+    )
+
+
+def iter_batches(
+    data: Any,
+    batch_size: int,
+    native_batches: Callable[[Any, int], Iterator[Any] | None],
+    as_native: Callable[[Any], Any],
+) -> Iterator[Batch]:
+    """Yield :class:`Batch` es of native arrays from any accepted kind of ``data``.
+
+    ``native_batches`` and ``as_native`` come from the model's kernels, so this
+    function stays framework-free. ``start`` counts samples from the beginning
+    of ``data``, so errors can name the offending samples.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if _is_array_pair(data):
+        inputs, targets = data
+        n = leading_dim(targets)
+        if leading_dim(inputs) != n:
+            raise DatasetFormatError(
+                f"inputs have {leading_dim(inputs)} samples but targets have {n}; "
+                "pass (X, y) with the same leading dimension"
+            )
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            yield Batch(
+                _convert(_slice(inputs, start, stop), as_native),
+                _convert(_slice(targets, start, stop), as_native),
+                start,
+            )
+        return
+    elements: Iterable[Any] | None = native_batches(data, batch_size)
+    if elements is None:
+        if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+            raise DatasetFormatError(
+                f"cannot iterate over data of type {type(data).__name__}. Pass (X, y) arrays, "
+                "a torch DataLoader or Dataset, a tf.data.Dataset, or an iterable of "
+                "(inputs, targets) batches."
+            )
+        elements = data
+    start = 0
+    for element in elements:
+        inputs, targets = _as_pair(element)
+        n = leading_dim(targets)
+        if leading_dim(inputs) != n:
+            raise DatasetFormatError(
+                f"a batch has {leading_dim(inputs)} inputs but {n} targets (batch starting at "
+                f"sample {start}); inputs and targets must share the leading dimension"
+            )
+        yield Batch(_convert(inputs, as_native), _convert(targets, as_native), start)
+        start += n
+
+
+def _convert(tree: Any, as_native: Callable[[Any], Any]) -> Any:
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_convert(t, as_native) for t in tree)
+    if isinstance(tree, dict):
+        return {k: _convert(v, as_native) for k, v in tree.items()}
+    return as_native(tree)

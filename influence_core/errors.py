@@ -1,0 +1,79 @@
+"""Exceptions raised by influence_core.
+
+Every error says what went wrong *and* what to do about it. They subclass the
+built-in exception a user would expect (``ValueError``, ``TypeError``,
+``LookupError``), so generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "BackendNotFoundError",
+    "DatasetFormatError",
+    "DuplicateBackendError",
+    "InvalidBackendSpecError",
+    "NonFiniteGradientError",
+    "PerSampleLossError",
+    "PluginLoadWarning",
+    "PrecisionWarning",
+    "UnknownParameterError",
+]
+
+
+class BackendNotFoundError(LookupError):
+    """No installed backend handles the given model, array or name."""
+
+
+class DuplicateBackendError(RuntimeError):
+    """Two plugins registered a backend under the same name."""
+
+
+class InvalidBackendSpecError(ValueError):
+    """A plugin returned a malformed :class:`~influence_core.registry.BackendSpec`."""
+
+
+class PluginLoadWarning(UserWarning):
+    """A backend plugin failed to import or to answer its hook; it was skipped."""
+
+
+class PrecisionWarning(UserWarning):
+    """The loss is computed in a lower precision than the parameters."""
+
+
+class PerSampleLossError(ValueError):
+    """The loss function does not return one value per sample."""
+
+
+class UnknownParameterError(LookupError):
+    """A requested layer or parameter name does not exist in the model."""
+
+    def __init__(self, unknown: Sequence[str], layers: Sequence[str], parameters: Sequence[str]):
+        self.unknown = tuple(unknown)
+        self.layers = tuple(layers)
+        self.parameters = tuple(parameters)
+        super().__init__(
+            f"unknown layer or parameter name(s) {list(self.unknown)}. "
+            f"Layers in this model: {list(self.layers)}. "
+            f"Trainable parameters: {list(self.parameters)}. "
+            "Pass layer names or parameter names from these lists."
+        )
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient or Hessian-vector product contains NaN or infinity."""
+
+    def __init__(self, what: str, sample_indices: Sequence[int]):
+        self.sample_indices = tuple(int(i) for i in sample_indices)
+        shown = list(self.sample_indices[:20])
+        more = "" if len(self.sample_indices) <= 20 else f" (+{len(self.sample_indices) - 20} more)"
+        super().__init__(
+            f"non-finite {what} for sample(s) at index {shown}{more} of the data passed in. "
+            "Check those inputs and targets for NaN/inf, and the loss for log(0) or "
+            "division by zero (e.g. use logits with a from_logits loss)."
+        )
+
+
+class DatasetFormatError(TypeError):
+    """A dataset element is not an ``(inputs, targets)`` pair."""

@@ -1,0 +1,306 @@
+"""``InfluenceModel``: a user's model, loss and parameter selection, ready for influence.
+
+One call wraps a PyTorch ``nn.Module`` or a TensorFlow/Keras model::
+
+    im = InfluenceModel(model, loss_fn, parameters=["fc2"])      # backend from the model's type
+    g = im.loss_grad((X_train, y_train))                          # (d,)  mean over the data
+    G = im.per_sample_grads((X_batch, y_batch))                   # (b, d)
+    HV = im.hvp((X_train, y_train), V)                            # (d, k)
+    H = im.hessian((X_train, y_train))                            # (d, d), small d only
+
+Everything dataset-level (streaming batches, weighting the partial last batch,
+non-finite checks that name the samples, Hessians assembled from HVP blocks)
+is written here once; the backend supplies only the per-batch kernels of
+:class:`~influence_core.protocol.ModelKernels`. Results are native arrays of
+the model's framework (torch in, torch out; TF in, TF out).
+
+Loss convention: ``loss_fn`` returns one value per sample (``reduction="none"``
+in PyTorch, ``reduction=None`` in Keras) and follows the framework's argument
+order: ``loss_fn(outputs, targets)`` in PyTorch, ``loss_fn(y_true, y_pred)`` in
+Keras/TensorFlow. Every quantity is of the *mean* loss L(θ) = (1/n) Σ_i ℓ(z_i, θ).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from .data import Batch, iter_batches
+from .errors import NonFiniteGradientError, PerSampleLossError, PrecisionWarning
+from .namespace import ArrayNamespace
+from .protocol import ModelKernels
+from .registry import BackendRegistry, get_registry
+
+__all__ = ["DEFAULT_BATCH_SIZE", "MAX_HESSIAN_PARAMETERS", "InfluenceModel"]
+
+#: Batch size used to cut ``(X, y)`` arrays and unbatched datasets when none is given.
+DEFAULT_BATCH_SIZE = 256
+#: Largest ``d`` for which :meth:`InfluenceModel.hessian` builds the full matrix by default.
+MAX_HESSIAN_PARAMETERS = 10_000
+
+Array = Any
+
+
+class InfluenceModel:
+    """A model, its per-sample loss and the parameters θ influence is computed over.
+
+    Args:
+        model: a ``torch.nn.Module``, a Keras 3 model / layer, a ``tf.Module``,
+            or any model type a registered backend plugin handles.
+        loss_fn: per-sample loss (see the module docstring for the convention).
+        parameters: layer or parameter names selecting θ (a layer name selects
+            all its trainable parameters); ``None`` selects every trainable
+            parameter. Unknown names raise an error listing the real ones.
+        backend: a backend name (``"torch"``, ``"tensorflow"`` …); by default
+            chosen from the model's type.
+        batch_size: batch size for ``(X, y)`` arrays and unbatched datasets.
+        registry: the backend registry (tests use their own).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        loss_fn: Any,
+        *,
+        parameters: str | Sequence[str] | None = None,
+        backend: str | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        registry: BackendRegistry | None = None,
+    ) -> None:
+        registry = registry or get_registry()
+        spec = registry.by_name(backend) if backend is not None else registry.for_model(model)
+        self.backend: str = spec.name
+        self.model = model
+        self.loss_fn = loss_fn
+        self.batch_size = int(batch_size)
+        self.kernels: ModelKernels = spec.load_kernels()(model, loss_fn, parameters)
+        self._loss_checked = False
+
+    # -- θ ------------------------------------------------------------------------
+    @property
+    def xp(self) -> ArrayNamespace:
+        """The array namespace of the model's arrays (Array API plus ``top_k``)."""
+        return self.kernels.xp
+
+    @property
+    def dtype(self) -> Any:
+        return self.kernels.dtype
+
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        """The selected parameters making up θ, in flat order."""
+        return self.kernels.parameter_names
+
+    @property
+    def num_parameters(self) -> int:
+        """d, the length of θ."""
+        total = 0
+        for shape in self.kernels.parameter_shapes:
+            size = 1
+            for s in shape:
+                size *= int(s)
+            total += size
+        return total
+
+    def get_parameters(self) -> Array:
+        """A copy of θ, shape ``(d,)``."""
+        return self.kernels.get_flat_parameters()
+
+    @contextmanager
+    def parameters_set_to(self, flat: Any) -> Iterator[None]:
+        """Temporarily load θ = ``flat`` (shape ``(d,)``) into the model.
+
+        The previous values are restored on exit, also after an exception, so
+        the user's model is untouched outside the ``with`` block.
+        """
+        flat = self.kernels.as_native(flat, floating=True)
+        if tuple(flat.shape) != (self.num_parameters,):
+            raise ValueError(
+                f"expected a flat parameter vector of shape ({self.num_parameters},), "
+                f"got {tuple(flat.shape)}"
+            )
+        saved = self.kernels.get_flat_parameters()
+        self.kernels.set_flat_parameters(flat)
+        try:
+            yield
+        finally:
+            self.kernels.set_flat_parameters(saved)
+
+    # -- data ---------------------------------------------------------------------
+    def batches(self, data: Any, batch_size: int | None = None) -> Iterator[Batch]:
+        """Iterate ``data`` as :class:`~influence_core.data.Batch` es of native arrays.
+
+        ``data``: ``(X, y)`` arrays, a torch ``DataLoader``/``Dataset``, a
+        ``tf.data.Dataset`` (batched or not), or an iterable of ``(x, y)`` batches.
+        """
+        for batch in iter_batches(
+            data,
+            batch_size or self.batch_size,
+            self.kernels.native_batches,
+            self.kernels.as_native,
+        ):
+            if not self._loss_checked:
+                self._check_per_sample_loss(batch)
+            yield batch
+
+    def _check_per_sample_loss(self, batch: Batch) -> None:
+        losses = self.kernels.per_sample_loss(batch.inputs, batch.targets)
+        shape = tuple(getattr(losses, "shape", ()))
+        if shape != (batch.size,):
+            raise PerSampleLossError(
+                f"the loss returned shape {shape} for a batch of {batch.size} samples; it must "
+                f"return one value per sample, shape ({batch.size},). Build it without "
+                "reduction: torch.nn.CrossEntropyLoss(reduction='none') in PyTorch, "
+                "keras.losses.SparseCategoricalCrossentropy(reduction=None) in Keras."
+            )
+        if getattr(losses, "dtype", self.dtype) != self.dtype:
+            warnings.warn(
+                f"the loss returns {losses.dtype} values but the parameters are {self.dtype}: "
+                "gradients lose precision. Keras losses compute in keras.config.floatx() unless "
+                "built with dtype='float64'.",
+                PrecisionWarning,
+                stacklevel=4,
+            )
+        self._loss_checked = True
+
+    def _single_batch(self, data: Any) -> Batch:
+        batches = list(self.batches(data, batch_size=2**62))
+        if len(batches) != 1:
+            raise ValueError(
+                f"expected one batch (inputs, targets), got data yielding {len(batches)} batches; "
+                "use iter_per_sample_grads() to stream a dataset"
+            )
+        return batches[0]
+
+    # -- losses and gradients -------------------------------------------------------
+    def per_sample_loss(self, data: Any, batch_size: int | None = None) -> Array:
+        """ℓ(z_i, θ) for every sample of ``data``: shape ``(n,)``."""
+        parts = [self.kernels.per_sample_loss(b.inputs, b.targets) for b in self.batches(data, batch_size)]
+        return parts[0] if len(parts) == 1 else self.xp.concat(parts, axis=0)
+
+    def loss_grad(self, data: Any, batch_size: int | None = None) -> Array:
+        """∇_θ L(θ) = (1/n) Σ_i ∇_θ ℓ(z_i, θ) over all of ``data``: shape ``(d,)``.
+
+        Batches are weighted by their size, so a partial last batch counts correctly.
+        """
+        total, n = None, 0
+        for batch in self.batches(data, batch_size):
+            g = self.kernels.mean_loss_grad(batch.inputs, batch.targets)
+            if not self._all_finite(g):
+                self._raise_non_finite(batch, "gradient")
+            total = g * batch.size if total is None else total + g * batch.size
+            n += batch.size
+        return self._finish_mean(total, n)
+
+    def per_sample_grads(self, batch: Any) -> Array:
+        """∇_θ ℓ(z_i, θ) for each sample of one batch ``(inputs, targets)``: shape ``(b, d)``.
+
+        To go through a dataset without holding an ``n × d`` array, use
+        :meth:`iter_per_sample_grads`.
+        """
+        b = self._single_batch(batch)
+        return self._checked_per_sample_grads(b)
+
+    def iter_per_sample_grads(
+        self, data: Any, batch_size: int | None = None
+    ) -> Iterator[tuple[Batch, Array]]:
+        """Stream ``(batch, per-sample gradients of shape (b, d))`` over ``data``."""
+        for batch in self.batches(data, batch_size):
+            yield batch, self._checked_per_sample_grads(batch)
+
+    def _checked_per_sample_grads(self, batch: Batch) -> Array:
+        grads = self.kernels.per_sample_grads(batch.inputs, batch.targets)
+        xp = self.xp
+        # One pass: NaN/inf anywhere in a row makes the row sum non-finite.
+        row_ok = xp.isfinite(xp.sum(grads, axis=1))
+        if not bool(xp.all(row_ok)):
+            bad = xp.nonzero(xp.logical_not(row_ok))[0]
+            raise NonFiniteGradientError(
+                "per-sample gradients", [batch.start + int(i) for i in bad]
+            )
+        return grads
+
+    # -- second order -------------------------------------------------------------
+    def hvp(self, data: Any, vectors: Any, batch_size: int | None = None) -> Array:
+        """H v with H = ∇²_θ L(θ) of the mean loss over ``data``.
+
+        ``vectors``: shape ``(d,)`` for one vector (returns ``(d,)``) or ``(d, k)``
+        for a block of k (returns ``(d, k)``, all columns in one batched pass).
+        """
+        v = self.kernels.as_native(vectors, floating=True)
+        d = self.num_parameters
+        single = len(v.shape) == 1
+        if single:
+            v = self.xp.reshape(v, (d, 1))
+        if len(v.shape) != 2 or int(v.shape[0]) != d:
+            raise ValueError(f"vectors must have shape ({d},) or ({d}, k), got {tuple(v.shape)}")
+        total, n = None, 0
+        for batch in self.batches(data, batch_size):
+            hv = self.kernels.mean_loss_hvp(batch.inputs, batch.targets, v)
+            if not self._all_finite(hv):
+                self._raise_non_finite(batch, "Hessian-vector product")
+            total = hv * batch.size if total is None else total + hv * batch.size
+            n += batch.size
+        out = self._finish_mean(total, n)
+        return self.xp.reshape(out, (d,)) if single else out
+
+    def hessian(
+        self,
+        data: Any,
+        *,
+        block_size: int = 256,
+        batch_size: int | None = None,
+        max_parameters: int = MAX_HESSIAN_PARAMETERS,
+    ) -> Array:
+        """The full Hessian ∇²_θ L(θ), shape ``(d, d)``, from blocks of HVPs.
+
+        One pass over ``data``: each batch is multiplied by the identity in
+        column blocks of ``block_size``. Memory is ``d²`` floats, so ``d`` above
+        ``max_parameters`` is refused: select fewer parameters (e.g. the last
+        layer) or use an iterative solver.
+        """
+        d = self.num_parameters
+        if d > max_parameters:
+            raise ValueError(
+                f"the full Hessian of d={d} parameters needs {d * d * 8 / 2**30:.1f} GiB in "
+                f"float64, above max_parameters={max_parameters}. Select fewer parameters "
+                "(e.g. parameters=['<last layer>']) or raise max_parameters."
+            )
+        xp = self.xp
+        eye = self.kernels.as_native(xp.eye(d, dtype=self.dtype), floating=True)  # on the model's device
+        blocks = [eye[:, s : s + block_size] for s in range(0, d, block_size)]
+        total, n = None, 0
+        for batch in self.batches(data, batch_size):
+            hb = [self.kernels.mean_loss_hvp(batch.inputs, batch.targets, blk) for blk in blocks]
+            h = hb[0] if len(hb) == 1 else xp.concat(hb, axis=1)
+            if not self._all_finite(h):
+                self._raise_non_finite(batch, "Hessian")
+            total = h * batch.size if total is None else total + h * batch.size
+            n += batch.size
+        return self._finish_mean(total, n)
+
+    # -- helpers ------------------------------------------------------------------
+    def _all_finite(self, array: Array) -> bool:
+        xp = self.xp
+        return bool(xp.all(xp.isfinite(array)))
+
+    def _finish_mean(self, total: Array | None, n: int) -> Array:
+        if total is None:
+            raise ValueError("the data yielded no samples")
+        return total / n
+
+    def _raise_non_finite(self, batch: Batch, what: str) -> None:
+        # Slow path, only on failure: locate the samples with per-sample gradients.
+        xp = self.xp
+        grads = self.kernels.per_sample_grads(batch.inputs, batch.targets)
+        row_bad = xp.logical_not(xp.isfinite(xp.sum(grads, axis=1)))
+        bad = [batch.start + int(i) for i in xp.nonzero(row_bad)[0]]
+        raise NonFiniteGradientError(what, bad or list(range(batch.start, batch.start + batch.size)))
+
+    def __repr__(self) -> str:
+        return (
+            f"InfluenceModel(backend={self.backend!r}, d={self.num_parameters}, "
+            f"parameters={list(self.parameter_names)})"
+        )
