@@ -13,6 +13,7 @@ the input's integer dtype; devices are TensorFlow's placement.
 
 from __future__ import annotations
 
+import builtins
 import math
 import sys
 from types import SimpleNamespace
@@ -76,7 +77,7 @@ def arange(start: Any, /, stop: Any = None, step: Any = 1, *, dtype: Any = None,
     if stop is None:
         start, stop = 0, start
     if dtype is None:
-        dtype = int64 if all(isinstance(v, int) for v in (start, stop, step)) else float32
+        dtype = int64 if builtins.all(isinstance(v, int) for v in (start, stop, step)) else float32
     return tf.range(start, stop, step, dtype=dtype)
 
 

@@ -1,0 +1,126 @@
+"""The backend registry: typed records, validated names, a tolerant loader, no eager framework imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib import metadata
+
+import pytest
+
+import influence_core
+from influence_core import (
+    BackendNotFoundError,
+    BackendRegistry,
+    BackendSpec,
+    DuplicateBackendError,
+    InvalidBackendSpecError,
+    PluginLoadWarning,
+    hookimpl,
+)
+from influence_core import registry as registry_module
+
+
+def fake_spec(name: str = "fake", **overrides: object) -> BackendSpec:
+    fields = dict(
+        name=name,
+        model_types=("builtins.dict",),
+        array_types=("builtins.list",),
+        kernels="influence_core.protocol:ModelKernels",
+        namespace="influence_core.namespace:numpy_namespace",
+    )
+    fields.update(overrides)
+    return BackendSpec(**fields)
+
+
+class Plugin:
+    def __init__(self, *specs: BackendSpec) -> None:
+        self.specs = specs
+
+    @hookimpl
+    def influence_core_backends(self) -> list[BackendSpec]:
+        return list(self.specs)
+
+
+def test_first_party_backends_arrive_through_entry_points() -> None:
+    specs = influence_core.get_registry().specs
+    assert {"torch", "tensorflow"} <= set(specs)
+    assert specs["torch"].distribution == "influence-core"
+    eps = {ep.name: ep.value for ep in metadata.entry_points(group="influence_core.backends")}
+    assert eps["torch"] == "influence_backends.torch.plugin"
+
+
+def test_duplicate_backend_names_are_an_error_naming_both_distributions() -> None:
+    registry = BackendRegistry(load_entry_points=False)
+    registry.register(Plugin(fake_spec()), distribution="dist-one")
+    registry.register(Plugin(fake_spec()), distribution="dist-two")
+    with pytest.raises(DuplicateBackendError, match="'dist-one'.*'dist-two'"):
+        registry.names()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"name": "Bad Name"}, "lowercase identifier"),
+        ({"model_types": "torch.nn.Module"}, "tuple of qualified class names"),
+        ({"model_types": ("Module",)}, "qualified class names"),
+        ({"array_types": ()}, "non-empty"),
+        ({"kernels": "no colon here"}, "module:attribute"),
+    ],
+)
+def test_malformed_records_are_rejected(overrides: dict, message: str) -> None:
+    with pytest.raises(InvalidBackendSpecError, match=message):
+        fake_spec(**overrides)
+
+
+def test_a_plugin_that_fails_to_import_is_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = metadata.EntryPoint(name="broken", value="no_such_module_for_influence_core", group="x")
+    monkeypatch.setattr(registry_module.metadata, "entry_points", lambda group: [broken])
+    registry = BackendRegistry()
+    registry.register(Plugin(fake_spec("healthy")), distribution="ok-dist")
+    with pytest.warns(PluginLoadWarning, match="no_such_module_for_influence_core"):
+        assert registry.names() == ["healthy"]
+
+
+def test_a_hook_that_raises_or_returns_junk_is_a_warning() -> None:
+    class Raising:
+        @hookimpl
+        def influence_core_backends(self) -> list[BackendSpec]:
+            raise RuntimeError("plugin bug")
+
+    class Junk:
+        @hookimpl
+        def influence_core_backends(self) -> list[object]:
+            return ["not a spec"]
+
+    registry = BackendRegistry(load_entry_points=False)
+    registry.register(Raising(), distribution="a")
+    registry.register(Junk(), distribution="b")
+    registry.register(Plugin(fake_spec("healthy")), distribution="c")
+    with pytest.warns(PluginLoadWarning) as record:
+        assert registry.names() == ["healthy"]
+    assert len(record) == 2
+
+
+def test_unknown_model_type_lists_backends_and_how_to_install() -> None:
+    with pytest.raises(BackendNotFoundError) as info:
+        influence_core.InfluenceModel(object(), loss_fn=None)
+    message = str(info.value)
+    assert "builtins.object" in message
+    assert "torch" in message and "tensorflow" in message
+    assert "pip install" in message
+    with pytest.raises(BackendNotFoundError, match="no backend named 'jax'"):
+        influence_core.InfluenceModel(object(), loss_fn=None, backend="jax")
+
+
+def test_model_lookup_imports_no_framework() -> None:
+    code = (
+        "import sys, numpy as np, influence_core\n"
+        "reg = influence_core.get_registry()\n"
+        "assert set(reg.names()) >= {'torch', 'tensorflow'}\n"
+        "try:\n    reg.for_model(object())\nexcept influence_core.BackendNotFoundError:\n    pass\n"
+        "influence_core.array_namespace(np.ones(2))\n"
+        "bad = [m for m in ('torch', 'tensorflow', 'keras') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
