@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch is pinned to 2.13.0 (a CPU build here); never let pip pick a CUDA build.
-	$(PY) -m pip install --quiet -e '.[torch,tensorflow,tests]'
+	$(PY) -m pip install --quiet -e '.[torch,tensorflow,tests,demo]'
 	@rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 demo: $(STAMP)

@@ -14,8 +14,10 @@ Run against a registered backend with one command::
 or subclass the classes in your own tests (see :mod:`influence_conformance.suite`).
 """
 
+from influence_core.specs import ModelSpec, ReferenceModel
+
 from .cases import RTOL, Case, assert_close
-from .specs import SPECS, ModelSpec, ReferenceModel
+from .reference_specs import SPECS
 from .suite import BackendConformance, CrossBackendConformance
 
 __all__ = [

@@ -19,7 +19,9 @@ from influence_core import get_registry
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m influence_conformance", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m influence_conformance", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--backend", action="append", required=True, help="registered backend name")
     args, pytest_args = parser.parse_known_args(argv)
     installed = get_registry().names()

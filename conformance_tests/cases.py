@@ -8,9 +8,10 @@ from functools import cache
 import numpy as np
 
 from influence_core import InfluenceModel, get_registry
+from influence_core.specs import ModelSpec, ReferenceModel, make_weights
 
 from . import numpy_reference as ref
-from .specs import SPECS, ModelSpec, ReferenceModel, make_data, make_weights
+from .reference_specs import SPECS, make_data
 
 #: Samples in the reference data, and the batch size: 13 = 4 + 4 + 4 + 1, so
 #: every dataset-level quantity crosses a partial last batch.
@@ -53,7 +54,9 @@ def assert_close(actual: object, expected: np.ndarray, rtol: float, what: str) -
     """max |actual − expected| ≤ rtol · max |expected| (a norm-relative test; fails on NaN)."""
     actual = to_numpy(actual)
     expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != expected {expected.shape}"
+    assert actual.shape == expected.shape, (
+        f"{what}: shape {actual.shape} != expected {expected.shape}"
+    )
     scale = float(np.max(np.abs(expected))) or 1.0
     error = float(np.max(np.abs(actual - expected))) / scale
     assert error <= rtol, f"{what}: relative error {error:.3g} > {rtol:g} (scale {scale:.3g})"
@@ -66,7 +69,9 @@ def build_case(backend: str, spec_name: str, dtype: str) -> Case:
     X, y = make_data(spec, weights, n=N_SAMPLES)
     builder = get_registry().by_name(backend).load_reference_models()
     reference = builder(spec, weights, dtype)
-    model = InfluenceModel(reference.model, reference.loss_fn, backend=backend, batch_size=BATCH_SIZE)
+    model = InfluenceModel(
+        reference.model, reference.loss_fn, backend=backend, batch_size=BATCH_SIZE
+    )
     return Case(spec, dtype, weights, X, y, reference, model)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .specs import Conv2D, Dense, ModelSpec
+from influence_core.specs import Conv2D, Dense, ModelSpec
 
 __all__ = [
     "closed_form_hessian",
@@ -65,12 +65,16 @@ def _forward(spec: ModelSpec, weights: list[np.ndarray], X: np.ndarray, record: 
     return h, recorded
 
 
-def pre_activations(spec: ModelSpec, weights: list[np.ndarray], X: np.ndarray, only: str) -> list[np.ndarray]:
+def pre_activations(
+    spec: ModelSpec, weights: list[np.ndarray], X: np.ndarray, only: str
+) -> list[np.ndarray]:
     """Pre-activations of the layers whose activation is ``only``."""
     return _forward(spec, weights, X, record=only)[1]
 
 
-def per_sample_loss(spec: ModelSpec, weights: list[np.ndarray], X: np.ndarray, y: np.ndarray) -> np.ndarray:
+def per_sample_loss(
+    spec: ModelSpec, weights: list[np.ndarray], X: np.ndarray, y: np.ndarray
+) -> np.ndarray:
     out, _ = _forward(spec, weights, X)
     if spec.loss == "mse":
         return np.mean((out - y) ** 2, axis=-1)
@@ -86,6 +90,7 @@ def finite_difference_per_sample_grads(
     theta = flatten_weights(weights)
     grads = np.empty((len(X), theta.size))
     for j in range(theta.size):
+
         def loss_at(offset: float, j: int = j) -> np.ndarray:
             t = theta.copy()
             t[j] += offset
@@ -121,7 +126,9 @@ def closed_form_per_sample_grads(
     return np.concatenate([grad_kernel, delta], axis=1)
 
 
-def closed_form_hessian(spec: ModelSpec, weights: list[np.ndarray], X: np.ndarray, y: np.ndarray) -> np.ndarray:
+def closed_form_hessian(
+    spec: ModelSpec, weights: list[np.ndarray], X: np.ndarray, y: np.ndarray
+) -> np.ndarray:
     """(d, d) Hessian of the mean loss for the one-layer specs.
 
     With x̃ = [x, 1]: linear, H = (2/(nO)) Σ x̃x̃ᵀ ⊗ I_O; softmax,

@@ -72,7 +72,9 @@ def _describe(element: Any) -> str:
     if isinstance(element, (tuple, list)):
         return f"a {type(element).__name__} of {len(element)} elements"
     shape = getattr(element, "shape", None)
-    return f"a {type(element).__name__}" + (f" of shape {tuple(shape)}" if shape is not None else "")
+    return f"a {type(element).__name__}" + (
+        f" of shape {tuple(shape)}" if shape is not None else ""
+    )
 
 
 def _as_pair(element: Any) -> tuple[Any, Any]:
@@ -107,6 +109,9 @@ def iter_batches(
                 f"inputs have {leading_dim(inputs)} samples but targets have {n}; "
                 "pass (X, y) with the same leading dimension"
             )
+        if n <= batch_size:  # one batch: no slicing (an eager slice op per array in TF)
+            yield Batch(_convert(inputs, as_native), _convert(targets, as_native), 0)
+            return
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             yield Batch(

@@ -66,12 +66,19 @@ class NonFiniteGradientError(FloatingPointError):
 
     def __init__(self, what: str, sample_indices: Sequence[int]):
         self.sample_indices = tuple(int(i) for i in sample_indices)
+        if not self.sample_indices:
+            super().__init__(
+                f"non-finite {what}, although every sample's gradient is finite: the second "
+                "derivatives overflow. Check the loss for points of infinite curvature, or "
+                "use float64."
+            )
+            return
         shown = list(self.sample_indices[:20])
         more = "" if len(self.sample_indices) <= 20 else f" (+{len(self.sample_indices) - 20} more)"
         super().__init__(
-            f"non-finite {what} for sample(s) at index {shown}{more} of the data passed in. "
-            "Check those inputs and targets for NaN/inf, and the loss for log(0) or "
-            "division by zero (e.g. use logits with a from_logits loss)."
+            f"non-finite {what}: the gradients of the sample(s) at index {shown}{more} of the "
+            "data passed in are NaN or infinite. Check those inputs and targets for NaN/inf, "
+            "and the loss for log(0) or division by zero (e.g. use logits with a from_logits loss)."
         )
 
 

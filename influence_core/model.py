@@ -22,8 +22,9 @@ Keras/TensorFlow. Every quantity is of the *mean* loss L(θ) = (1/n) Σ_i ℓ(z_
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -177,7 +178,10 @@ class InfluenceModel:
     # -- losses and gradients -------------------------------------------------------
     def per_sample_loss(self, data: Any, batch_size: int | None = None) -> Array:
         """ℓ(z_i, θ) for every sample of ``data``: shape ``(n,)``."""
-        parts = [self.kernels.per_sample_loss(b.inputs, b.targets) for b in self.batches(data, batch_size)]
+        parts = [
+            self.kernels.per_sample_loss(b.inputs, b.targets)
+            for b in self.batches(data, batch_size)
+        ]
         return parts[0] if len(parts) == 1 else self.xp.concat(parts, axis=0)
 
     def loss_grad(self, data: Any, batch_size: int | None = None) -> Array:
@@ -185,14 +189,9 @@ class InfluenceModel:
 
         Batches are weighted by their size, so a partial last batch counts correctly.
         """
-        total, n = None, 0
-        for batch in self.batches(data, batch_size):
-            g = self.kernels.mean_loss_grad(batch.inputs, batch.targets)
-            if not self._all_finite(g):
-                self._raise_non_finite(batch, "gradient")
-            total = g * batch.size if total is None else total + g * batch.size
-            n += batch.size
-        return self._finish_mean(total, n)
+        return self._weighted_mean(
+            data, batch_size, lambda b: self.kernels.mean_loss_grad(b.inputs, b.targets), "gradient"
+        )
 
     def per_sample_grads(self, batch: Any) -> Array:
         """∇_θ ℓ(z_i, θ) for each sample of one batch ``(inputs, targets)``: shape ``(b, d)``.
@@ -212,14 +211,8 @@ class InfluenceModel:
 
     def _checked_per_sample_grads(self, batch: Batch) -> Array:
         grads = self.kernels.per_sample_grads(batch.inputs, batch.targets)
-        xp = self.xp
-        # One pass: NaN/inf anywhere in a row makes the row sum non-finite.
-        row_ok = xp.isfinite(xp.sum(grads, axis=1))
-        if not bool(xp.all(row_ok)):
-            bad = xp.nonzero(xp.logical_not(row_ok))[0]
-            raise NonFiniteGradientError(
-                "per-sample gradients", [batch.start + int(i) for i in bad]
-            )
+        if not self._all_finite(grads):
+            raise NonFiniteGradientError("per-sample gradients", self._bad_rows(grads, batch.start))
         return grads
 
     # -- second order -------------------------------------------------------------
@@ -236,14 +229,12 @@ class InfluenceModel:
             v = self.xp.reshape(v, (d, 1))
         if len(v.shape) != 2 or int(v.shape[0]) != d:
             raise ValueError(f"vectors must have shape ({d},) or ({d}, k), got {tuple(v.shape)}")
-        total, n = None, 0
-        for batch in self.batches(data, batch_size):
-            hv = self.kernels.mean_loss_hvp(batch.inputs, batch.targets, v)
-            if not self._all_finite(hv):
-                self._raise_non_finite(batch, "Hessian-vector product")
-            total = hv * batch.size if total is None else total + hv * batch.size
-            n += batch.size
-        out = self._finish_mean(total, n)
+        out = self._weighted_mean(
+            data,
+            batch_size,
+            lambda b: self.kernels.mean_loss_hvp(b.inputs, b.targets, v),
+            "Hessian-vector product",
+        )
         return self.xp.reshape(out, (d,)) if single else out
 
     def hessian(
@@ -269,35 +260,62 @@ class InfluenceModel:
                 "(e.g. parameters=['<last layer>']) or raise max_parameters."
             )
         xp = self.xp
-        eye = self.kernels.as_native(xp.eye(d, dtype=self.dtype), floating=True)  # on the model's device
+        eye = self.kernels.as_native(
+            xp.eye(d, dtype=self.dtype), floating=True
+        )  # on the model's device
         blocks = [eye[:, s : s + block_size] for s in range(0, d, block_size)]
-        total, n = None, 0
-        for batch in self.batches(data, batch_size):
+
+        def block_hvps(batch: Batch) -> Array:
             hb = [self.kernels.mean_loss_hvp(batch.inputs, batch.targets, blk) for blk in blocks]
-            h = hb[0] if len(hb) == 1 else xp.concat(hb, axis=1)
-            if not self._all_finite(h):
-                self._raise_non_finite(batch, "Hessian")
-            total = h * batch.size if total is None else total + h * batch.size
-            n += batch.size
-        return self._finish_mean(total, n)
+            return hb[0] if len(hb) == 1 else xp.concat(hb, axis=1)
+
+        return self._weighted_mean(data, batch_size, block_hvps, "Hessian")
 
     # -- helpers ------------------------------------------------------------------
-    def _all_finite(self, array: Array) -> bool:
-        xp = self.xp
-        return bool(xp.all(xp.isfinite(array)))
+    def _weighted_mean(
+        self, data: Any, batch_size: int | None, compute: Callable[[Batch], Array], what: str
+    ) -> Array:
+        """(1/n) Σ_j b_j · compute(batch_j) over the batches of ``data``.
 
-    def _finish_mean(self, total: Array | None, n: int) -> Array:
-        if total is None:
+        Each kernel returns a mean over its batch of b_j samples, so weighting by
+        b_j makes a partial last batch count correctly. With a single batch the
+        kernel's result is returned as it is (no arithmetic, bit-exact).
+        Non-finite results are checked once, at the end.
+        """
+        first = total = None
+        n = 0
+        for batch in self.batches(data, batch_size):
+            result = compute(batch)
+            if first is None:
+                first = result
+            else:
+                total = (first * n if total is None else total) + result * batch.size
+            n += batch.size
+        if first is None:
             raise ValueError("the data yielded no samples")
-        return total / n
+        mean = first if total is None else total / n
+        if not self._all_finite(mean):
+            self._raise_non_finite(data, batch_size, what)
+        return mean
 
-    def _raise_non_finite(self, batch: Batch, what: str) -> None:
-        # Slow path, only on failure: locate the samples with per-sample gradients.
+    def _all_finite(self, array: Array) -> bool:
+        # NaN/inf anywhere makes the sum non-finite: one reduction on the device,
+        # then a Python check of the 0-d result (``__float__`` is in the standard).
+        return math.isfinite(float(self.xp.sum(array)))
+
+    def _bad_rows(self, grads: Array, start: int) -> list[int]:
         xp = self.xp
-        grads = self.kernels.per_sample_grads(batch.inputs, batch.targets)
         row_bad = xp.logical_not(xp.isfinite(xp.sum(grads, axis=1)))
-        bad = [batch.start + int(i) for i in xp.nonzero(row_bad)[0]]
-        raise NonFiniteGradientError(what, bad or list(range(batch.start, batch.start + batch.size)))
+        return [start + int(i) for i in xp.nonzero(row_bad)[0]]
+
+    def _raise_non_finite(self, data: Any, batch_size: int | None, what: str) -> None:
+        # Slow path, only on failure: per-sample gradients name the samples.
+        bad: list[int] = []
+        for batch in self.batches(data, batch_size):
+            bad += self._bad_rows(
+                self.kernels.per_sample_grads(batch.inputs, batch.targets), batch.start
+            )
+        raise NonFiniteGradientError(what, bad)
 
     def __repr__(self) -> str:
         return (

@@ -145,7 +145,9 @@ class BackendRegistry:
     # -- registration -------------------------------------------------------------
     def register(self, plugin: Any, *, distribution: str = "<runtime>") -> None:
         """Register a plugin object or module (what an entry point would have loaded)."""
-        name = self._pm.register(plugin, name=f"{distribution}:{getattr(plugin, '__name__', id(plugin))}")
+        name = self._pm.register(
+            plugin, name=f"{distribution}:{getattr(plugin, '__name__', id(plugin))}"
+        )
         if name is not None:
             self._distributions[name] = distribution
         self._specs = None

@@ -54,7 +54,7 @@ def test_duplicate_backend_names_are_an_error_naming_both_distributions() -> Non
     registry = BackendRegistry(load_entry_points=False)
     registry.register(Plugin(fake_spec()), distribution="dist-one")
     registry.register(Plugin(fake_spec()), distribution="dist-two")
-    with pytest.raises(DuplicateBackendError, match="'dist-one'.*'dist-two'"):
+    with pytest.raises(DuplicateBackendError, match=r"'dist-one'.*'dist-two'"):
         registry.names()
 
 
@@ -74,7 +74,9 @@ def test_malformed_records_are_rejected(overrides: dict, message: str) -> None:
 
 
 def test_a_plugin_that_fails_to_import_is_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    broken = metadata.EntryPoint(name="broken", value="no_such_module_for_influence_core", group="x")
+    broken = metadata.EntryPoint(
+        name="broken", value="no_such_module_for_influence_core", group="x"
+    )
     monkeypatch.setattr(registry_module.metadata, "entry_points", lambda group: [broken])
     registry = BackendRegistry()
     registry.register(Plugin(fake_spec("healthy")), distribution="ok-dist")

@@ -22,12 +22,25 @@ RTOL = {"float32": 1e-5, "float64": 1e-12}
 dtypes = pytest.mark.parametrize("dtype", list(FLOATS))
 
 
-def float_arrays(dtype: str, *, min_dims: int = 1, max_dims: int = 3, lo: float = -10, hi: float = 10,
-                 integral: bool = False) -> st.SearchStrategy[np.ndarray]:
-    elements = (st.integers(-3, 3).map(float) if integral
-                else st.floats(lo, hi, width=32, allow_nan=False, allow_subnormal=False))
-    return arrays(FLOATS[dtype], array_shapes(min_dims=min_dims, max_dims=max_dims, min_side=1, max_side=5),
-                  elements=elements)
+def float_arrays(
+    dtype: str,
+    *,
+    min_dims: int = 1,
+    max_dims: int = 3,
+    lo: float = -10,
+    hi: float = 10,
+    integral: bool = False,
+) -> st.SearchStrategy[np.ndarray]:
+    elements = (
+        st.integers(-3, 3).map(float)
+        if integral
+        else st.floats(lo, hi, width=32, allow_nan=False, allow_subnormal=False)
+    )
+    return arrays(
+        FLOATS[dtype],
+        array_shapes(min_dims=min_dims, max_dims=max_dims, min_side=1, max_side=5),
+        elements=elements,
+    )
 
 
 def same(tf_result: object, strict_result: object, dtype: str = "float64") -> None:
@@ -66,8 +79,11 @@ def test_reductions(dtype: str, name: str, keepdims: bool) -> None:
     def check(x: np.ndarray, data: st.DataObject) -> None:
         axis = data.draw(st.sampled_from([None, 0, -1, tuple(range(x.ndim))]))
         t, s = both(x)
-        same(getattr(tfx, name)(t, axis=axis, keepdims=keepdims),
-             getattr(xps, name)(s, axis=axis, keepdims=keepdims), dtype)
+        same(
+            getattr(tfx, name)(t, axis=axis, keepdims=keepdims),
+            getattr(xps, name)(s, axis=axis, keepdims=keepdims),
+            dtype,
+        )
 
     check()
 
@@ -88,13 +104,32 @@ def test_matmul_and_vecdot(dtype: str) -> None:
         rng = np.random.default_rng(seed)
         a, b = rng.normal(size=(m, k)).astype(dtype), rng.normal(size=(k, n)).astype(dtype)
         v, w = rng.normal(size=k).astype(dtype), rng.normal(size=k).astype(dtype)
-        same(tfx.matmul(tf.constant(a), tf.constant(b)), xps.matmul(xps.asarray(a), xps.asarray(b)), dtype)
-        same(tfx.matmul(tf.constant(a), tf.constant(v)), xps.matmul(xps.asarray(a), xps.asarray(v)), dtype)
-        same(tfx.matmul(tf.constant(v), tf.constant(b)), xps.matmul(xps.asarray(v), xps.asarray(b)), dtype)
-        same(tfx.matmul(tf.constant(v), tf.constant(w)), xps.matmul(xps.asarray(v), xps.asarray(w)), dtype)
+        same(
+            tfx.matmul(tf.constant(a), tf.constant(b)),
+            xps.matmul(xps.asarray(a), xps.asarray(b)),
+            dtype,
+        )
+        same(
+            tfx.matmul(tf.constant(a), tf.constant(v)),
+            xps.matmul(xps.asarray(a), xps.asarray(v)),
+            dtype,
+        )
+        same(
+            tfx.matmul(tf.constant(v), tf.constant(b)),
+            xps.matmul(xps.asarray(v), xps.asarray(b)),
+            dtype,
+        )
+        same(
+            tfx.matmul(tf.constant(v), tf.constant(w)),
+            xps.matmul(xps.asarray(v), xps.asarray(w)),
+            dtype,
+        )
         c = rng.normal(size=(m, k)).astype(dtype)
-        same(tfx.vecdot(tf.constant(a), tf.constant(c), axis=-1),
-             xps.vecdot(xps.asarray(a), xps.asarray(c), axis=-1), dtype)
+        same(
+            tfx.vecdot(tf.constant(a), tf.constant(c), axis=-1),
+            xps.vecdot(xps.asarray(a), xps.asarray(c), axis=-1),
+            dtype,
+        )
 
     check()
 
@@ -109,7 +144,11 @@ def test_manipulation(dtype: str) -> None:
         same(tfx.stack([t, t], axis=-1), xps.stack([s, s], axis=-1), dtype)
         same(tfx.reshape(t, (-1,)), xps.reshape(s, (-1,)), dtype)
         same(tfx.expand_dims(t, axis=1), xps.expand_dims(s, axis=1), dtype)
-        same(tfx.squeeze(tfx.expand_dims(t, axis=0), axis=0), xps.squeeze(xps.expand_dims(s, axis=0), axis=0), dtype)
+        same(
+            tfx.squeeze(tfx.expand_dims(t, axis=0), axis=0),
+            xps.squeeze(xps.expand_dims(s, axis=0), axis=0),
+            dtype,
+        )
         axes = tuple(reversed(range(x.ndim)))
         same(tfx.permute_dims(t, axes), xps.permute_dims(s, axes), dtype)
         same(tfx.matrix_transpose(t), xps.matrix_transpose(s), dtype)
@@ -127,8 +166,15 @@ def test_sorting_is_stable_with_ties(dtype: str, descending: bool) -> None:
     @given(float_arrays(dtype, integral=True))
     def check(x: np.ndarray) -> None:
         t, s = both(x)
-        same(tfx.argsort(t, axis=-1, descending=descending), xps.argsort(s, axis=-1, descending=descending))
-        same(tfx.sort(t, axis=0, descending=descending), xps.sort(s, axis=0, descending=descending), dtype)
+        same(
+            tfx.argsort(t, axis=-1, descending=descending),
+            xps.argsort(s, axis=-1, descending=descending),
+        )
+        same(
+            tfx.sort(t, axis=0, descending=descending),
+            xps.sort(s, axis=0, descending=descending),
+            dtype,
+        )
         same(tfx.argmax(t, axis=-1), xps.argmax(s, axis=-1))
         same(tfx.argmax(t), xps.argmax(s))
 
@@ -159,7 +205,9 @@ def test_nonzero_and_take(x: np.ndarray) -> None:
         same(a, b)
     flat = np.arange(x.size, dtype=np.float64)
     idx = np.asarray(xps.nonzero(xps.asarray(x.reshape(-1))))[0]
-    same(tfx.take(tf.constant(flat), tf.constant(idx)), xps.take(xps.asarray(flat), xps.asarray(idx)))
+    same(
+        tfx.take(tf.constant(flat), tf.constant(idx)), xps.take(xps.asarray(flat), xps.asarray(idx))
+    )
 
 
 def spd(n: int, seed: int, dtype: str) -> np.ndarray:
@@ -175,7 +223,11 @@ def test_linalg(dtype: str) -> None:
         rhs = np.random.default_rng(seed + 1).normal(size=(n, 3)).astype(dtype)
         t, s = both(a)
         same(tfx.linalg.solve(t, tf.constant(rhs)), xps.linalg.solve(s, xps.asarray(rhs)), dtype)
-        same(tfx.linalg.solve(t, tf.constant(rhs[:, 0])), xps.linalg.solve(s, xps.asarray(rhs[:, 0])), dtype)
+        same(
+            tfx.linalg.solve(t, tf.constant(rhs[:, 0])),
+            xps.linalg.solve(s, xps.asarray(rhs[:, 0])),
+            dtype,
+        )
         same(tfx.linalg.cholesky(t), xps.linalg.cholesky(s), dtype)
         same(tfx.linalg.cholesky(t, upper=True), xps.linalg.cholesky(s, upper=True), dtype)
         values, vectors = tfx.linalg.eigh(t)
@@ -194,7 +246,11 @@ def test_vector_norm(dtype: str, ord: float) -> None:
     def check(x: np.ndarray, data: st.DataObject) -> None:
         axis = data.draw(st.sampled_from([None, 0, -1]))
         t, s = both(x)
-        same(tfx.linalg.vector_norm(t, axis=axis, ord=ord), xps.linalg.vector_norm(s, axis=axis, ord=ord), dtype)
+        same(
+            tfx.linalg.vector_norm(t, axis=axis, ord=ord),
+            xps.linalg.vector_norm(s, axis=axis, ord=ord),
+            dtype,
+        )
 
     check()
 

@@ -18,7 +18,11 @@ settings.load_profile("ci")
 
 NAMESPACES = {
     "numpy": (numpy_namespace, np.asarray, np.asarray),
-    "torch": (lambda: influence_core.array_namespace(torch.zeros(1)), torch.as_tensor, lambda t: t.numpy()),
+    "torch": (
+        lambda: influence_core.array_namespace(torch.zeros(1)),
+        torch.as_tensor,
+        lambda t: t.numpy(),
+    ),
 }
 
 
@@ -28,8 +32,14 @@ def test_top_k_matches_stable_sort(name: str, largest: bool) -> None:
     get_namespace, to_native, to_numpy = NAMESPACES[name]
     xp = get_namespace()
 
-    @given(arrays(np.float64, array_shapes(min_dims=1, max_dims=2, max_side=6),
-                  elements=st.integers(-3, 3).map(float)), st.data())
+    @given(
+        arrays(
+            np.float64,
+            array_shapes(min_dims=1, max_dims=2, max_side=6),
+            elements=st.integers(-3, 3).map(float),
+        ),
+        st.data(),
+    )
     def check(x: np.ndarray, data: st.DataObject) -> None:
         axis = data.draw(st.sampled_from(list(range(x.ndim))))
         k = data.draw(st.integers(1, x.shape[axis]))

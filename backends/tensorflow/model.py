@@ -1,9 +1,9 @@
 """TensorFlow kernels of the autodiff protocol, each traced once in a ``tf.function``.
 
-* per-sample gradients: ``tf.vectorized_map`` of a one-example ``GradientTape``,
-  inside a ``tf.function`` built on the first batch with the batch dimension
-  left unknown, so every later batch (the partial last one too) reuses the
-  trace (eager ``vectorized_map`` re-traces on every call, about 50x slower);
+* per-sample gradients: ``tf.vectorized_map`` of a one-example ``GradientTape``
+  inside a ``tf.function`` that is reused across calls (eager ``vectorized_map``
+  re-traces on every call, about 50x slower). Each kernel is traced at most
+  twice: once for the first batch shape, once shape-relaxed for all others;
 * HVPs: reverse-over-reverse; for a block V the outer tape takes the Jacobian
   of the k-vector gᵀV, which ``pfor`` vectorises over the k columns.
 
@@ -41,8 +41,10 @@ def trainable_variables_with_names(model: Any) -> tuple[list[tf.Variable], list[
         variables = list(model.trainable_variables)
         names = [getattr(v, "path", None) or v.name.split(":")[0] for v in variables]
     elif isinstance(model, tf.Module):
-        found = model._flatten(
-            predicate=lambda v: isinstance(v, tf.Variable) and v.trainable, with_path=True
+        found = list(
+            model._flatten(
+                predicate=lambda v: isinstance(v, tf.Variable) and v.trainable, with_path=True
+            )
         )
         variables = [v for _, v in found]
         names = ["/".join(map(str, path)) for path, _ in found]
@@ -55,19 +57,14 @@ def trainable_variables_with_names(model: Any) -> tuple[list[tf.Variable], list[
     return variables, names
 
 
-def _relaxed_spec(tree: Any) -> Any:
-    """TensorSpecs of ``tree`` with the leading (batch) dimension unknown."""
-    return tf.nest.map_structure(
-        lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), tree
-    )
-
-
 class TensorFlowKernels(ModelKernels):
     """Kernels for a Keras model / ``tf.Module`` and a per-sample loss ``loss_fn(y_true, y_pred)``."""
 
     backend_name = "tensorflow"
 
-    def __init__(self, model: Any, loss_fn: Callable[..., Any], parameters: str | Sequence[str] | None):
+    def __init__(
+        self, model: Any, loss_fn: Callable[..., Any], parameters: str | Sequence[str] | None
+    ):
         variables, names = trainable_variables_with_names(model)
         if not variables:
             raise ValueError(
@@ -78,7 +75,9 @@ class TensorFlowKernels(ModelKernels):
         chosen = select_parameters(self._all_names, parameters, "/")
         self._names = tuple(self._all_names[i] for i in chosen)
         # Keras 3 wraps each tf.Variable; tapes need the tf.Variable itself.
-        self._vars = [v if isinstance(v, tf.Variable) else v.value for v in (variables[i] for i in chosen)]
+        self._vars = [
+            v if isinstance(v, tf.Variable) else v.value for v in (variables[i] for i in chosen)
+        ]
         dtypes = {tf.as_dtype(v.dtype) for v in self._vars}
         if len(dtypes) != 1 or not next(iter(dtypes)).is_floating:
             raise TypeError(
@@ -91,8 +90,12 @@ class TensorFlowKernels(ModelKernels):
         self.model = model
         self.loss_fn = loss_fn
         self._keras = _is_keras(model)
-        self._traced: dict[str, Any] = {}
-        self._signature: tuple[Any, Any] | None = None
+        # reduce_retracing: the first batch shape gets a static-shape trace (the
+        # fastest graph), any other shape one shape-relaxed trace reused from then
+        # on: at most two traces per kernel, whatever the number of batch sizes.
+        self._grad_fn = tf.function(self._grad_graph, reduce_retracing=True)
+        self._per_sample_grads_fn = tf.function(self._per_sample_grads_graph, reduce_retracing=True)
+        self._hvp_fn = tf.function(self._hvp_graph, reduce_retracing=True)
 
     # -- description --------------------------------------------------------------
     @property
@@ -124,33 +127,36 @@ class TensorFlowKernels(ModelKernels):
         return tf.concat([tf.reshape(v, [-1]) for v in self._vars], axis=0)
 
     def set_flat_parameters(self, flat: tf.Tensor) -> None:
-        for v, chunk, shape in zip(self._vars, tf.split(flat, self._sizes), self._shapes, strict=True):
+        for v, chunk, shape in zip(
+            self._vars, tf.split(flat, self._sizes), self._shapes, strict=True
+        ):
             v.assign(tf.reshape(chunk, shape))
 
     # -- traced functions ---------------------------------------------------------
     def _call(self, inputs: Any) -> Any:
         return self.model(inputs, training=False) if self._keras else self.model(inputs)
 
-    def _flat(self, grads: Sequence[tf.Tensor]) -> tf.Tensor:
-        return tf.concat([tf.reshape(g, [-1]) for g in grads], axis=0)
+    def _flat(self, grads: Sequence[tf.Tensor | None], leading: Any = None) -> tf.Tensor:
+        """Concatenate per-variable results (optionally with a leading axis) into one flat axis.
 
-    def _function(self, name: str, inputs: Any, targets: Any) -> Any:
-        """The ``tf.function`` for kernel ``name``, traced once for every batch size."""
-        if self._signature is None:
-            self._signature = (_relaxed_spec(inputs), _relaxed_spec(targets))
-        fn = self._traced.get(name)
-        if fn is None:
-            x_spec, y_spec = self._signature
-            extra = [tf.TensorSpec([sum(self._sizes), None], self._dtype)] if name == "hvp" else []
-            fn = tf.function(getattr(self, f"_{name}_graph"), input_signature=[x_spec, y_spec, *extra])
-            self._traced[name] = fn
-        return fn
+        A selected variable the loss does not depend on has gradient ``None``;
+        it becomes zeros here, at trace time, which is cheaper than asking the
+        tape for ``unconnected_gradients="zero"``.
+        """
+        prefix = [] if leading is None else [leading]
+        parts = [
+            tf.reshape(
+                tf.zeros([*prefix, *v.shape], self._dtype) if g is None else g, [*prefix, -1]
+            )
+            for g, v in zip(grads, self._vars, strict=True)
+        ]
+        return tf.concat(parts, axis=len(prefix))
 
     def _grad_graph(self, inputs: Any, targets: Any) -> tf.Tensor:
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(self._vars)
             loss = tf.reduce_mean(self.loss_fn(targets, self._call(inputs)))
-        return self._flat(tape.gradient(loss, self._vars, unconnected_gradients="zero"))
+        return self._flat(tape.gradient(loss, self._vars))
 
     def _per_sample_grads_graph(self, inputs: Any, targets: Any) -> tf.Tensor:
         def one_sample(sample: Any) -> tf.Tensor:
@@ -159,7 +165,7 @@ class TensorFlowKernels(ModelKernels):
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(self._vars)
                 loss = tf.reduce_sum(self.loss_fn(y[tf.newaxis], self._call(x)))
-            return self._flat(tape.gradient(loss, self._vars, unconnected_gradients="zero"))
+            return self._flat(tape.gradient(loss, self._vars))
 
         return tf.vectorized_map(one_sample, (inputs, targets))
 
@@ -169,28 +175,29 @@ class TensorFlowKernels(ModelKernels):
             with tf.GradientTape(watch_accessed_variables=False) as inner:
                 inner.watch(self._vars)
                 loss = tf.reduce_mean(self.loss_fn(targets, self._call(inputs)))
-            g = self._flat(inner.gradient(loss, self._vars, unconnected_gradients="zero"))
+            g = self._flat(inner.gradient(loss, self._vars))
             projections = tf.linalg.matvec(vectors, g, transpose_a=True)  # (k,) = Vᵀ g
-        jac = outer.jacobian(projections, self._vars, unconnected_gradients="zero")
-        k = tf.shape(vectors)[1]
-        return tf.transpose(tf.concat([tf.reshape(j, [k, -1]) for j in jac], axis=1))
+        jacobians = outer.jacobian(projections, self._vars)  # each (k, *shape)
+        return tf.transpose(self._flat(jacobians, leading=tf.shape(vectors)[1]))
 
     # -- kernels ------------------------------------------------------------------
     def per_sample_loss(self, inputs: Any, targets: Any) -> tf.Tensor:
         return self.loss_fn(targets, self._call(inputs))
 
     def mean_loss_grad(self, inputs: Any, targets: Any) -> tf.Tensor:
-        return self._function("grad", inputs, targets)(inputs, targets)
+        return self._grad_fn(inputs, targets)
 
     def per_sample_grads(self, inputs: Any, targets: Any) -> tf.Tensor:
-        return self._function("per_sample_grads", inputs, targets)(inputs, targets)
+        return self._per_sample_grads_fn(inputs, targets)
 
     def mean_loss_hvp(self, inputs: Any, targets: Any, vectors: tf.Tensor) -> tf.Tensor:
-        return self._function("hvp", inputs, targets)(inputs, targets, vectors)
+        return self._hvp_fn(inputs, targets, vectors)
 
     # -- data ---------------------------------------------------------------------
     def as_native(self, array: Any, *, floating: bool | None = None) -> tf.Tensor:
-        tensor = array.read_value() if isinstance(array, tf.Variable) else tf.convert_to_tensor(array)
+        tensor = (
+            array.read_value() if isinstance(array, tf.Variable) else tf.convert_to_tensor(array)
+        )
         if floating or (floating is None and tensor.dtype.is_floating):
             tensor = tf.cast(tensor, self._dtype)
         return tensor

@@ -28,11 +28,11 @@ float32 = tf.float32
 float64 = tf.float64
 int32 = tf.int32
 int64 = tf.int64
-bool = tf.bool  # noqa: A001  (the standard's name)
+bool = tf.bool
 
 Array = tf.Tensor
 
-_builtin_bool = type(True)
+_builtin_bool = builtins.bool
 
 
 def _axes(axis: Any) -> Any:
@@ -59,8 +59,10 @@ def ones(shape: Any, *, dtype: Any = None, device: Any = None) -> Array:
 
 def full(shape: Any, fill_value: Any, *, dtype: Any = None, device: Any = None) -> Array:
     if dtype is None:
-        dtype = bool if isinstance(fill_value, _builtin_bool) else (
-            int64 if isinstance(fill_value, int) else float32
+        dtype = (
+            bool
+            if isinstance(fill_value, _builtin_bool)
+            else (int64 if isinstance(fill_value, int) else float32)
         )
     return tf.fill(shape, tf.constant(fill_value, dtype=dtype))
 
@@ -69,11 +71,15 @@ def zeros_like(x: Array, /, *, dtype: Any = None, device: Any = None) -> Array:
     return tf.zeros_like(x, dtype=dtype)
 
 
-def eye(n_rows: int, n_cols: int | None = None, /, *, k: int = 0, dtype: Any = None, device: Any = None) -> Array:
+def eye(
+    n_rows: int, n_cols: int | None = None, /, *, k: int = 0, dtype: Any = None, device: Any = None
+) -> Array:
     return tf.constant(np.eye(n_rows, n_cols, k), dtype=dtype or float32)
 
 
-def arange(start: Any, /, stop: Any = None, step: Any = 1, *, dtype: Any = None, device: Any = None) -> Array:
+def arange(
+    start: Any, /, stop: Any = None, step: Any = 1, *, dtype: Any = None, device: Any = None
+) -> Array:
     if stop is None:
         start, stop = 0, start
     if dtype is None:
@@ -113,7 +119,7 @@ def matrix_transpose(x: Array, /) -> Array:
 
 
 # -- element-wise -------------------------------------------------------------------
-def abs(x: Array, /) -> Array:  # noqa: A001
+def abs(x: Array, /) -> Array:
     return tf.math.abs(x)
 
 
@@ -165,7 +171,9 @@ def where(condition: Array, x1: Any, x2: Any, /) -> Array:
 
 
 # -- reductions ---------------------------------------------------------------------
-def sum(x: Array, /, *, axis: Any = None, dtype: Any = None, keepdims: _builtin_bool = False) -> Array:  # noqa: A001
+def sum(
+    x: Array, /, *, axis: Any = None, dtype: Any = None, keepdims: _builtin_bool = False
+) -> Array:
     if dtype is not None:
         x = tf.cast(x, dtype)
     return tf.math.reduce_sum(x, axis=_axes(axis), keepdims=keepdims)
@@ -175,19 +183,19 @@ def mean(x: Array, /, *, axis: Any = None, keepdims: _builtin_bool = False) -> A
     return tf.math.reduce_mean(x, axis=_axes(axis), keepdims=keepdims)
 
 
-def max(x: Array, /, *, axis: Any = None, keepdims: _builtin_bool = False) -> Array:  # noqa: A001
+def max(x: Array, /, *, axis: Any = None, keepdims: _builtin_bool = False) -> Array:
     return tf.math.reduce_max(x, axis=_axes(axis), keepdims=keepdims)
 
 
-def min(x: Array, /, *, axis: Any = None, keepdims: _builtin_bool = False) -> Array:  # noqa: A001
+def min(x: Array, /, *, axis: Any = None, keepdims: _builtin_bool = False) -> Array:
     return tf.math.reduce_min(x, axis=_axes(axis), keepdims=keepdims)
 
 
-def all(x: Array, /, *, axis: Any = None, keepdims: _builtin_bool = False) -> Array:  # noqa: A001
+def all(x: Array, /, *, axis: Any = None, keepdims: _builtin_bool = False) -> Array:
     return tf.math.reduce_all(tf.cast(x, bool), axis=_axes(axis), keepdims=keepdims)
 
 
-def any(x: Array, /, *, axis: Any = None, keepdims: _builtin_bool = False) -> Array:  # noqa: A001
+def any(x: Array, /, *, axis: Any = None, keepdims: _builtin_bool = False) -> Array:
     return tf.math.reduce_any(tf.cast(x, bool), axis=_axes(axis), keepdims=keepdims)
 
 
@@ -229,7 +237,9 @@ def _eigh(x: Array, /) -> EighResult:
     return EighResult(values, vectors)
 
 
-def _vector_norm(x: Array, /, *, axis: Any = None, keepdims: _builtin_bool = False, ord: Any = 2) -> Array:  # noqa: A002
+def _vector_norm(
+    x: Array, /, *, axis: Any = None, keepdims: _builtin_bool = False, ord: Any = 2
+) -> Array:
     a = tf.math.abs(x)
     ax = _axes(axis)
     if ord == 2:
@@ -255,15 +265,21 @@ linalg = SimpleNamespace(
 
 
 # -- searching and sorting ----------------------------------------------------------
-def argsort(x: Array, /, *, axis: int = -1, descending: _builtin_bool = False, stable: _builtin_bool = True) -> Array:
+def argsort(
+    x: Array, /, *, axis: int = -1, descending: _builtin_bool = False, stable: _builtin_bool = True
+) -> Array:
     # TensorFlow's argsort is stable in both directions (ties keep index order).
     return tf.cast(
-        tf.argsort(x, axis=axis, direction="DESCENDING" if descending else "ASCENDING", stable=True),
+        tf.argsort(
+            x, axis=axis, direction="DESCENDING" if descending else "ASCENDING", stable=True
+        ),
         int64,
     )
 
 
-def sort(x: Array, /, *, axis: int = -1, descending: _builtin_bool = False, stable: _builtin_bool = True) -> Array:
+def sort(
+    x: Array, /, *, axis: int = -1, descending: _builtin_bool = False, stable: _builtin_bool = True
+) -> Array:
     return tf.sort(x, axis=axis, direction="DESCENDING" if descending else "ASCENDING")
 
 
@@ -292,12 +308,16 @@ def astype(x: Array, dtype: Any, /, *, copy: _builtin_bool = True, device: Any =
     return tf.cast(x, dtype)
 
 
-def top_k(x: Array, k: int, /, *, axis: int = -1, largest: _builtin_bool = True) -> tuple[Array, Array]:
+def top_k(
+    x: Array, k: int, /, *, axis: int = -1, largest: _builtin_bool = True
+) -> tuple[Array, Array]:
     """The ``k`` largest (or smallest) entries along ``axis``, sorted, ties to the lower index."""
     rank = x.shape.rank
     axis = axis % rank
     moved = x if axis == rank - 1 else tf.experimental.numpy.moveaxis(x, axis, -1)
-    idx = tf.argsort(moved, axis=-1, direction="DESCENDING" if largest else "ASCENDING", stable=True)
+    idx = tf.argsort(
+        moved, axis=-1, direction="DESCENDING" if largest else "ASCENDING", stable=True
+    )
     idx = idx[..., :k]
     values = tf.gather(moved, idx, batch_dims=rank - 1)
     idx = tf.cast(idx, int64)

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from influence_conformance.specs import Conv2D, Dense, Flatten, ModelSpec, ReferenceModel
+from influence_core.specs import Conv2D, Dense, Flatten, ModelSpec, ReferenceModel
 
 
 def build(spec: ModelSpec, weights: list[np.ndarray], dtype: str) -> ReferenceModel:
@@ -21,11 +21,17 @@ def build(spec: ModelSpec, weights: list[np.ndarray], dtype: str) -> ReferenceMo
     for i, layer in enumerate(spec.layers):
         name = f"layer{i}"
         if isinstance(layer, Dense):
-            layers.append(keras.layers.Dense(layer.units, activation=layer.activation, dtype=dtype, name=name))
+            layers.append(
+                keras.layers.Dense(layer.units, activation=layer.activation, dtype=dtype, name=name)
+            )
         elif isinstance(layer, Conv2D):
             layers.append(
                 keras.layers.Conv2D(
-                    layer.filters, layer.kernel_size, activation=layer.activation, dtype=dtype, name=name
+                    layer.filters,
+                    layer.kernel_size,
+                    activation=layer.activation,
+                    dtype=dtype,
+                    name=name,
                 )
             )
         else:
@@ -41,7 +47,9 @@ def build(spec: ModelSpec, weights: list[np.ndarray], dtype: str) -> ReferenceMo
         loss_fn = keras.losses.MeanSquaredError(reduction=None, dtype=dtype)
         scalar_loss = keras.losses.MeanSquaredError(dtype=dtype)
     else:
-        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None, dtype=dtype)
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction=None, dtype=dtype
+        )
         scalar_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype=dtype)
 
     def native_dataset(X: np.ndarray, y: np.ndarray, batch_size: int | None) -> Any:

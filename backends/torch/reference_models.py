@@ -13,7 +13,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from influence_conformance.specs import Conv2D, Dense, Flatten, ModelSpec, ReferenceModel, canonical_offsets
+from influence_core.specs import (
+    Conv2D,
+    Dense,
+    Flatten,
+    ModelSpec,
+    ReferenceModel,
+    canonical_offsets,
+)
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -62,13 +69,17 @@ def build(spec: ModelSpec, weights: list[np.ndarray], dtype: str) -> ReferenceMo
                 channels_first = True
             module = torch.nn.Conv2d(kernel.shape[2], kernel.shape[3], kernel.shape[0])
             torch_kernel, kernel_perm = kernel.transpose(3, 2, 0, 1), (3, 2, 0, 1)
-        module = module.to(torch_dtype)  # before loading: float64 weights must not pass through float32
+        module = module.to(
+            torch_dtype
+        )  # before loading: float64 weights must not pass through float32
         with torch.no_grad():
             module.weight.copy_(torch.as_tensor(np.ascontiguousarray(torch_kernel)))
             module.bias.copy_(torch.as_tensor(bias))
         modules[name] = module
         layer_names.append(name)
-        positions.append(k_off + np.arange(kernel.size).reshape(kernel.shape).transpose(kernel_perm).ravel())
+        positions.append(
+            k_off + np.arange(kernel.size).reshape(kernel.shape).transpose(kernel_perm).ravel()
+        )
         positions.append(b_off + np.arange(bias.size))
         for j, act in enumerate(_activation(layer.activation)):
             modules[f"{name}_act{j}"] = act
@@ -83,7 +94,9 @@ def build(spec: ModelSpec, weights: list[np.ndarray], dtype: str) -> ReferenceMo
 
     def native_dataset(X: np.ndarray, y: np.ndarray, batch_size: int | None) -> Any:
         data = TensorDataset(torch.as_tensor(X, dtype=torch_dtype), torch.as_tensor(y))
-        return data if batch_size is None else DataLoader(data, batch_size=batch_size, shuffle=False)
+        return (
+            data if batch_size is None else DataLoader(data, batch_size=batch_size, shuffle=False)
+        )
 
     return ReferenceModel(
         model=model,

@@ -1,4 +1,7 @@
-"""Framework-neutral reference models: specs, weights and data, all NumPy.
+"""Framework-neutral model specs and canonical weights, all NumPy.
+
+Backends turn a spec into a native model through their ``reference_models``
+hook; the conformance suite, the demo and cross-framework comparisons use them.
 
 A :class:`ModelSpec` is a small sequential network. Its weights are NumPy
 arrays in the *canonical layout*, which is Keras': a dense kernel is
@@ -17,13 +20,12 @@ from typing import Any, Literal
 import numpy as np
 
 __all__ = [
-    "SPECS",
     "Conv2D",
     "Dense",
     "Flatten",
     "ModelSpec",
     "ReferenceModel",
-    "make_data",
+    "canonical_offsets",
     "make_weights",
 ]
 
@@ -86,24 +88,6 @@ class ModelSpec:
         return sum(int(np.prod(k)) + int(np.prod(b)) for k, b in self.parameter_shapes())
 
 
-SPECS: dict[str, ModelSpec] = {
-    s.name: s
-    for s in (
-        ModelSpec("linear_regression", (5,), (Dense(1),), "mse", "closed_form"),
-        ModelSpec("logistic_regression", (5,), (Dense(3),), "cross_entropy", "closed_form"),
-        ModelSpec("mlp_tanh", (4,), (Dense(8, "tanh"), Dense(3)), "cross_entropy", "finite_differences"),
-        ModelSpec("mlp_relu", (4,), (Dense(8, "relu"), Dense(3)), "cross_entropy", "finite_differences"),
-        ModelSpec(
-            "convnet",
-            (6, 6, 2),
-            (Conv2D(3, 3, "relu"), Flatten(), Dense(3)),
-            "cross_entropy",
-            "finite_differences",
-        ),
-    )
-}
-
-
 def make_weights(spec: ModelSpec, seed: int = 0) -> list[np.ndarray]:
     """Random float64 weights, canonical layout: ``[kernel0, bias0, kernel1, bias1, …]``."""
     rng = np.random.default_rng(seed)
@@ -115,42 +99,9 @@ def make_weights(spec: ModelSpec, seed: int = 0) -> list[np.ndarray]:
     return weights
 
 
-def make_data(
-    spec: ModelSpec,
-    weights: list[np.ndarray],
-    n: int = 13,
-    seed: int = 1,
-    relu_margin: float = 0.05,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs and targets for ``spec``.
-
-    Each sample is redrawn until every ReLU pre-activation is at least
-    ``relu_margin`` away from the kink, so finite differences with steps of
-    1e-3 never cross it and stay accurate to ~1e-11.
-    """
-    from .numpy_reference import pre_activations
-
-    rng = np.random.default_rng(seed)
-    X = np.empty((n, *spec.input_shape))
-    for i in range(n):
-        for _ in range(1000):
-            x = rng.normal(size=(1, *spec.input_shape))
-            margins = [np.abs(a).min() for a in pre_activations(spec, weights, x, only="relu")]
-            if not margins or min(margins) > relu_margin:
-                break
-        else:  # pragma: no cover - only for pathological specs
-            raise RuntimeError(f"could not draw a sample away from ReLU kinks for {spec.name}")
-        X[i] = x[0]
-    if spec.loss == "mse":
-        y = rng.normal(size=(n, spec.num_outputs))
-    else:
-        y = rng.integers(0, spec.num_outputs, size=n)
-    return X, y
-
-
 @dataclass
 class ReferenceModel:
-    """What a backend's reference builder returns for one spec, weights and dtype.
+    """What a backend's ``reference_models`` builder returns for one spec, weights and dtype.
 
     Attributes:
         model: the native model (weights loaded, inference mode).
@@ -161,7 +112,7 @@ class ReferenceModel:
         layer_names: the backend's name for each parametric layer, in order.
         native_dataset: ``(X, y, batch_size) -> dataset``; a batched native
             dataset for an int, an unbatched one for ``None``.
-        scalar_loss_fn: the same loss with mean reduction (for the error check).
+        scalar_loss_fn: the same loss with mean reduction (for error checks).
     """
 
     model: Any

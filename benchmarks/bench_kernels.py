@@ -1,0 +1,250 @@
+"""Protocol overhead: per-sample gradients and HVPs through influence_core vs bare kernels.
+
+    .venv/bin/python benchmarks/bench_kernels.py [--repeats 30]
+
+For each framework and model (an MLP 64-128-10 and a small conv net, batch 256,
+float32, all parameters), times
+
+* per-sample gradients ``(b, d)``: ``InfluenceModel.per_sample_grads`` against a
+  hand-written ``vmap(grad(functional_call))`` + flatten (PyTorch) and a
+  ``tf.function`` of ``vectorized_map`` (TensorFlow);
+* HVPs of the batch-mean loss, for one vector and for a block of 16:
+  ``InfluenceModel.hvp`` against bare double-backward (PyTorch ``vjp`` of
+  ``grad``) and a bare ``tf.function`` of two tapes (TensorFlow).
+
+Reports medians of interleaved repeats and the ratio protocol / bare; the
+target is ≤ 1.2. Writes ``benchmarks/results/kernels.md`` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+
+from influence_core import InfluenceModel
+
+BATCH = 256
+BLOCK = 16
+
+
+def median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    for fn in fns.values():  # warm up: traces, allocator
+        for _ in range(3):
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():  # interleaved, so drift hits both alike
+            t = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+# -- PyTorch --------------------------------------------------------------------------
+def torch_cases(repeats: int) -> list[tuple[str, str, float, float]]:
+    import torch
+
+    torch.manual_seed(0)
+    models = {
+        "mlp 64-128-10": (
+            torch.nn.Sequential(
+                torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10)
+            ),
+            torch.randn(BATCH, 64),
+        ),
+        "convnet 8x8": (
+            torch.nn.Sequential(
+                torch.nn.Conv2d(1, 8, 3),
+                torch.nn.ReLU(),
+                torch.nn.Conv2d(8, 8, 3),
+                torch.nn.ReLU(),
+                torch.nn.Flatten(),
+                torch.nn.Linear(8 * 4 * 4, 10),
+            ),
+            torch.randn(BATCH, 1, 8, 8),
+        ),
+    }
+    rows = []
+    for name, (model, X) in models.items():
+        rows += torch_model_rows(name, model.eval(), X, repeats)
+    return rows
+
+
+def torch_model_rows(name: str, model, X, repeats: int) -> list[tuple[str, str, float, float]]:
+    import torch
+    from torch.func import functional_call, grad, vjp, vmap
+
+    rows = []
+    Y = torch.randint(0, 10, (BATCH,))
+    loss = torch.nn.CrossEntropyLoss(reduction="none")
+    im = InfluenceModel(model, loss)
+    d = im.num_parameters
+    V = torch.randn(d, BLOCK)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def sample_loss(p, x, y):
+        return loss(functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0)).sum()
+
+    bare_psg_fn = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+
+    def bare_psg():
+        g = bare_psg_fn(params, X, Y)
+        return torch.cat([t.reshape(BATCH, -1) for t in g.values()], dim=1)
+
+    def mean_loss(p):
+        return loss(functional_call(model, p, (X,)), Y).mean()
+
+    shapes = [(k, v.shape, v.numel()) for k, v in params.items()]
+
+    def to_dict(flat):
+        out, i = {}, 0
+        for k, s, n in shapes:
+            out[k] = flat[i : i + n].view(s)
+            i += n
+        return out
+
+    def bare_hvp(vectors):
+        _, vjp_fn = vjp(grad(mean_loss), params)
+        if vectors.shape[1] == 1:
+            hv = vjp_fn(to_dict(vectors[:, 0]))[0]
+            return torch.cat([t.reshape(-1) for t in hv.values()])
+        hv = vmap(lambda v: vjp_fn(to_dict(v))[0], in_dims=1)(vectors)
+        return torch.cat([t.reshape(BLOCK, -1) for t in hv.values()], dim=1).T
+
+    assert torch.allclose(bare_psg(), im.per_sample_grads((X, Y)), atol=1e-5)
+    assert torch.allclose(bare_hvp(V), im.hvp((X, Y), V), atol=1e-4)
+    t = median_times({"bare": bare_psg, "ours": lambda: im.per_sample_grads((X, Y))}, repeats)
+    rows.append(("torch", f"{name} (d={d}) per-sample grads", t["bare"], t["ours"]))
+    v1 = V[:, :1]
+    t = median_times({"bare": lambda: bare_hvp(v1), "ours": lambda: im.hvp((X, Y), v1)}, repeats)
+    rows.append(("torch", f"{name} HVP, 1 vector", t["bare"], t["ours"]))
+    t = median_times({"bare": lambda: bare_hvp(V), "ours": lambda: im.hvp((X, Y), V)}, repeats)
+    rows.append(("torch", f"{name} HVP, block of {BLOCK}", t["bare"], t["ours"]))
+    return rows
+
+
+# -- TensorFlow -----------------------------------------------------------------------
+def tensorflow_cases(repeats: int) -> list[tuple[str, str, float, float]]:
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    models = {
+        "mlp 64-128-10": (
+            keras.Sequential(
+                [
+                    keras.Input((64,)),
+                    keras.layers.Dense(128, activation="tanh"),
+                    keras.layers.Dense(10),
+                ]
+            ),
+            tf.random.normal((BATCH, 64)),
+        ),
+        "convnet 8x8": (
+            keras.Sequential(
+                [
+                    keras.Input((8, 8, 1)),
+                    keras.layers.Conv2D(8, 3, activation="relu"),
+                    keras.layers.Conv2D(8, 3, activation="relu"),
+                    keras.layers.Flatten(),
+                    keras.layers.Dense(10),
+                ]
+            ),
+            tf.random.normal((BATCH, 8, 8, 1)),
+        ),
+    }
+    rows = []
+    for name, (model, X) in models.items():
+        rows += tensorflow_model_rows(name, model, X, repeats)
+    return rows
+
+
+def tensorflow_model_rows(name: str, model, X, repeats: int) -> list[tuple[str, str, float, float]]:
+    import keras
+    import tensorflow as tf
+
+    rows = []
+    Y = tf.random.uniform((BATCH,), maxval=10, dtype=tf.int64)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    im = InfluenceModel(model, loss)
+    d = im.num_parameters
+    V = tf.random.normal((d, BLOCK))
+    variables = [v.value for v in model.trainable_variables]
+
+    def flat(gs):
+        return tf.concat([tf.reshape(g, [-1]) for g in gs], 0)
+
+    @tf.function
+    def bare_psg_fn(X, Y):
+        def one(xy):
+            x, y = xy
+            with tf.GradientTape() as tape:
+                value = tf.reduce_sum(loss(y[None], model(x[None], training=False)))
+            return flat(tape.gradient(value, variables))
+
+        return tf.vectorized_map(one, (X, Y))
+
+    @tf.function
+    def bare_hvp_fn(X, Y, V):
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                value = tf.reduce_mean(loss(Y, model(X, training=False)))
+            g = flat(inner.gradient(value, variables))
+            proj = tf.linalg.matvec(V, g, transpose_a=True)
+        jac = outer.jacobian(proj, variables)
+        return tf.transpose(tf.concat([tf.reshape(j, [tf.shape(V)[1], -1]) for j in jac], 1))
+
+    np.testing.assert_allclose(
+        bare_psg_fn(X, Y).numpy(), im.per_sample_grads((X, Y)).numpy(), atol=1e-5
+    )
+    np.testing.assert_allclose(bare_hvp_fn(X, Y, V).numpy(), im.hvp((X, Y), V).numpy(), atol=1e-4)
+    t = median_times(
+        {"bare": lambda: bare_psg_fn(X, Y), "ours": lambda: im.per_sample_grads((X, Y))},
+        repeats,
+    )
+    rows.append(("tensorflow", f"{name} (d={d}) per-sample grads", t["bare"], t["ours"]))
+    v1 = V[:, :1]
+    t = median_times(
+        {"bare": lambda: bare_hvp_fn(X, Y, v1), "ours": lambda: im.hvp((X, Y), v1)}, repeats
+    )
+    rows.append(("tensorflow", f"{name} HVP, 1 vector", t["bare"], t["ours"]))
+    t = median_times(
+        {"bare": lambda: bare_hvp_fn(X, Y, V), "ours": lambda: im.hvp((X, Y), V)}, repeats
+    )
+    rows.append(("tensorflow", f"{name} HVP, block of {BLOCK}", t["bare"], t["ours"]))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    rows = torch_cases(args.repeats) + tensorflow_cases(args.repeats)
+    lines = [
+        f"Batch {BATCH}, float32, all parameters, CPU ({os.cpu_count()} cores); "
+        f"median of {args.repeats} interleaved repeats.",
+        "",
+        "| backend | workload | bare kernel (ms) | influence_core (ms) | ratio |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for backend, workload, bare, ours in rows:
+        lines.append(
+            f"| {backend} | {workload} | {bare * 1e3:.2f} | {ours * 1e3:.2f} | {ours / bare:.2f} |"
+        )
+    text = "\n".join(lines)
+    print(text)
+    out = Path(__file__).with_name("results")
+    out.mkdir(exist_ok=True)
+    (out / "kernels.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
