@@ -12,8 +12,10 @@ float32, all parameters), times
   ``InfluenceModel.hvp`` against bare double-backward (PyTorch ``vjp`` of
   ``grad``) and a bare ``tf.function`` of two tapes (TensorFlow).
 
-Reports medians of interleaved repeats and the ratio protocol / bare; the
-target is ≤ 1.2. Writes ``benchmarks/results/kernels.md`` too.
+Reports medians of interleaved repeats and the ratio protocol / bare (the
+target is ≤ 1.2), with the default finiteness check and without it
+(``check_finite=False``), so the check's own cost shows. Writes
+``benchmarks/results/kernels.md`` too.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str
 
 
 # -- PyTorch --------------------------------------------------------------------------
-def torch_cases(repeats: int) -> list[tuple[str, str, float, float]]:
+def torch_cases(repeats: int) -> list[tuple[str, str, float, float, float]]:
     import torch
 
     torch.manual_seed(0)
@@ -78,7 +80,9 @@ def torch_cases(repeats: int) -> list[tuple[str, str, float, float]]:
     return rows
 
 
-def torch_model_rows(name: str, model, X, repeats: int) -> list[tuple[str, str, float, float]]:
+def torch_model_rows(
+    name: str, model, X, repeats: int
+) -> list[tuple[str, str, float, float, float]]:
     import torch
     from torch.func import functional_call, grad, vjp, vmap
 
@@ -86,6 +90,7 @@ def torch_model_rows(name: str, model, X, repeats: int) -> list[tuple[str, str, 
     Y = torch.randint(0, 10, (BATCH,))
     loss = torch.nn.CrossEntropyLoss(reduction="none")
     im = InfluenceModel(model, loss)
+    fast = InfluenceModel(model, loss, check_finite=False)
     d = im.num_parameters
     V = torch.randn(d, BLOCK)
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -121,18 +126,39 @@ def torch_model_rows(name: str, model, X, repeats: int) -> list[tuple[str, str, 
 
     assert torch.allclose(bare_psg(), im.per_sample_grads((X, Y)), atol=1e-5)
     assert torch.allclose(bare_hvp(V), im.hvp((X, Y), V), atol=1e-4)
-    t = median_times({"bare": bare_psg, "ours": lambda: im.per_sample_grads((X, Y))}, repeats)
-    rows.append(("torch", f"{name} (d={d}) per-sample grads", t["bare"], t["ours"]))
+    t = median_times(
+        {
+            "bare": bare_psg,
+            "ours": lambda: im.per_sample_grads((X, Y)),
+            "fast": lambda: fast.per_sample_grads((X, Y)),
+        },
+        repeats,
+    )
+    rows.append(("torch", f"{name} (d={d}) per-sample grads", t["bare"], t["ours"], t["fast"]))
     v1 = V[:, :1]
-    t = median_times({"bare": lambda: bare_hvp(v1), "ours": lambda: im.hvp((X, Y), v1)}, repeats)
-    rows.append(("torch", f"{name} HVP, 1 vector", t["bare"], t["ours"]))
-    t = median_times({"bare": lambda: bare_hvp(V), "ours": lambda: im.hvp((X, Y), V)}, repeats)
-    rows.append(("torch", f"{name} HVP, block of {BLOCK}", t["bare"], t["ours"]))
+    t = median_times(
+        {
+            "bare": lambda: bare_hvp(v1),
+            "ours": lambda: im.hvp((X, Y), v1),
+            "fast": lambda: fast.hvp((X, Y), v1),
+        },
+        repeats,
+    )
+    rows.append(("torch", f"{name} HVP, 1 vector", t["bare"], t["ours"], t["fast"]))
+    t = median_times(
+        {
+            "bare": lambda: bare_hvp(V),
+            "ours": lambda: im.hvp((X, Y), V),
+            "fast": lambda: fast.hvp((X, Y), V),
+        },
+        repeats,
+    )
+    rows.append(("torch", f"{name} HVP, block of {BLOCK}", t["bare"], t["ours"], t["fast"]))
     return rows
 
 
 # -- TensorFlow -----------------------------------------------------------------------
-def tensorflow_cases(repeats: int) -> list[tuple[str, str, float, float]]:
+def tensorflow_cases(repeats: int) -> list[tuple[str, str, float, float, float]]:
     import keras
     import tensorflow as tf
 
@@ -167,7 +193,9 @@ def tensorflow_cases(repeats: int) -> list[tuple[str, str, float, float]]:
     return rows
 
 
-def tensorflow_model_rows(name: str, model, X, repeats: int) -> list[tuple[str, str, float, float]]:
+def tensorflow_model_rows(
+    name: str, model, X, repeats: int
+) -> list[tuple[str, str, float, float, float]]:
     import keras
     import tensorflow as tf
 
@@ -175,6 +203,7 @@ def tensorflow_model_rows(name: str, model, X, repeats: int) -> list[tuple[str, 
     Y = tf.random.uniform((BATCH,), maxval=10, dtype=tf.int64)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
     im = InfluenceModel(model, loss)
+    fast = InfluenceModel(model, loss, check_finite=False)
     d = im.num_parameters
     V = tf.random.normal((d, BLOCK))
     variables = [v.value for v in model.trainable_variables]
@@ -207,19 +236,33 @@ def tensorflow_model_rows(name: str, model, X, repeats: int) -> list[tuple[str, 
     )
     np.testing.assert_allclose(bare_hvp_fn(X, Y, V).numpy(), im.hvp((X, Y), V).numpy(), atol=1e-4)
     t = median_times(
-        {"bare": lambda: bare_psg_fn(X, Y), "ours": lambda: im.per_sample_grads((X, Y))},
+        {
+            "bare": lambda: bare_psg_fn(X, Y),
+            "ours": lambda: im.per_sample_grads((X, Y)),
+            "fast": lambda: fast.per_sample_grads((X, Y)),
+        },
         repeats,
     )
-    rows.append(("tensorflow", f"{name} (d={d}) per-sample grads", t["bare"], t["ours"]))
+    rows.append(("tensorflow", f"{name} (d={d}) per-sample grads", t["bare"], t["ours"], t["fast"]))
     v1 = V[:, :1]
     t = median_times(
-        {"bare": lambda: bare_hvp_fn(X, Y, v1), "ours": lambda: im.hvp((X, Y), v1)}, repeats
+        {
+            "bare": lambda: bare_hvp_fn(X, Y, v1),
+            "ours": lambda: im.hvp((X, Y), v1),
+            "fast": lambda: fast.hvp((X, Y), v1),
+        },
+        repeats,
     )
-    rows.append(("tensorflow", f"{name} HVP, 1 vector", t["bare"], t["ours"]))
+    rows.append(("tensorflow", f"{name} HVP, 1 vector", t["bare"], t["ours"], t["fast"]))
     t = median_times(
-        {"bare": lambda: bare_hvp_fn(X, Y, V), "ours": lambda: im.hvp((X, Y), V)}, repeats
+        {
+            "bare": lambda: bare_hvp_fn(X, Y, V),
+            "ours": lambda: im.hvp((X, Y), V),
+            "fast": lambda: fast.hvp((X, Y), V),
+        },
+        repeats,
     )
-    rows.append(("tensorflow", f"{name} HVP, block of {BLOCK}", t["bare"], t["ours"]))
+    rows.append(("tensorflow", f"{name} HVP, block of {BLOCK}", t["bare"], t["ours"], t["fast"]))
     return rows
 
 
@@ -232,12 +275,14 @@ def main() -> None:
         f"Batch {BATCH}, float32, all parameters, CPU ({os.cpu_count()} cores); "
         f"median of {args.repeats} interleaved repeats.",
         "",
-        "| backend | workload | bare kernel (ms) | influence_core (ms) | ratio |",
-        "|---|---|---:|---:|---:|",
+        "| backend | workload | bare kernel (ms) | influence_core (ms) | ratio "
+        "| check_finite=False (ms) | ratio |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for backend, workload, bare, ours in rows:
+    for backend, workload, bare, ours, fast in rows:
         lines.append(
-            f"| {backend} | {workload} | {bare * 1e3:.2f} | {ours * 1e3:.2f} | {ours / bare:.2f} |"
+            f"| {backend} | {workload} | {bare * 1e3:.2f} | {ours * 1e3:.2f} | {ours / bare:.2f} "
+            f"| {fast * 1e3:.2f} | {fast / bare:.2f} |"
         )
     text = "\n".join(lines)
     print(text)

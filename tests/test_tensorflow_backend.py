@@ -89,16 +89,48 @@ def test_batched_datasets_are_recognised(make, expected: bool) -> None:
     assert is_batched(make(ds)) is expected
 
 
-def test_each_kernel_traces_at_most_twice_over_many_batch_sizes() -> None:
+def test_traces_are_bounded_and_exact_shapes_reused() -> None:
     case = build_case("tensorflow", "logistic_regression", "float64")
     fresh = InfluenceModel(case.reference.model, case.reference.loss_fn, backend="tensorflow")
-    for batch_size in (13, 5, 4, 3):
-        fresh.loss_grad(case.data, batch_size=batch_size)
-        fresh.hvp(
-            case.data, np.ones(SPECS["logistic_regression"].num_parameters), batch_size=batch_size
-        )
-        for _, _ in fresh.iter_per_sample_grads(case.data, batch_size=batch_size):
-            pass
+    d = SPECS["logistic_regression"].num_parameters
     k = fresh.kernels
+    # Batch sizes 13, 4, 5, 6, 7 cut 13 samples into eight distinct batch shapes; twice over.
+    for _ in range(2):
+        for batch_size in (13, 4, 5, 6, 7):
+            fresh.loss_grad(case.data, batch_size=batch_size)
+            fresh.hvp(case.data, np.ones(d), batch_size=batch_size)
+            for _, _ in fresh.iter_per_sample_grads(case.data, batch_size=batch_size):
+                pass
     for fn in (k._grad_fn, k._hvp_fn, k._per_sample_grads_fn):
-        assert fn.experimental_get_tracing_count() <= 2
+        assert fn.tracing_count() <= 5  # four exact shapes + one relaxed
+    before_hvp, before_grad = k._hvp_fn.tracing_count(), k._grad_fn.tracing_count()
+    fresh.hvp(case.data, np.ones((d, 3)), batch_size=13)  # a new shape: the relaxed trace
+    fresh.loss_grad(case.data, batch_size=13)  # a known shape: its exact trace
+    assert k._hvp_fn.tracing_count() == before_hvp
+    assert k._grad_fn.tracing_count() == before_grad
+
+
+def test_keras_2_models_match_keras_3() -> None:
+    """tf_keras (Keras 2) models are tf.Modules named by their variables' scoped names."""
+    import tf_keras
+
+    case = build_case("tensorflow", "mlp_tanh", "float64")
+    model = tf_keras.Sequential(
+        [
+            tf_keras.layers.Dense(
+                8, activation="tanh", input_shape=(4,), dtype="float64", name="hidden"
+            ),
+            tf_keras.layers.Dense(3, dtype="float64", name="out"),
+        ]
+    )
+    model.set_weights(case.weights)
+    loss = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+    im = InfluenceModel(model, loss, batch_size=4)
+    assert im.parameter_names == ("hidden/kernel", "hidden/bias", "out/kernel", "out/bias")
+    data = case.data
+    assert_close(
+        im.per_sample_grads(data), to_numpy(case.model.per_sample_grads(data)), 1e-12, "grads"
+    )
+    V = np.random.default_rng(0).normal(size=(im.num_parameters, 2))
+    assert_close(im.hvp(data, V), to_numpy(case.model.hvp(data, V)), 1e-12, "HVP")
+    assert InfluenceModel(model, loss, parameters=["out"]).num_parameters == 27

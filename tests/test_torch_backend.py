@@ -65,3 +65,14 @@ def test_results_carry_no_autograd_graph_when_a_subset_is_selected() -> None:
     ]
     for out in outputs:
         assert not out.requires_grad and out.grad_fn is None
+
+
+def test_check_finite_false_passes_nan_through_without_raising() -> None:
+    model = torch.nn.Linear(3, 2).double()
+    X, y = torch.randn(4, 3).double(), torch.randint(0, 2, (4,))
+    X[1] = float("nan")
+    loss = torch.nn.CrossEntropyLoss(reduction="none")
+    unchecked = InfluenceModel(model, loss, check_finite=False)
+    grads = unchecked.per_sample_grads((X, y))
+    assert torch.isnan(grads[1]).all() and torch.isfinite(grads[[0, 2, 3]]).all()
+    assert torch.isnan(unchecked.loss_grad((X, y))).any()
