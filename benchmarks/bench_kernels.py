@@ -50,6 +50,36 @@ def median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def timing_rows(
+    backend: str,
+    name: str,
+    data: tuple[object, object],
+    V: object,
+    models: tuple[InfluenceModel, InfluenceModel],
+    bare_psg: Callable[[], object],
+    bare_hvp: Callable[[object], object],
+    repeats: int,
+) -> list[tuple[str, str, float, float, float]]:
+    """Per-sample grads, one HVP and a block of HVPs: bare, ours, ours without the NaN check."""
+    ours, fast = models
+    v1 = V[:, :1]
+    workloads = {
+        f"{name} (d={ours.num_parameters}) per-sample grads": (
+            bare_psg,
+            lambda m: m.per_sample_grads(data),
+        ),
+        f"{name} HVP, 1 vector": (lambda: bare_hvp(v1), lambda m: m.hvp(data, v1)),
+        f"{name} HVP, block of {BLOCK}": (lambda: bare_hvp(V), lambda m: m.hvp(data, V)),
+    }
+    rows = []
+    for workload, (bare, call) in workloads.items():
+        t = median_times(
+            {"bare": bare, "ours": lambda c=call: c(ours), "fast": lambda c=call: c(fast)}, repeats
+        )
+        rows.append((backend, workload, t["bare"], t["ours"], t["fast"]))
+    return rows
+
+
 # -- PyTorch --------------------------------------------------------------------------
 def torch_cases(repeats: int) -> list[tuple[str, str, float, float, float]]:
     import torch
@@ -86,7 +116,6 @@ def torch_model_rows(
     import torch
     from torch.func import functional_call, grad, vjp, vmap
 
-    rows = []
     Y = torch.randint(0, 10, (BATCH,))
     loss = torch.nn.CrossEntropyLoss(reduction="none")
     im = InfluenceModel(model, loss)
@@ -126,35 +155,7 @@ def torch_model_rows(
 
     assert torch.allclose(bare_psg(), im.per_sample_grads((X, Y)), atol=1e-5)
     assert torch.allclose(bare_hvp(V), im.hvp((X, Y), V), atol=1e-4)
-    t = median_times(
-        {
-            "bare": bare_psg,
-            "ours": lambda: im.per_sample_grads((X, Y)),
-            "fast": lambda: fast.per_sample_grads((X, Y)),
-        },
-        repeats,
-    )
-    rows.append(("torch", f"{name} (d={d}) per-sample grads", t["bare"], t["ours"], t["fast"]))
-    v1 = V[:, :1]
-    t = median_times(
-        {
-            "bare": lambda: bare_hvp(v1),
-            "ours": lambda: im.hvp((X, Y), v1),
-            "fast": lambda: fast.hvp((X, Y), v1),
-        },
-        repeats,
-    )
-    rows.append(("torch", f"{name} HVP, 1 vector", t["bare"], t["ours"], t["fast"]))
-    t = median_times(
-        {
-            "bare": lambda: bare_hvp(V),
-            "ours": lambda: im.hvp((X, Y), V),
-            "fast": lambda: fast.hvp((X, Y), V),
-        },
-        repeats,
-    )
-    rows.append(("torch", f"{name} HVP, block of {BLOCK}", t["bare"], t["ours"], t["fast"]))
-    return rows
+    return timing_rows("torch", name, (X, Y), V, (im, fast), bare_psg, bare_hvp, repeats)
 
 
 # -- TensorFlow -----------------------------------------------------------------------
@@ -199,7 +200,6 @@ def tensorflow_model_rows(
     import keras
     import tensorflow as tf
 
-    rows = []
     Y = tf.random.uniform((BATCH,), maxval=10, dtype=tf.int64)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
     im = InfluenceModel(model, loss)
@@ -235,35 +235,16 @@ def tensorflow_model_rows(
         bare_psg_fn(X, Y).numpy(), im.per_sample_grads((X, Y)).numpy(), atol=1e-5
     )
     np.testing.assert_allclose(bare_hvp_fn(X, Y, V).numpy(), im.hvp((X, Y), V).numpy(), atol=1e-4)
-    t = median_times(
-        {
-            "bare": lambda: bare_psg_fn(X, Y),
-            "ours": lambda: im.per_sample_grads((X, Y)),
-            "fast": lambda: fast.per_sample_grads((X, Y)),
-        },
+    return timing_rows(
+        "tensorflow",
+        name,
+        (X, Y),
+        V,
+        (im, fast),
+        lambda: bare_psg_fn(X, Y),
+        lambda vectors: bare_hvp_fn(X, Y, vectors),
         repeats,
     )
-    rows.append(("tensorflow", f"{name} (d={d}) per-sample grads", t["bare"], t["ours"], t["fast"]))
-    v1 = V[:, :1]
-    t = median_times(
-        {
-            "bare": lambda: bare_hvp_fn(X, Y, v1),
-            "ours": lambda: im.hvp((X, Y), v1),
-            "fast": lambda: fast.hvp((X, Y), v1),
-        },
-        repeats,
-    )
-    rows.append(("tensorflow", f"{name} HVP, 1 vector", t["bare"], t["ours"], t["fast"]))
-    t = median_times(
-        {
-            "bare": lambda: bare_hvp_fn(X, Y, V),
-            "ours": lambda: im.hvp((X, Y), V),
-            "fast": lambda: fast.hvp((X, Y), V),
-        },
-        repeats,
-    )
-    rows.append(("tensorflow", f"{name} HVP, block of {BLOCK}", t["bare"], t["ours"], t["fast"]))
-    return rows
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -62,13 +63,23 @@ def assert_close(actual: object, expected: np.ndarray, rtol: float, what: str) -
     assert error <= rtol, f"{what}: relative error {error:.3g} > {rtol:g} (scale {scale:.3g})"
 
 
+ReferenceBuilder = Callable[[ModelSpec, list[np.ndarray], str], ReferenceModel]
+
+
+def registered_builder(backend: str) -> ReferenceBuilder:
+    """The ``reference_models`` builder a backend's :class:`~influence_core.BackendSpec` names."""
+    return get_registry().by_name(backend).load_reference_models()
+
+
 @cache
-def build_case(backend: str, spec_name: str, dtype: str) -> Case:
+def build_case(
+    backend: str, spec_name: str, dtype: str, builder: ReferenceBuilder | None = None
+) -> Case:
+    """Build (once per backend, spec, dtype and builder) a reference model and its data."""
     spec = SPECS[spec_name]
     weights = make_weights(spec)
     X, y = make_data(spec, weights, n=N_SAMPLES)
-    builder = get_registry().by_name(backend).load_reference_models()
-    reference = builder(spec, weights, dtype)
+    reference = (builder or registered_builder(backend))(spec, weights, dtype)
     model = InfluenceModel(
         reference.model, reference.loss_fn, backend=backend, batch_size=BATCH_SIZE
     )

@@ -8,11 +8,13 @@ Subclass and name your backend (the fsspec ``tests/abstract`` pattern)::
     class TestMyBackend(BackendConformance):
         backend = "mybackend"     # the BackendSpec name your plugin registers
 
-Your :class:`~influence_core.BackendSpec` must name a ``reference_models``
-builder: ``build(spec, weights, dtype) -> ReferenceModel``, which turns each
-framework-neutral :class:`~influence_conformance.specs.ModelSpec` into a native
-model with the given canonical weights. Override :meth:`build_case` to supply
-models another way. Or, with no test file at all::
+The suite needs a *reference builder*, ``build(spec, weights, dtype) ->
+ReferenceModel``, which turns each framework-neutral
+:class:`~influence_core.specs.ModelSpec` into a native model with the given
+canonical weights. By default it is the one your
+:class:`~influence_core.BackendSpec` names in ``reference_models``; override
+:meth:`BackendConformance.reference_builder` to supply another. Or, with no
+test file at all::
 
     python -m influence_conformance --backend mybackend
 """
@@ -34,7 +36,17 @@ from influence_core import (
 )
 
 from . import numpy_reference as ref
-from .cases import BATCH_SIZE, RTOL, Case, assert_close, build_case, numpy_gradients, to_numpy
+from .cases import (
+    BATCH_SIZE,
+    RTOL,
+    Case,
+    ReferenceBuilder,
+    assert_close,
+    build_case,
+    numpy_gradients,
+    registered_builder,
+    to_numpy,
+)
 from .reference_specs import SPECS
 
 ALL_SPECS = list(SPECS)
@@ -52,10 +64,14 @@ class BackendConformance:
     #: The registered name of the backend under test.
     backend: str = ""
 
+    def reference_builder(self) -> ReferenceBuilder:
+        """``build(spec, weights, dtype) -> ReferenceModel``; by default the registered one."""
+        return registered_builder(self.backend)
+
     def build_case(self, spec_name: str, dtype: str) -> Case:
         if not self.backend:
             raise TypeError(f"{type(self).__name__} must set the class attribute 'backend'")
-        return build_case(self.backend, spec_name, dtype)
+        return build_case(self.backend, spec_name, dtype, self.reference_builder())
 
     # -- layout -------------------------------------------------------------------
     @spec_names
