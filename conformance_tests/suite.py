@@ -47,6 +47,7 @@ from .cases import (
     registered_builder,
     to_numpy,
 )
+from .ihvp_checks import IHVPChecks
 from .reference_specs import SPECS
 
 ALL_SPECS = list(SPECS)
@@ -58,8 +59,8 @@ spec_names = pytest.mark.parametrize("spec_name", ALL_SPECS)
 dtypes = pytest.mark.parametrize("dtype", DTYPES)
 
 
-class BackendConformance:
-    """Numerical and behavioural checks of one backend's kernels."""
+class BackendConformance(IHVPChecks):
+    """Numerical and behavioural checks of one backend: its kernels, and the solvers on them."""
 
     #: The registered name of the backend under test.
     backend: str = ""
@@ -77,7 +78,7 @@ class BackendConformance:
     @spec_names
     def test_flat_parameters_are_the_canonical_weights(self, spec_name: str) -> None:
         case = self.build_case(spec_name, "float64")
-        flat = case.reference.to_canonical(to_numpy(case.model.get_parameters()))
+        flat = case.reference.to_canonical(case.model.to_numpy(case.model.get_parameters()))
         assert_close(flat, ref.flatten_weights(case.weights), 0.0, "θ in canonical order")
         assert case.model.num_parameters == case.spec.num_parameters
 

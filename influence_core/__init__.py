@@ -12,33 +12,51 @@ from typing import Any
 from .data import Batch
 from .errors import (
     BackendNotFoundError,
+    ConvergenceWarning,
     DatasetFormatError,
     DuplicateBackendError,
     InvalidBackendSpecError,
+    LissaDivergenceError,
     NonFiniteGradientError,
+    NotPositiveDefiniteError,
     PerSampleLossError,
     PluginLoadWarning,
     PrecisionWarning,
     UnknownParameterError,
 )
 from .hookspecs import hookimpl
+from .ihvp import (
+    ArnoldiIHVP,
+    ConjugateGradientIHVP,
+    ExactIHVP,
+    InverseHessianVectorProduct,
+    LissaIHVP,
+)
 from .model import InfluenceModel
 from .namespace import ArrayNamespace, numpy_namespace
 from .protocol import ModelKernels
 from .registry import BackendRegistry, BackendSpec, get_registry
 
 __all__ = [
+    "ArnoldiIHVP",
     "ArrayNamespace",
     "BackendNotFoundError",
     "BackendRegistry",
     "BackendSpec",
     "Batch",
+    "ConjugateGradientIHVP",
+    "ConvergenceWarning",
     "DatasetFormatError",
     "DuplicateBackendError",
+    "ExactIHVP",
     "InfluenceModel",
     "InvalidBackendSpecError",
+    "InverseHessianVectorProduct",
+    "LissaDivergenceError",
+    "LissaIHVP",
     "ModelKernels",
     "NonFiniteGradientError",
+    "NotPositiveDefiniteError",
     "PerSampleLossError",
     "PluginLoadWarning",
     "PrecisionWarning",

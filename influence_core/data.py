@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from .errors import DatasetFormatError
 
-__all__ = ["Batch", "iter_batches", "leading_dim"]
+__all__ = ["Batch", "convert_tree", "is_array_pair", "iter_batches", "leading_dim", "take_samples"]
 
 
 class Batch(NamedTuple):
@@ -57,13 +57,34 @@ def _slice(tree: Any, start: int, stop: int) -> Any:
     return tree[start:stop]
 
 
-def _is_array_pair(data: Any) -> bool:
+def is_array_pair(data: Any) -> bool:
+    """Whether ``data`` is an ``(X, y)`` pair of arrays (not a dataset of batches)."""
     return (
         isinstance(data, tuple)
         and len(data) == 2
         and all(hasattr(leaf, "shape") or isinstance(leaf, (tuple, dict)) for leaf in data)
         and not isinstance(data, Batch)
     )
+
+
+def take_samples(tree: Any, index: Any) -> Any:
+    """The samples at integer positions ``index`` (a NumPy array) of an array or pytree.
+
+    NumPy arrays are indexed directly; native arrays through their own
+    namespace's ``take``, so no framework is named here.
+    """
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(take_samples(t, index) for t in tree)
+    if isinstance(tree, dict):
+        return {k: take_samples(v, index) for k, v in tree.items()}
+    import numpy as np
+
+    if isinstance(tree, np.ndarray):
+        return tree[index]
+    from . import array_namespace  # the registry: resolves the array's backend
+
+    xp = array_namespace(tree)
+    return xp.take(tree, xp.asarray(index), axis=0)
 
 
 def _describe(element: Any) -> str:
@@ -101,7 +122,7 @@ def iter_batches(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    if _is_array_pair(data):
+    if is_array_pair(data):
         inputs, targets = data
         n = leading_dim(targets)
         if leading_dim(inputs) != n:
@@ -110,13 +131,13 @@ def iter_batches(
                 "pass (X, y) with the same leading dimension"
             )
         if n <= batch_size:  # one batch: no slicing (an eager slice op per array in TF)
-            yield Batch(_convert(inputs, as_native), _convert(targets, as_native), 0)
+            yield Batch(convert_tree(inputs, as_native), convert_tree(targets, as_native), 0)
             return
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             yield Batch(
-                _convert(_slice(inputs, start, stop), as_native),
-                _convert(_slice(targets, start, stop), as_native),
+                convert_tree(_slice(inputs, start, stop), as_native),
+                convert_tree(_slice(targets, start, stop), as_native),
                 start,
             )
         return
@@ -138,13 +159,14 @@ def iter_batches(
                 f"a batch has {leading_dim(inputs)} inputs but {n} targets (batch starting at "
                 f"sample {start}); inputs and targets must share the leading dimension"
             )
-        yield Batch(_convert(inputs, as_native), _convert(targets, as_native), start)
+        yield Batch(convert_tree(inputs, as_native), convert_tree(targets, as_native), start)
         start += n
 
 
-def _convert(tree: Any, as_native: Callable[[Any], Any]) -> Any:
+def convert_tree(tree: Any, as_native: Callable[[Any], Any]) -> Any:
+    """Apply ``as_native`` to every array of a pytree (tuples, lists, dicts)."""
     if isinstance(tree, (tuple, list)):
-        return type(tree)(_convert(t, as_native) for t in tree)
+        return type(tree)(convert_tree(t, as_native) for t in tree)
     if isinstance(tree, dict):
-        return {k: _convert(v, as_native) for k, v in tree.items()}
+        return {k: convert_tree(v, as_native) for k, v in tree.items()}
     return as_native(tree)

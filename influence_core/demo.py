@@ -67,12 +67,6 @@ def build(backend: str, weights: list[np.ndarray]) -> tuple[ReferenceModel, Infl
     )
 
 
-def to_numpy(array: Any) -> np.ndarray:
-    if hasattr(array, "detach"):
-        array = array.detach().cpu()
-    return np.asarray(array, dtype=np.float64)
-
-
 def fit(
     model: InfluenceModel, data: tuple[np.ndarray, np.ndarray], max_iter: int
 ) -> tuple[np.ndarray, Any]:
@@ -81,11 +75,11 @@ def fit(
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
         with model.parameters_set_to(theta):
-            loss = float(np.mean(to_numpy(model.per_sample_loss(data))))
-            grad = to_numpy(model.loss_grad(data))
+            loss = float(np.mean(model.to_numpy(model.per_sample_loss(data))))
+            grad = model.to_numpy(model.loss_grad(data))
         return loss + 0.5 * L2 * theta @ theta, grad + L2 * theta
 
-    theta0 = to_numpy(model.get_parameters())
+    theta0 = model.to_numpy(model.get_parameters())
     result = minimize(objective, theta0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
     return result.x, result
 
@@ -125,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     theta, result = fit(model, train, args.max_iter)
     with model.parameters_set_to(theta):
         test_loss = float(
-            np.mean(to_numpy(model.per_sample_loss((data["X_test"], data["y_test"]))))
+            np.mean(model.to_numpy(model.per_sample_loss((data["X_test"], data["y_test"]))))
         )
     print(
         f"fit: L-BFGS {result.nit} iterations, objective {result.fun:.4f}, "
@@ -142,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     with model.parameters_set_to(theta):
         t = time.perf_counter()
-        H = to_numpy(last.hessian(train))
+        H = last.to_numpy(last.hessian(train))
         eig = np.linalg.eigvalsh(H + L2 * np.eye(len(H)))
         print(
             f"last-layer Hessian: d={len(H)}, eigenvalues of H + {L2:g} I in "
@@ -150,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         t = time.perf_counter()
         norms = np.concatenate(
-            [np.linalg.norm(to_numpy(g), axis=1) for _, g in last.iter_per_sample_grads(train)]
+            [np.linalg.norm(last.to_numpy(g), axis=1) for _, g in last.iter_per_sample_grads(train)]
         )
         print(
             f"per-sample gradients: {len(norms)} x {last.num_parameters} streamed in "
@@ -179,21 +173,25 @@ def main(argv: list[str] | None = None) -> int:
     v = np.random.default_rng(1).normal(size=canonical.shape)
     with model.parameters_set_to(theta):
         mine = {
-            "losses": to_numpy(model.per_sample_loss(probe)),
+            "losses": model.to_numpy(model.per_sample_loss(probe)),
             "per-sample grads": reference.to_canonical(
-                to_numpy(model.per_sample_grads(probe)), axis=1
+                model.to_numpy(model.per_sample_grads(probe)), axis=1
             ),
-            "HVP": reference.to_canonical(to_numpy(model.hvp(probe, reference.from_canonical(v)))),
+            "HVP": reference.to_canonical(
+                model.to_numpy(model.hvp(probe, reference.from_canonical(v)))
+            ),
         }
     for other in others:
         ref_o, model_o = build(other, make_weights(SPEC, seed=SEED))
         with model_o.parameters_set_to(ref_o.from_canonical(canonical)):
             theirs = {
-                "losses": to_numpy(model_o.per_sample_loss(probe)),
+                "losses": model_o.to_numpy(model_o.per_sample_loss(probe)),
                 "per-sample grads": ref_o.to_canonical(
-                    to_numpy(model_o.per_sample_grads(probe)), axis=1
+                    model_o.to_numpy(model_o.per_sample_grads(probe)), axis=1
                 ),
-                "HVP": ref_o.to_canonical(to_numpy(model_o.hvp(probe, ref_o.from_canonical(v)))),
+                "HVP": ref_o.to_canonical(
+                    model_o.to_numpy(model_o.hvp(probe, ref_o.from_canonical(v)))
+                ),
             }
         gaps = ", ".join(f"{k} {relative_gap(theirs[k], mine[k]):.1e}" for k in mine)
         print(f"{other} vs {args.backend} on the same weights (max relative difference): {gaps}")

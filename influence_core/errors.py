@@ -11,10 +11,13 @@ from collections.abc import Sequence
 
 __all__ = [
     "BackendNotFoundError",
+    "ConvergenceWarning",
     "DatasetFormatError",
     "DuplicateBackendError",
     "InvalidBackendSpecError",
+    "LissaDivergenceError",
     "NonFiniteGradientError",
+    "NotPositiveDefiniteError",
     "PerSampleLossError",
     "PluginLoadWarning",
     "PrecisionWarning",
@@ -79,6 +82,41 @@ class NonFiniteGradientError(FloatingPointError):
             f"non-finite {what}: the gradients of the sample(s) at index {shown}{more} of the "
             "data passed in are NaN or infinite. Check those inputs and targets for NaN/inf, "
             "and the loss for log(0) or division by zero (e.g. use logits with a from_logits loss)."
+        )
+
+
+class NotPositiveDefiniteError(ValueError):
+    """The damped Hessian H + λI is not positive definite."""
+
+    def __init__(
+        self, smallest_eigenvalue: float, damping: float, how: str = "smallest eigenvalue"
+    ):
+        self.smallest_eigenvalue = float(smallest_eigenvalue)
+        self.damping = float(damping)
+        suggestion = max(10.0 * abs(self.smallest_eigenvalue), 1e-8) + self.damping
+        super().__init__(
+            f"the damped Hessian H + {damping:g} I is not positive definite: its {how} is "
+            f"{self.smallest_eigenvalue:.3e}. Raise the damping (e.g. damping={suggestion:.1e}), "
+            "train the model closer to a minimum, or restrict influence to layers where the "
+            "loss is convex (e.g. the last layer)."
+        )
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative solver stopped before reaching its tolerance."""
+
+
+class LissaDivergenceError(FloatingPointError):
+    """LiSSA's recursion diverged: its scale is below the Hessian's largest eigenvalue."""
+
+    def __init__(self, scale: float, largest_eigenvalue: float, iteration: int):
+        self.scale = float(scale)
+        self.largest_eigenvalue = float(largest_eigenvalue)
+        suggestion = 2.0 * self.largest_eigenvalue
+        super().__init__(
+            f"LiSSA diverged at iteration {iteration}: scale={scale:g} must exceed the largest "
+            f"eigenvalue of the damped Hessian, estimated at {largest_eigenvalue:.3e}. Use "
+            f"scale={suggestion:.3g} or more (a larger scale needs more depth to converge)."
         )
 
 

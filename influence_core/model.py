@@ -135,6 +135,10 @@ class InfluenceModel:
         finally:
             self.kernels.set_flat_parameters(saved)
 
+    def to_numpy(self, array: Any) -> Any:
+        """A NumPy copy (on the host) of one of this model's native arrays."""
+        return self.kernels.to_numpy(array)
+
     # -- data ---------------------------------------------------------------------
     def batches(self, data: Any, batch_size: int | None = None) -> Iterator[Batch]:
         """Iterate ``data`` as :class:`~influence_core.data.Batch` es of native arrays.

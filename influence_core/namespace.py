@@ -31,10 +31,10 @@ class ArrayNamespace(Protocol):
     standard (TensorFlow) implements exactly these. Semantics follow the
     standard (2023.12) wherever a name exists there.
 
-    Creation: ``asarray, zeros, ones, eye, arange, full, zeros_like``.
+    Creation: ``asarray, zeros, ones, eye, arange, full, zeros_like, ones_like``.
     Manipulation: ``reshape, concat, stack, expand_dims, squeeze, permute_dims``.
     Element-wise: ``abs, sqrt, exp, log, square, isfinite, isnan, logical_not,
-    where, maximum, minimum``. Reductions: ``sum, mean, max, min, all, any``.
+    logical_and, logical_or, where, maximum, minimum``. Reductions: ``sum, mean, max, min, all, any``.
     Linear algebra: ``matmul, vecdot, matrix_transpose, linalg.solve,
     linalg.cholesky, linalg.eigh, linalg.vector_norm``. Searching and sorting:
     ``argsort, sort, argmax, nonzero, take``. Types: ``astype, float32, float64,

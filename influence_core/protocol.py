@@ -120,6 +120,10 @@ class ModelKernels(ABC):
         """
 
     @abstractmethod
+    def to_numpy(self, array: Array) -> Any:
+        """A NumPy copy of a native array, moved to host memory (for small host-side work)."""
+
+    @abstractmethod
     def native_batches(self, data: Any, batch_size: int) -> Iterator[Any] | None:
         """Iterate a framework-native dataset, or return ``None`` if ``data`` is not one.
 

@@ -95,6 +95,9 @@ def test_logical_reductions(name: str, x: np.ndarray) -> None:
     same(getattr(tfx, name)(t, axis=0), getattr(xps, name)(s, axis=0))
     same(getattr(tfx, name)(t), getattr(xps, name)(s))
     same(tfx.logical_not(t), xps.logical_not(s))
+    same(tfx.logical_and(t, tfx.logical_not(t)), xps.logical_and(s, xps.logical_not(s)))
+    same(tfx.logical_or(t, tfx.logical_not(t)), xps.logical_or(s, xps.logical_not(s)))
+    same(tfx.ones_like(tf.cast(t, tf.float64)), xps.ones_like(xps.astype(s, xps.float64)))
 
 
 @dtypes

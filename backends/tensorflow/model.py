@@ -235,5 +235,8 @@ class TensorFlowKernels(ModelKernels):
             tensor = tf.cast(tensor, self._dtype)
         return tensor
 
+    def to_numpy(self, array: tf.Tensor) -> Any:
+        return array.numpy()
+
     def native_batches(self, data: Any, batch_size: int) -> Iterator[Any] | None:
         return native_batches(data, batch_size)

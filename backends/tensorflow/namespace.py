@@ -71,6 +71,10 @@ def zeros_like(x: Array, /, *, dtype: Any = None, device: Any = None) -> Array:
     return tf.zeros_like(x, dtype=dtype)
 
 
+def ones_like(x: Array, /, *, dtype: Any = None, device: Any = None) -> Array:
+    return tf.ones_like(x, dtype=dtype)
+
+
 def eye(
     n_rows: int, n_cols: int | None = None, /, *, k: int = 0, dtype: Any = None, device: Any = None
 ) -> Array:
@@ -153,6 +157,14 @@ def isnan(x: Array, /) -> Array:
 
 def logical_not(x: Array, /) -> Array:
     return tf.math.logical_not(x)
+
+
+def logical_and(x1: Array, x2: Array, /) -> Array:
+    return tf.math.logical_and(x1, x2)
+
+
+def logical_or(x1: Array, x2: Array, /) -> Array:
+    return tf.math.logical_or(x1, x2)
 
 
 def maximum(x1: Array, x2: Array, /) -> Array:

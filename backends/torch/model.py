@@ -161,5 +161,8 @@ class TorchKernels(ModelKernels):
             tensor = tensor.to(self._dtype)
         return tensor
 
+    def to_numpy(self, array: torch.Tensor) -> Any:
+        return array.detach().cpu().numpy()
+
     def native_batches(self, data: Any, batch_size: int) -> Iterator[Any] | None:
         return native_batches(data, batch_size)

@@ -1,0 +1,25 @@
+"""Inverse-Hessian-vector-product solvers, written once for every backend.
+
+All solve (H + λI) X = V for a block V, H the Hessian of the mean training
+loss: :class:`ExactIHVP` (one Cholesky factorisation, small d),
+:class:`ConjugateGradientIHVP` (block CG, any d), :class:`LissaIHVP`
+(stochastic, any d) and :class:`ArnoldiIHVP` (top-k eigenpairs, any d).
+Class names follow the Influenciae paper's table.
+"""
+
+from .arnoldi import ArnoldiIHVP
+from .base import DEFAULT_DAMPING, InverseHessianVectorProduct
+from .conjugate_gradient import ConjugateGradientIHVP
+from .exact import MAX_EXACT_PARAMETERS, ExactIHVP
+from .lissa import LissaIHVP, largest_eigenvalue
+
+__all__ = [
+    "DEFAULT_DAMPING",
+    "MAX_EXACT_PARAMETERS",
+    "ArnoldiIHVP",
+    "ConjugateGradientIHVP",
+    "ExactIHVP",
+    "InverseHessianVectorProduct",
+    "LissaIHVP",
+    "largest_eigenvalue",
+]
