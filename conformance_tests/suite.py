@@ -28,6 +28,8 @@ import pytest
 
 from influence_core import (
     DatasetFormatError,
+    ExactIHVP,
+    FirstOrderInfluenceCalculator,
     InfluenceModel,
     NonFiniteGradientError,
     PerSampleLossError,
@@ -48,6 +50,7 @@ from .cases import (
     to_numpy,
 )
 from .ihvp_checks import IHVPChecks
+from .influence_checks import InfluenceChecks
 from .reference_specs import SPECS
 
 ALL_SPECS = list(SPECS)
@@ -59,7 +62,7 @@ spec_names = pytest.mark.parametrize("spec_name", ALL_SPECS)
 dtypes = pytest.mark.parametrize("dtype", DTYPES)
 
 
-class BackendConformance(IHVPChecks):
+class BackendConformance(IHVPChecks, InfluenceChecks):
     """Numerical and behavioural checks of one backend: its kernels, and the solvers on them."""
 
     #: The registered name of the backend under test.
@@ -318,6 +321,20 @@ class CrossBackendConformance:
                 "HVP block": r.to_canonical(to_numpy(m.hvp(case.data, r.from_canonical(V)))),
                 "Hessian": r.to_canonical(r.to_canonical(H, axis=0), axis=1),
             }
+
+        if spec_name == "logistic_regression":
+            base = quantities
+
+            def quantities(case: Case) -> dict[str, np.ndarray]:
+                out = base(case)
+                calc = FirstOrderInfluenceCalculator(
+                    case.model, case.data, ExactIHVP(case.model, case.data, damping=1e-2)
+                )
+                test = (case.X[:5], case.y[:5])
+                out["influence scores"] = to_numpy(calc.influence(test))
+                out["self-influence"] = to_numpy(calc.self_influence())
+                out["top-k proponents"] = to_numpy(calc.top_k(test, k=4).proponents).astype(float)
+                return out
 
         first = quantities(cases[0])
         for name, case in zip(names[1:], cases[1:], strict=True):

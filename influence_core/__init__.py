@@ -24,6 +24,7 @@ from .errors import (
     PrecisionWarning,
     UnknownParameterError,
 )
+from .estimators import FirstOrderInfluenceCalculator, TopK
 from .hookspecs import hookimpl
 from .ihvp import (
     ArnoldiIHVP,
@@ -49,6 +50,7 @@ __all__ = [
     "DatasetFormatError",
     "DuplicateBackendError",
     "ExactIHVP",
+    "FirstOrderInfluenceCalculator",
     "InfluenceModel",
     "InvalidBackendSpecError",
     "InverseHessianVectorProduct",
@@ -60,6 +62,7 @@ __all__ = [
     "PerSampleLossError",
     "PluginLoadWarning",
     "PrecisionWarning",
+    "TopK",
     "UnknownParameterError",
     "array_namespace",
     "available_backends",

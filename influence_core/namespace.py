@@ -37,7 +37,7 @@ class ArrayNamespace(Protocol):
     logical_and, logical_or, where, maximum, minimum``. Reductions: ``sum, mean, max, min, all, any``.
     Linear algebra: ``matmul, vecdot, matrix_transpose, linalg.solve,
     linalg.cholesky, linalg.eigh, linalg.vector_norm``. Searching and sorting:
-    ``argsort, sort, argmax, nonzero, take``. Types: ``astype, float32, float64,
+    ``argsort, sort, argmax, nonzero, take, take_along_axis``. Types: ``astype, float32, float64,
     int64, bool``. Extension: ``top_k``.
     """
 

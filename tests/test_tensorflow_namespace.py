@@ -180,6 +180,12 @@ def test_sorting_is_stable_with_ties(dtype: str, descending: bool) -> None:
         )
         same(tfx.argmax(t, axis=-1), xps.argmax(s, axis=-1))
         same(tfx.argmax(t), xps.argmax(s))
+        order = xps.argsort(s, axis=0, descending=descending)
+        same(
+            tfx.take_along_axis(t, tf.constant(np.asarray(order)), axis=0),
+            xps.take_along_axis(s, order, axis=0),
+            dtype,
+        )
 
     check()
 

@@ -316,6 +316,17 @@ def take(x: Array, indices: Array, /, *, axis: int | None = None) -> Array:
     return tf.gather(x, indices, axis=axis)
 
 
+def take_along_axis(x: Array, indices: Array, /, *, axis: int = -1) -> Array:
+    rank = x.shape.rank
+    axis = axis % rank
+    if axis != rank - 1:
+        moved = tf.experimental.numpy.moveaxis(x, axis, -1)
+        moved_idx = tf.experimental.numpy.moveaxis(indices, axis, -1)
+        out = tf.gather(moved, moved_idx, batch_dims=rank - 1)
+        return tf.experimental.numpy.moveaxis(out, -1, axis)
+    return tf.gather(x, indices, batch_dims=rank - 1)
+
+
 def astype(x: Array, dtype: Any, /, *, copy: _builtin_bool = True, device: Any = None) -> Array:
     return tf.cast(x, dtype)
 
