@@ -87,7 +87,7 @@ class IHVPChecks:
 
     @regressions
     def test_lissa_minibatches_are_seeded_and_close(self, spec_name: str) -> None:
-        """Mini-batches of 4 of 13, depth 400, 4 repetitions: sampling noise ≤ 0.2 relative."""
+        """Mini-batches of 4 of 13, depth 400, 4 repetitions: sampling noise (measured 0.12 / 0.02)."""
         case = self.build_case(spec_name, "float64")
         A = closed_form(case)
         kwargs = dict(
@@ -102,7 +102,7 @@ class IHVPChecks:
         first = solve_canonical(case, LissaIHVP(case.model, case.data, **kwargs), V)
         again = solve_canonical(case, LissaIHVP(case.model, case.data, **kwargs), V)
         np.testing.assert_array_equal(first, again)
-        assert_close(first, np.linalg.solve(A, V), 0.2, "mini-batch LiSSA")
+        assert_close(first, np.linalg.solve(A, V), 0.15, "mini-batch LiSSA")
 
     @regressions
     @pytest.mark.parametrize("fraction", [1.0, 0.5])

@@ -84,6 +84,21 @@ def fit(
     return result.x, result
 
 
+def cross_check_quantities(
+    model: InfluenceModel,
+    reference: ReferenceModel,
+    probe: tuple[np.ndarray, np.ndarray],
+    v: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Losses, per-sample gradients and an HVP at the model's θ, in canonical order."""
+    host = model.to_numpy
+    return {
+        "losses": host(model.per_sample_loss(probe)),
+        "per-sample grads": reference.to_canonical(host(model.per_sample_grads(probe)), axis=1),
+        "HVP": reference.to_canonical(host(model.hvp(probe, reference.from_canonical(v)))),
+    }
+
+
 def auc(scores: np.ndarray, positives: np.ndarray) -> float:
     """Area under the ROC curve by the rank-sum formula (ties averaged)."""
     from scipy.stats import rankdata
@@ -172,27 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     probe = (data["X_train"][:64], data["y_train"][:64])
     v = np.random.default_rng(1).normal(size=canonical.shape)
     with model.parameters_set_to(theta):
-        mine = {
-            "losses": model.to_numpy(model.per_sample_loss(probe)),
-            "per-sample grads": reference.to_canonical(
-                model.to_numpy(model.per_sample_grads(probe)), axis=1
-            ),
-            "HVP": reference.to_canonical(
-                model.to_numpy(model.hvp(probe, reference.from_canonical(v)))
-            ),
-        }
+        mine = cross_check_quantities(model, reference, probe, v)
     for other in others:
         ref_o, model_o = build(other, make_weights(SPEC, seed=SEED))
         with model_o.parameters_set_to(ref_o.from_canonical(canonical)):
-            theirs = {
-                "losses": model_o.to_numpy(model_o.per_sample_loss(probe)),
-                "per-sample grads": ref_o.to_canonical(
-                    model_o.to_numpy(model_o.per_sample_grads(probe)), axis=1
-                ),
-                "HVP": ref_o.to_canonical(
-                    model_o.to_numpy(model_o.hvp(probe, ref_o.from_canonical(v)))
-                ),
-            }
+            theirs = cross_check_quantities(model_o, ref_o, probe, v)
         gaps = ", ".join(f"{k} {relative_gap(theirs[k], mine[k]):.1e}" for k in mine)
         print(f"{other} vs {args.backend} on the same weights (max relative difference): {gaps}")
 
