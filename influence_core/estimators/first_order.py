@@ -69,23 +69,30 @@ class FirstOrderInfluenceCalculator:
     def _gradients(self, data: Any) -> Iterator[tuple[Batch, Array]]:
         return self.model.iter_per_sample_grads(data, batch_size=self.batch_size)
 
-    def _solved_test_gradients(self, test_data: Any) -> Array:
-        """S = (H + λI)⁻¹ G_testᵀ, shape (d, n_test), one block solve per test batch."""
+    def solve_test_gradients(self, test_data: Any) -> Array:
+        """S = (H + λI)⁻¹ G_testᵀ, shape (d, n_test): one block solve per test batch.
+
+        The expensive half of :meth:`influence` for iterative solvers. Keep S to
+        score many training sets (or shards) with :meth:`influence_from_solved`.
+        """
         xp = self.xp
         blocks = [self.ihvp.solve(xp.matrix_transpose(g)) for _, g in self._gradients(test_data)]
         return blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=1)
+
+    def _train_side(self, grads: Array) -> Array:
+        """What training gradients meet the solved test block with: here G itself (b, d)."""
+        return grads
 
     def _relatif_norms(self, grads: Array) -> Array:
         """‖(H + λI)⁻¹ gᵢ‖ per row of ``grads`` (b, d)."""
         xp = self.xp
         return xp.linalg.vector_norm(self.ihvp.solve(xp.matrix_transpose(grads)), axis=0)
 
-    def _score_blocks(self, test_data: Any, train_data: Any) -> Iterator[tuple[Batch, Array]]:
+    def _score_blocks(self, solved: Array, train_data: Any) -> Iterator[tuple[Batch, Array]]:
         """(training batch, scores of shape (n_test, b)) for each training batch."""
         xp = self.xp
-        solved = self._solved_test_gradients(test_data)
         for batch, g in self._gradients(self._train(train_data)):
-            scores = xp.matrix_transpose(xp.matmul(g, solved))  # (n_test, b)
+            scores = xp.matrix_transpose(xp.matmul(self._train_side(g), solved))  # (n_test, b)
             if self.normalize:
                 scores = scores / xp.reshape(self._relatif_norms(g), (1, -1))
             yield batch, scores
@@ -96,7 +103,11 @@ class FirstOrderInfluenceCalculator:
     # -- results ------------------------------------------------------------------
     def influence(self, test_data: Any, train_data: Any = None) -> Array:
         """Scores of every training point for every test point: shape (n_test, n_train)."""
-        blocks = [scores for _, scores in self._score_blocks(test_data, train_data)]
+        return self.influence_from_solved(self.solve_test_gradients(test_data), train_data)
+
+    def influence_from_solved(self, solved: Array, train_data: Any = None) -> Array:
+        """:meth:`influence` from S = :meth:`solve_test_gradients` (d, n_test): one training pass."""
+        blocks = [scores for _, scores in self._score_blocks(solved, train_data)]
         return blocks[0] if len(blocks) == 1 else self.xp.concat(blocks, axis=1)
 
     def self_influence(self, train_data: Any = None) -> Array:
@@ -133,7 +144,7 @@ class FirstOrderInfluenceCalculator:
         proponents = RunningTopK(xp, k, largest=True)
         opponents = RunningTopK(xp, k, largest=False)
         index_like = xp.astype(xp.zeros((1,)), xp.int64)
-        for batch, scores in self._score_blocks(test_data, train_data):
+        for batch, scores in self._score_blocks(self.solve_test_gradients(test_data), train_data):
             proponents.update(scores, batch.start, index_like)
             opponents.update(scores, batch.start, index_like)
         return TopK(proponents.indices, proponents.values, opponents.indices, opponents.values)

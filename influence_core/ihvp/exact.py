@@ -19,10 +19,12 @@ class ExactIHVP(InverseHessianVectorProduct):
     """(H + λI)⁻¹ from the full Hessian: built once, factorised once, reused.
 
     H is assembled from blocks of HVPs over ``data``, symmetrised, damped and
-    factorised as H + λI = L Lᵀ (Cholesky). The solver keeps L⁻¹, so a block of
-    k right-hand sides costs two (d × d)(d × k) products,
-    (H + λI)⁻¹ V = L⁻ᵀ (L⁻¹ V), and a self-influence gᵀ(H + λI)⁻¹g = ‖L⁻¹ g‖²
-    one product for a whole batch.
+    factorised as H + λI = L Lᵀ (Cholesky). The solver keeps only
+    ``inverse`` = (H + λI)⁻¹ = L⁻ᵀ L⁻¹ (d × d; the Hessian itself is dropped), so
+    a block of k right-hand sides costs one (d × d)(d × k) product and the
+    self-influences gᵢᵀ(H + λI)⁻¹gᵢ of a batch one (b × d)(d × d) product.
+    (Keeping L⁻¹ instead cost two products per solve: 2x slower in the
+    benchmark, ``docs/benchmarks.md``.)
 
     Raises :class:`~influence_core.errors.NotPositiveDefiniteError` (with the
     smallest eigenvalue and a damping that would work) when H + λI is not
@@ -52,9 +54,12 @@ class ExactIHVP(InverseHessianVectorProduct):
         eye = model.kernels.as_native(xp.eye(d, dtype=model.dtype), floating=True)
         damped = hessian + self.damping * eye
         lower = self._cholesky(damped)
-        #: L⁻¹, lower triangular: (H + λI)⁻¹ = L⁻ᵀ L⁻¹.
-        self.cholesky_inverse = xp.linalg.solve(lower, eye)
-        self.hessian = hessian
+        del hessian, damped
+        lower_inverse = xp.linalg.solve(lower, eye)
+        del lower, eye
+        inverse = xp.matmul(xp.matrix_transpose(lower_inverse), lower_inverse)
+        #: (H + λI)⁻¹, symmetric positive definite, d × d.
+        self.inverse = 0.5 * (inverse + xp.matrix_transpose(inverse))
 
     def _cholesky(self, damped: Array) -> Array:
         xp = self.xp
@@ -69,12 +74,9 @@ class ExactIHVP(InverseHessianVectorProduct):
         return lower
 
     def _solve_block(self, vectors: Array) -> Array:
-        xp = self.xp
-        inv = self.cholesky_inverse
-        return xp.matmul(xp.matrix_transpose(inv), xp.matmul(inv, vectors))
+        return self.xp.matmul(self.inverse, vectors)
 
     def quadratic_forms(self, grads: Array) -> Array:
-        """‖L⁻¹ gᵢ‖² for each row: one (d × d)(d × b) product for the batch."""
+        """gᵢᵀ (H + λI)⁻¹ gᵢ for each row: one (b × d)(d × d) product for the batch."""
         xp = self.xp
-        projected = xp.matmul(self.cholesky_inverse, xp.matrix_transpose(grads))
-        return xp.sum(projected * projected, axis=0)
+        return xp.sum(xp.matmul(grads, self.inverse) * grads, axis=1)
