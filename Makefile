@@ -32,6 +32,7 @@ conformance: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py
+	$(PY) benchmarks/bench_influence.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
