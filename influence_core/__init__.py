@@ -24,7 +24,7 @@ from .errors import (
     PrecisionWarning,
     UnknownParameterError,
 )
-from .estimators import FirstOrderInfluenceCalculator, TopK
+from .estimators import ArnoldiInfluenceCalculator, FirstOrderInfluenceCalculator, TopK
 from .hookspecs import hookimpl
 from .ihvp import (
     ArnoldiIHVP,
@@ -40,6 +40,7 @@ from .registry import BackendRegistry, BackendSpec, get_registry
 
 __all__ = [
     "ArnoldiIHVP",
+    "ArnoldiInfluenceCalculator",
     "ArrayNamespace",
     "BackendNotFoundError",
     "BackendRegistry",

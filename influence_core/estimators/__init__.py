@@ -1,6 +1,7 @@
 """Influence estimators, written once on the protocol and the array namespace."""
 
+from .arnoldi_influence import ArnoldiInfluenceCalculator
 from .first_order import FirstOrderInfluenceCalculator
 from .running_top_k import RunningTopK, TopK
 
-__all__ = ["FirstOrderInfluenceCalculator", "RunningTopK", "TopK"]
+__all__ = ["ArnoldiInfluenceCalculator", "FirstOrderInfluenceCalculator", "RunningTopK", "TopK"]

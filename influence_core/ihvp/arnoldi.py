@@ -54,6 +54,31 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         self.seed = int(seed)
         self.eigenvalues, self.eigenvectors = self._arnoldi()
 
+    @classmethod
+    def from_eigenpairs(
+        cls,
+        model: InfluenceModel,
+        eigenvalues: Any,
+        eigenvectors: Any,
+        *,
+        damping: float = DEFAULT_DAMPING,
+    ) -> ArnoldiIHVP:
+        """A solver from eigenpairs computed before (e.g. loaded from disk): no HVPs."""
+        kernels = model.kernels
+        values = kernels.as_native(eigenvalues, floating=True)
+        vectors = kernels.as_native(eigenvectors, floating=True)
+        d = model.num_parameters
+        if len(vectors.shape) != 2 or int(vectors.shape[0]) != d:
+            raise ValueError(f"eigenvectors must have shape ({d}, k), got {tuple(vectors.shape)}")
+        if tuple(values.shape) != (int(vectors.shape[1]),):
+            raise ValueError("need one eigenvalue per eigenvector column")
+        solver = cls.__new__(cls)
+        InverseHessianVectorProduct.__init__(solver, model, None, damping=damping)
+        solver.rank = solver.iterations = int(vectors.shape[1])
+        solver.seed = -1
+        solver.eigenvalues, solver.eigenvectors = values, vectors
+        return solver
+
     def _arnoldi(self) -> tuple[Array, Array]:
         xp, kernels = self.xp, self.model.kernels
         d, m = self.model.num_parameters, self.iterations
