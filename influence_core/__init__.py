@@ -24,7 +24,12 @@ from .errors import (
     PrecisionWarning,
     UnknownParameterError,
 )
-from .estimators import ArnoldiInfluenceCalculator, FirstOrderInfluenceCalculator, TopK
+from .estimators import (
+    ArnoldiInfluenceCalculator,
+    FirstOrderInfluenceCalculator,
+    SecondOrderInfluenceCalculator,
+    TopK,
+)
 from .hookspecs import hookimpl
 from .ihvp import (
     ArnoldiIHVP,
@@ -63,6 +68,7 @@ __all__ = [
     "PerSampleLossError",
     "PluginLoadWarning",
     "PrecisionWarning",
+    "SecondOrderInfluenceCalculator",
     "TopK",
     "UnknownParameterError",
     "array_namespace",

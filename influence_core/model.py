@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from .data import Batch, iter_batches
+from .data import Batch, is_array_pair, iter_batches, leading_dim
 from .errors import NonFiniteGradientError, PerSampleLossError, PrecisionWarning
 from .namespace import ArrayNamespace
 from .protocol import ModelKernels
@@ -155,6 +155,12 @@ class InfluenceModel:
             if not self._loss_checked:
                 self._check_per_sample_loss(batch)
             yield batch
+
+    def count(self, data: Any, batch_size: int | None = None) -> int:
+        """The number of samples in ``data`` (free for arrays; one pass over a dataset)."""
+        if is_array_pair(data):
+            return leading_dim(data[1])
+        return sum(batch.size for batch in self.batches(data, batch_size))
 
     def _check_per_sample_loss(self, batch: Batch) -> None:
         losses = self.kernels.per_sample_loss(batch.inputs, batch.targets)

@@ -80,3 +80,12 @@ def digits_model(backend: str, batch_size: int = 250) -> InfluenceModel:
     weights = [p["theta"][:640].reshape(64, 10), p["theta"][640:]]
     reference = get_registry().by_name(backend).load_reference_models()(SPEC, weights, "float64")
     return InfluenceModel(reference.model, reference.loss_fn, batch_size=batch_size)
+
+
+@cache
+def actual_group_change(group: tuple[int, ...]) -> np.ndarray:
+    """Test-loss change (3 test points) after retraining without the training points ``group``."""
+    p = problem()
+    keep = np.setdiff1d(np.arange(N_TRAIN), np.array(group))
+    theta = fit(p["X"][keep], p["y"][keep], p["theta"])
+    return loss_at(theta, p["X_test"], p["y_test"]) - loss_at(p["theta"], p["X_test"], p["y_test"])

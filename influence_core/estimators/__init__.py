@@ -3,5 +3,12 @@
 from .arnoldi_influence import ArnoldiInfluenceCalculator
 from .first_order import FirstOrderInfluenceCalculator
 from .running_top_k import RunningTopK, TopK
+from .second_order import SecondOrderInfluenceCalculator
 
-__all__ = ["ArnoldiInfluenceCalculator", "FirstOrderInfluenceCalculator", "RunningTopK", "TopK"]
+__all__ = [
+    "ArnoldiInfluenceCalculator",
+    "FirstOrderInfluenceCalculator",
+    "RunningTopK",
+    "SecondOrderInfluenceCalculator",
+    "TopK",
+]

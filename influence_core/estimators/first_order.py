@@ -157,7 +157,7 @@ class FirstOrderInfluenceCalculator:
         this / n. Shape (n_test,). (RelatIF does not apply to groups.)
         """
         xp = self.xp
-        n_group = sum(batch.size for batch in self.model.batches(group_data, self.batch_size))
+        n_group = self.model.count(group_data, self.batch_size)
         solved = self.ihvp.solve(
             self.model.loss_grad(group_data, batch_size=self.batch_size) * n_group
         )
