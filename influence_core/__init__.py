@@ -29,6 +29,7 @@ from .estimators import (
     FirstOrderInfluenceCalculator,
     SecondOrderInfluenceCalculator,
     TopK,
+    TracIn,
 )
 from .hookspecs import hookimpl
 from .ihvp import (
@@ -70,6 +71,7 @@ __all__ = [
     "PrecisionWarning",
     "SecondOrderInfluenceCalculator",
     "TopK",
+    "TracIn",
     "UnknownParameterError",
     "array_namespace",
     "available_backends",

@@ -135,6 +135,21 @@ class InfluenceModel:
         finally:
             self.kernels.set_flat_parameters(saved)
 
+    @contextmanager
+    def checkpoint_loaded(self, checkpoint: Any) -> Iterator[None]:
+        """Temporarily load a user checkpoint (all weights) into the model; restored on exit.
+
+        Accepts what the backend's ``load_checkpoint`` does: a state dict or a
+        ``torch.save`` file in PyTorch, a ``get_weights()`` list or a
+        ``load_weights`` file in Keras. One checkpoint is in memory at a time.
+        """
+        saved = self.kernels.save_state()
+        try:
+            self.kernels.load_checkpoint(checkpoint)
+            yield
+        finally:
+            self.kernels.load_checkpoint(saved)
+
     def to_numpy(self, array: Any) -> Any:
         """A NumPy copy (on the host) of one of this model's native arrays."""
         return self.kernels.to_numpy(array)
@@ -216,16 +231,17 @@ class InfluenceModel:
         :meth:`iter_per_sample_grads`.
         """
         b = self._single_batch(batch)
-        return self._checked_per_sample_grads(b)
+        return self.batch_per_sample_grads(b)
 
     def iter_per_sample_grads(
         self, data: Any, batch_size: int | None = None
     ) -> Iterator[tuple[Batch, Array]]:
         """Stream ``(batch, per-sample gradients of shape (b, d))`` over ``data``."""
         for batch in self.batches(data, batch_size):
-            yield batch, self._checked_per_sample_grads(batch)
+            yield batch, self.batch_per_sample_grads(batch)
 
-    def _checked_per_sample_grads(self, batch: Batch) -> Array:
+    def batch_per_sample_grads(self, batch: Batch) -> Array:
+        """Per-sample gradients (b, d) of one :class:`Batch` from :meth:`batches`, finite-checked."""
         grads = self.kernels.per_sample_grads(batch.inputs, batch.targets)
         if self.check_finite and not self._all_finite(grads):
             raise NonFiniteGradientError("per-sample gradients", self._bad_rows(grads, batch.start))

@@ -25,13 +25,33 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from .namespace import ArrayNamespace
 
-__all__ = ["ModelKernels"]
+__all__ = ["LastLayer", "ModelKernels", "UnsupportedByBackendError"]
 
 Array = Any
+
+
+class UnsupportedByBackendError(NotImplementedError):
+    """A backend (or this kind of model) lacks an optional capability an estimator needs."""
+
+
+@dataclass(frozen=True)
+class LastLayer:
+    """The model's final linear layer, Φ(x) = f(x) W + b, in the canonical orientation.
+
+    Attributes:
+        name: a parameter selector for the layer (``InfluenceModel(parameters=name)``).
+        weight: W, shape ``(p, c)``: p penultimate features to c outputs (a copy).
+        bias: b, shape ``(c,)``, or ``None`` when the layer has none.
+    """
+
+    name: str
+    weight: Array
+    bias: Array | None
 
 
 class ModelKernels(ABC):
@@ -131,3 +151,41 @@ class ModelKernels(ABC):
         Yields the raw elements (the core checks they are ``(inputs, targets)``
         pairs). Unbatched datasets are batched with ``batch_size``.
         """
+
+    # -- optional capabilities ------------------------------------------------------
+    # TracIn needs checkpoints; representer points need the split "features → last
+    # linear layer". A backend without them still runs every other estimator: the
+    # defaults raise UnsupportedByBackendError naming the backend.
+    def _unsupported(self, what: str) -> UnsupportedByBackendError:
+        return UnsupportedByBackendError(
+            f"the {getattr(self, 'backend_name', type(self).__name__)} backend does not "
+            f"implement {what}"
+        )
+
+    def save_state(self) -> Any:
+        """An in-memory copy of *all* the model's weights, in a form :meth:`load_checkpoint` takes."""
+        raise self._unsupported("save_state (needed by TracIn)")
+
+    def load_checkpoint(self, checkpoint: Any) -> None:
+        """Load a user checkpoint (the framework's usual forms, or a :meth:`save_state`) in place."""
+        raise self._unsupported("load_checkpoint (needed by TracIn)")
+
+    def last_layer(self) -> LastLayer:
+        """The final linear layer whose outputs are the model's outputs Φ(x)."""
+        raise self._unsupported("last_layer (needed by representer points)")
+
+    def penultimate_features(self, inputs: Array) -> Array:
+        """f(x), the input of :meth:`last_layer` for each sample: shape ``(b, p)``."""
+        raise self._unsupported("penultimate_features (needed by representer points)")
+
+    def outputs(self, inputs: Array) -> Array:
+        """Φ(x), the model's outputs (inference mode): shape ``(b, c)``."""
+        raise self._unsupported("outputs")
+
+    def output_loss_grads(self, outputs: Array, targets: Array) -> tuple[Array, Array]:
+        """ℓ at the given outputs and ∂ℓ/∂Φ per sample: shapes ``(b,)`` and ``(b, c)``."""
+        raise self._unsupported("output_loss_grads (needed by representer points)")
+
+    def per_sample_output_grads(self, inputs: Array, components: Array) -> Array:
+        """∇_θ Φ_{k_i}(x_i): the gradient of output ``components[i]`` of sample i, shape ``(b, d)``."""
+        raise self._unsupported("per_sample_output_grads (needed by RepresenterPointLJE)")

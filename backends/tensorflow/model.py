@@ -9,19 +9,24 @@
   of the k-vector gᵀV, which ``pfor`` vectorises over the k columns.
 
 Works with Keras 3 models and layers (called with ``training=False``), Keras 2
-(``tf_keras``) models and plain ``tf.Module`` s. The loss follows Keras'
+(``tf_keras``) models and plain ``tf.Module`` s. Checkpoints (TracIn) are
+weight lists (``model.get_weights()``) or files ``model.load_weights`` reads;
+the last linear layer (representer points) is the last ``Dense`` of a Keras
+model whose inputs are known (Sequential with an ``Input``, or functional). The loss follows Keras'
 argument order, ``loss_fn(y_true, y_pred)``, and returns one value per sample.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import tensorflow as tf
 
 from influence_core.parameters import select_parameters
-from influence_core.protocol import ModelKernels
+from influence_core.protocol import LastLayer, ModelKernels
 
 from .data import native_batches
 from .namespace import namespace
@@ -129,6 +134,9 @@ class TensorFlowKernels(ModelKernels):
         self._grad_fn = ShapeSpecializedFunction(self._grad_graph)
         self._per_sample_grads_fn = ShapeSpecializedFunction(self._per_sample_grads_graph)
         self._hvp_fn = ShapeSpecializedFunction(self._hvp_graph)
+        self._output_grads_fn = ShapeSpecializedFunction(self._per_sample_output_grads_graph)
+        self._all_variables = variables
+        self._head: tuple[str, Any, Any] | None = None
 
     # -- description --------------------------------------------------------------
     @property
@@ -240,3 +248,131 @@ class TensorFlowKernels(ModelKernels):
 
     def native_batches(self, data: Any, batch_size: int) -> Iterator[Any] | None:
         return native_batches(data, batch_size)
+
+    # -- checkpoints --------------------------------------------------------------
+    def _weights(self) -> list[Any]:
+        return list(self.model.weights) if self._keras else list(self.model.variables)
+
+    def save_state(self) -> list[Any]:
+        return [v.numpy() for v in self._weights()]
+
+    def load_checkpoint(self, checkpoint: Any) -> None:
+        """A list of arrays (``model.get_weights()`` order), or a file ``model.load_weights`` reads."""
+        if isinstance(checkpoint, str | os.PathLike):
+            if not self._keras:
+                raise TypeError("a tf.Module checkpoint must be a list of arrays, one per variable")
+            self.model.load_weights(os.fspath(checkpoint))
+            return
+        weights = self._weights()
+        if not isinstance(checkpoint, list | tuple) or len(checkpoint) != len(weights):
+            raise TypeError(
+                f"a TensorFlow checkpoint is a list of {len(weights)} arrays (model.get_weights()) "
+                f"or a weights file path, got {type(checkpoint).__name__}"
+            )
+        for variable, value in zip(weights, checkpoint, strict=True):
+            if tuple(variable.shape) != tuple(value.shape):
+                raise ValueError(
+                    f"checkpoint array of shape {tuple(value.shape)} for variable "
+                    f"{getattr(variable, 'path', variable.name)} of shape {tuple(variable.shape)}"
+                )
+            variable.assign(value)
+
+    # -- the last linear layer ----------------------------------------------------
+    def _flat_layers(self, layer: Any) -> Iterator[Any]:
+        for child in getattr(layer, "layers", []):
+            if getattr(child, "layers", None):
+                yield from self._flat_layers(child)
+            else:
+                yield child
+
+    def _last_dense(self) -> tuple[str, Any, Any]:
+        """(selector, Dense layer, feature extractor), found once."""
+        if self._head is not None:
+            return self._head
+        if not self._keras:
+            raise ValueError("representer points need a Keras model; got a plain tf.Module")
+        layers = [
+            layer
+            for layer in self._flat_layers(self.model)
+            if any(c.__name__ == "Dense" for c in type(layer).__mro__)
+        ]
+        if not layers:
+            raise ValueError("representer points need a Keras model ending in a Dense layer")
+        dense = layers[-1]
+        activation = getattr(dense.activation, "__name__", str(dense.activation))
+        if activation != "linear":
+            raise ValueError(
+                f"the last Dense layer '{dense.name}' applies '{activation}'; representer points "
+                "need linear outputs (activation=None, with from_logits=True in the loss)"
+            )
+        kernel = dense.kernel.value if hasattr(dense.kernel, "value") else dense.kernel
+        index = next(
+            i
+            for i, v in enumerate(self._all_variables)
+            if (v.value if hasattr(v, "value") else v) is kernel
+        )
+        selector = self._all_names[index].rpartition("/")[0]
+        keras = importlib.import_module(type(self.model).__module__.split(".")[0])
+        try:
+            extractor = keras.Model(self.model.inputs, dense.input)
+        except (AttributeError, ValueError, TypeError) as error:
+            raise ValueError(
+                "cannot reach the input of the last Dense layer: build the model with "
+                f"keras.Input (Sequential or functional), not by subclassing ({error})"
+            ) from error
+        self._head = (selector, dense, extractor)
+        return self._head
+
+    def last_layer(self) -> LastLayer:
+        selector, dense, _ = self._last_dense()
+        bias = tf.identity(dense.bias) if dense.use_bias else None
+        return LastLayer(selector, tf.identity(dense.kernel), bias)
+
+    def penultimate_features(self, inputs: Any) -> tf.Tensor:
+        _, dense, extractor = self._last_dense()
+        features = extractor(inputs, training=False)
+        if features.shape.rank != 2:
+            raise ValueError(
+                f"the last Dense layer '{dense.name}' sees inputs of shape {features.shape}; "
+                "representer points need one feature vector per sample, shape (b, p)"
+            )
+        head = tf.matmul(features, dense.kernel)
+        if dense.use_bias:
+            head = head + dense.bias
+        outputs = self._call(inputs)
+        scale = 1.0 + tf.reduce_max(tf.abs(outputs))
+        if head.shape != outputs.shape or float(tf.reduce_max(tf.abs(head - outputs))) > (
+            1e-5 * float(scale)
+        ):
+            raise ValueError(
+                f"the model's outputs are not those of its last Dense layer '{dense.name}': "
+                "representer points need Φ(x) = f(x) W + b as the model's output (no layer "
+                "after it)"
+            )
+        return features
+
+    def outputs(self, inputs: Any) -> tf.Tensor:
+        return self._call(inputs)
+
+    def output_loss_grads(self, outputs: Any, targets: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        outputs = tf.convert_to_tensor(outputs)
+        with tf.GradientTape() as tape:
+            tape.watch(outputs)
+            losses = self.loss_fn(targets, outputs)
+            total = tf.reduce_sum(losses)
+        # Per-sample losses are separable, so one gradient of their sum gives every row.
+        return losses, tape.gradient(total, outputs)
+
+    def _per_sample_output_grads_graph(self, inputs: Any, components: Any) -> tf.Tensor:
+        def one_sample(sample: Any) -> tf.Tensor:
+            x, k = sample
+            x = tf.nest.map_structure(lambda t: t[tf.newaxis], x)
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(self._vars)
+                output = tf.gather(tf.reshape(self._call(x), [-1]), k)
+            return self._flat(tape.gradient(output, self._vars))
+
+        return tf.vectorized_map(one_sample, (inputs, components))
+
+    def per_sample_output_grads(self, inputs: Any, components: Any) -> tf.Tensor:
+        return self._output_grads_fn(inputs, components)

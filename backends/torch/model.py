@@ -4,7 +4,11 @@
   selected parameters (``functional_call``), concatenated to ``(b, d)``: measured
   1.6x faster than differentiating with respect to views of one flat θ;
 * HVPs: double backward, ``vjp`` of ``grad`` (one linearisation per batch),
-  ``vmap``-ed over the ``k`` columns of the block.
+  ``vmap``-ed over the ``k`` columns of the block;
+* checkpoints (TracIn): state dicts or files written by ``torch.save``, loaded
+  with ``weights_only=True``;
+* the last linear layer (representer points): the last ``nn.Linear`` among the
+  modules, its input captured by a forward hook.
 
 The model is called as ``model(inputs)`` in whatever mode the user left it:
 call ``model.eval()`` first if it has dropout or batch norm.
@@ -12,6 +16,7 @@ call ``model.eval()`` first if it has dropout or batch norm.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -20,7 +25,7 @@ from torch.func import functional_call, grad, vjp, vmap
 from torch.utils._pytree import tree_map
 
 from influence_core.parameters import select_parameters
-from influence_core.protocol import ModelKernels
+from influence_core.protocol import LastLayer, ModelKernels
 
 from .data import native_batches
 from .namespace import namespace
@@ -60,6 +65,8 @@ class TorchKernels(ModelKernels):
         self._per_sample_grads = vmap(grad(self._sample_loss), in_dims=(None, 0, 0))
         self._mean_grad_dict = grad(self._mean_loss)
         self._mean_grad_flat = grad(lambda flat, x, y: self._mean_loss(self._unflatten(flat), x, y))
+        self._per_sample_output_grads = vmap(grad(self._sample_output), in_dims=(None, 0, 0))
+        self._last: tuple[str, torch.nn.Linear] | None = None
 
     # -- description --------------------------------------------------------------
     @property
@@ -166,3 +173,104 @@ class TorchKernels(ModelKernels):
 
     def native_batches(self, data: Any, batch_size: int) -> Iterator[Any] | None:
         return native_batches(data, batch_size)
+
+    # -- checkpoints --------------------------------------------------------------
+    def save_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def load_checkpoint(self, checkpoint: Any) -> None:
+        """A state dict, or a path to one saved with ``torch.save`` (loaded ``weights_only``).
+
+        A dict holding the state dict under ``"state_dict"`` or
+        ``"model_state_dict"`` (a common training-loop layout) works too.
+        """
+        if isinstance(checkpoint, str | os.PathLike):
+            checkpoint = torch.load(checkpoint, map_location=self._device, weights_only=True)
+        if not isinstance(checkpoint, dict):
+            raise TypeError(
+                "a torch checkpoint is a state dict or a path to one saved with torch.save, "
+                f"got {type(checkpoint).__name__}"
+            )
+        for key in ("state_dict", "model_state_dict"):
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint = checkpoint[key]
+        self.module.load_state_dict(checkpoint)
+
+    # -- the last linear layer ----------------------------------------------------
+    def _last_linear(self) -> tuple[str, torch.nn.Linear]:
+        if self._last is None:
+            linears = [
+                (n, m) for n, m in self.module.named_modules() if isinstance(m, torch.nn.Linear)
+            ]
+            if not linears:
+                raise ValueError(
+                    "representer points need a model ending in a torch.nn.Linear layer; "
+                    f"{type(self.module).__name__} has none"
+                )
+            self._last = linears[-1]
+        return self._last
+
+    def last_layer(self) -> LastLayer:
+        name, linear = self._last_linear()
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return LastLayer(name or "", linear.weight.detach().T.clone(), bias)
+
+    @torch.no_grad()
+    def penultimate_features(self, inputs: Any) -> torch.Tensor:
+        name, linear = self._last_linear()
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            captured["features"], captured["outputs"] = args[0], output
+
+        handle = linear.register_forward_hook(hook)
+        try:
+            outputs = self.module(inputs)
+        finally:
+            handle.remove()
+        if (
+            "features" not in captured
+            or captured["outputs"].shape != outputs.shape
+            or not (torch.equal(captured["outputs"], outputs))
+        ):
+            raise ValueError(
+                f"the model's outputs are not those of its last linear layer '{name}': "
+                "representer points need Φ(x) = f(x) W + b as the model's output (no activation "
+                "after it; put softmax/sigmoid in the loss)"
+            )
+        features = captured["features"]
+        if features.ndim != 2:
+            raise ValueError(
+                f"the last linear layer '{name}' sees inputs of shape {tuple(features.shape)}; "
+                "representer points need one feature vector per sample, shape (b, p)"
+            )
+        return features
+
+    @torch.no_grad()
+    def outputs(self, inputs: Any) -> torch.Tensor:
+        return self.module(inputs)
+
+    def output_loss_grads(
+        self, outputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Per-sample losses are separable, so one gradient of their sum gives every row.
+        losses: dict[str, torch.Tensor] = {}
+
+        def total(o: torch.Tensor) -> torch.Tensor:
+            losses["value"] = self.loss_fn(o, targets)
+            return losses["value"].sum()
+
+        grads = grad(total)(outputs.detach())
+        return losses["value"].detach(), grads
+
+    def _sample_output(
+        self, params: dict[str, torch.Tensor], x: Any, component: torch.Tensor
+    ) -> torch.Tensor:
+        batched = tree_map(lambda t: t.unsqueeze(0), x)
+        out = functional_call(self.module, params, (batched,), strict=False)
+        return torch.gather(out.reshape(-1), 0, component.reshape(1)).sum()
+
+    @torch.no_grad()
+    def per_sample_output_grads(self, inputs: Any, components: torch.Tensor) -> torch.Tensor:
+        grads = self._per_sample_output_grads(self._detached(), inputs, components)
+        return self._concat(grads, leading=(next(iter(grads.values())).shape[0],))

@@ -4,6 +4,7 @@ from .arnoldi_influence import ArnoldiInfluenceCalculator
 from .first_order import FirstOrderInfluenceCalculator
 from .running_top_k import RunningTopK, TopK
 from .second_order import SecondOrderInfluenceCalculator
+from .tracin import TracIn
 
 __all__ = [
     "ArnoldiInfluenceCalculator",
@@ -11,4 +12,5 @@ __all__ = [
     "RunningTopK",
     "SecondOrderInfluenceCalculator",
     "TopK",
+    "TracIn",
 ]

@@ -8,14 +8,14 @@ from typing import Any
 from ..data import Batch
 from ..ihvp import ExactIHVP, InverseHessianVectorProduct
 from ..model import InfluenceModel
-from .running_top_k import RunningTopK, TopK
+from .base import InfluenceCalculator
 
 __all__ = ["FirstOrderInfluenceCalculator"]
 
 Array = Any
 
 
-class FirstOrderInfluenceCalculator:
+class FirstOrderInfluenceCalculator(InfluenceCalculator):
     """Influence of training points on test losses through the inverse Hessian.
 
     **Score** (one convention for the whole library)::
@@ -61,10 +61,6 @@ class FirstOrderInfluenceCalculator:
         self.normalize = normalize
         self.batch_size = batch_size
 
-    @property
-    def xp(self) -> Any:
-        return self.model.xp
-
     # -- building blocks ----------------------------------------------------------
     def _gradients(self, data: Any) -> Iterator[tuple[Batch, Array]]:
         return self.model.iter_per_sample_grads(data, batch_size=self.batch_size)
@@ -97,13 +93,10 @@ class FirstOrderInfluenceCalculator:
                 scores = scores / xp.reshape(self._relatif_norms(g), (1, -1))
             yield batch, scores
 
-    def _train(self, train_data: Any) -> Any:
-        return self.train_data if train_data is None else train_data
-
     # -- results ------------------------------------------------------------------
-    def influence(self, test_data: Any, train_data: Any = None) -> Array:
-        """Scores of every training point for every test point: shape (n_test, n_train)."""
-        return self.influence_from_solved(self.solve_test_gradients(test_data), train_data)
+    def _score_stream(self, test_data: Any, train_data: Any) -> Iterator[tuple[int, Array]]:
+        for batch, scores in self._score_blocks(self.solve_test_gradients(test_data), train_data):
+            yield batch.start, scores
 
     def influence_from_solved(self, solved: Array, train_data: Any = None) -> Array:
         """:meth:`influence` from S = :meth:`solve_test_gradients` (d, n_test): one training pass."""
@@ -137,17 +130,6 @@ class FirstOrderInfluenceCalculator:
             for _, g in self._gradients(data)
         ]
         return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
-
-    def top_k(self, test_data: Any, train_data: Any = None, k: int = 5) -> TopK:
-        """The k strongest proponents and opponents of each test point (running top-k)."""
-        xp = self.xp
-        proponents = RunningTopK(xp, k, largest=True)
-        opponents = RunningTopK(xp, k, largest=False)
-        index_like = xp.astype(xp.zeros((1,)), xp.int64)
-        for batch, scores in self._score_blocks(self.solve_test_gradients(test_data), train_data):
-            proponents.update(scores, batch.start, index_like)
-            opponents.update(scores, batch.start, index_like)
-        return TopK(proponents.indices, proponents.values, opponents.indices, opponents.values)
 
     def group_influence(self, test_data: Any, group_data: Any) -> Array:
         """First-order group influence (Koh et al. 2019): Σ_{z ∈ U} score(z, z_test).

@@ -1,0 +1,62 @@
+"""What every influence calculator shares: pairwise scores streamed over training batches."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any
+
+from ..model import InfluenceModel
+from ..namespace import ArrayNamespace
+from .running_top_k import RunningTopK, TopK
+
+__all__ = ["InfluenceCalculator"]
+
+Array = Any
+
+
+class InfluenceCalculator(ABC):
+    """Scores of training points for test points, one sign convention for all methods.
+
+    **score(z_train, z_test) > 0 means z_train is a proponent of z_test**: it
+    lowers the test loss (or raises the test point's target output); negative
+    means opponent. A subclass yields blocks of scores, shape (n_test, b), one
+    per training batch, from :meth:`_score_stream`; :meth:`influence` and
+    :meth:`top_k` are built on that stream, so no method holds an
+    n_train × d array and :meth:`top_k` keeps O(n_test · k) memory.
+    """
+
+    model: InfluenceModel
+    train_data: Any
+    batch_size: int | None
+
+    @property
+    def xp(self) -> ArrayNamespace:
+        return self.model.xp
+
+    def _train(self, train_data: Any) -> Any:
+        return self.train_data if train_data is None else train_data
+
+    @abstractmethod
+    def _score_stream(self, test_data: Any, train_data: Any) -> Iterator[tuple[int, Array]]:
+        """(start index of the training batch, scores of shape (n_test, b)) per batch."""
+
+    @abstractmethod
+    def self_influence(self, train_data: Any = None) -> Array:
+        """score(z, z) for every training point: shape (n_train,)."""
+
+    def influence(self, test_data: Any, train_data: Any = None) -> Array:
+        """Scores of every training point for every test point: shape (n_test, n_train)."""
+        blocks = [scores for _, scores in self._score_stream(test_data, self._train(train_data))]
+        return blocks[0] if len(blocks) == 1 else self.xp.concat(blocks, axis=1)
+
+    def top_k(self, test_data: Any, train_data: Any = None, k: int = 5) -> TopK:
+        """The k strongest proponents and opponents of each test point (running top-k)."""
+        xp = self.xp
+        proponents = RunningTopK(xp, k, largest=True)
+        opponents = RunningTopK(xp, k, largest=False)
+        index_like = xp.astype(xp.zeros((1,)), xp.int64)
+        for start, scores in self._score_stream(test_data, self._train(train_data)):
+            proponents.update(scores, start, index_like)
+            opponents.update(scores, start, index_like)
+        return TopK(proponents.indices, proponents.values, opponents.indices, opponents.values)
