@@ -17,6 +17,8 @@ __all__ = [
     "closed_form_per_sample_grads",
     "finite_difference_per_sample_grads",
     "flatten_weights",
+    "output_loss_grads",
+    "penultimate_features",
     "per_sample_loss",
     "pre_activations",
     "unflatten_weights",
@@ -149,3 +151,19 @@ def closed_form_hessian(
     H = np.einsum("nij,ncd->icjd", outer, curvature) / n
     d = x_tilde.shape[1] * n_out
     return H.reshape(d, d)
+
+
+def penultimate_features(spec: ModelSpec, weights: list[np.ndarray], X: np.ndarray) -> np.ndarray:
+    """The input of the last (Dense) layer, shape (n, p)."""
+    head = ModelSpec(spec.name, spec.input_shape, spec.layers[:-1], spec.loss, spec.reference)
+    features, _ = _forward(head, weights[:-2], X)
+    return features.reshape(len(X), -1)
+
+
+def output_loss_grads(spec: ModelSpec, outputs: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """∂ℓ/∂Φ per sample: (Φ − y)·2/c for the mean squared error, softmax − one-hot otherwise."""
+    if spec.loss == "mse":
+        return 2.0 * (outputs - y) / outputs.shape[1]
+    p = _softmax(outputs)
+    p[np.arange(len(y)), y] -= 1.0
+    return p

@@ -49,6 +49,7 @@ from .cases import (
     registered_builder,
     to_numpy,
 )
+from .head_checks import HeadChecks
 from .ihvp_checks import IHVPChecks
 from .influence_checks import InfluenceChecks
 from .reference_specs import SPECS
@@ -62,7 +63,7 @@ spec_names = pytest.mark.parametrize("spec_name", ALL_SPECS)
 dtypes = pytest.mark.parametrize("dtype", DTYPES)
 
 
-class BackendConformance(IHVPChecks, InfluenceChecks):
+class BackendConformance(IHVPChecks, InfluenceChecks, HeadChecks):
     """Numerical and behavioural checks of one backend: its kernels, and the solvers on them."""
 
     #: The registered name of the backend under test.
