@@ -38,6 +38,8 @@ class HeadChecks:
         expected_loss = ref.per_sample_loss(case.spec, case.weights, case.X, case.y)
         assert_close(losses, expected_loss, case.rtol, "loss at the outputs")
         assert_close(grads, ref.output_loss_grads(case.spec, outputs, case.y), case.rtol, "∂ℓ/∂Φ")
+        hessians = kernels.output_loss_hessians(kernels.outputs(X), kernels.as_native(case.y))
+        assert_close(hessians, ref.output_loss_hessians(case.spec, outputs), case.rtol, "∂²ℓ/∂Φ²")
         # The layer name selects exactly the last layer's parameters.
         head = InfluenceModel(case.reference.model, case.reference.loss_fn, parameters=last.name)
         assert head.num_parameters == case.weights[-2].size + case.weights[-1].size

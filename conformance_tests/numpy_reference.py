@@ -18,6 +18,7 @@ __all__ = [
     "finite_difference_per_sample_grads",
     "flatten_weights",
     "output_loss_grads",
+    "output_loss_hessians",
     "penultimate_features",
     "per_sample_loss",
     "pre_activations",
@@ -167,3 +168,12 @@ def output_loss_grads(spec: ModelSpec, outputs: np.ndarray, y: np.ndarray) -> np
     p = _softmax(outputs)
     p[np.arange(len(y)), y] -= 1.0
     return p
+
+
+def output_loss_hessians(spec: ModelSpec, outputs: np.ndarray) -> np.ndarray:
+    """∂²ℓ/∂Φ² per sample: 2/c·I for the mean squared error, diag(p) − ppᵀ otherwise."""
+    n, c = outputs.shape
+    if spec.loss == "mse":
+        return np.broadcast_to(2.0 / c * np.eye(c), (n, c, c)).copy()
+    p = _softmax(outputs)
+    return np.einsum("nk,kl->nkl", p, np.eye(c)) - np.einsum("nk,nl->nkl", p, p)

@@ -31,7 +31,7 @@ from typing import Any
 from .data import Batch, is_array_pair, iter_batches, leading_dim
 from .errors import NonFiniteGradientError, PerSampleLossError, PrecisionWarning
 from .namespace import ArrayNamespace
-from .protocol import ModelKernels
+from .protocol import LastLayer, ModelKernels
 from .registry import BackendRegistry, get_registry
 
 __all__ = ["DEFAULT_BATCH_SIZE", "MAX_HESSIAN_PARAMETERS", "InfluenceModel"]
@@ -84,6 +84,23 @@ class InfluenceModel:
         self.check_finite = bool(check_finite)
         self.kernels: ModelKernels = spec.load_kernels()(model, loss_fn, parameters)
         self._loss_checked = False
+        self._registry = registry
+
+    def with_parameters(self, parameters: str | Sequence[str] | None) -> InfluenceModel:
+        """The same model, loss and settings with another selection θ (e.g. the last layer)."""
+        return InfluenceModel(
+            self.model,
+            self.loss_fn,
+            parameters=parameters,
+            backend=self.backend,
+            batch_size=self.batch_size,
+            check_finite=self.check_finite,
+            registry=self._registry,
+        )
+
+    def last_layer(self) -> LastLayer:
+        """The final linear layer (Φ(x) = f(x) W + b); its ``name`` selects its parameters."""
+        return self.kernels.last_layer()
 
     # -- θ ------------------------------------------------------------------------
     @property

@@ -186,6 +186,10 @@ class ModelKernels(ABC):
         """ℓ at the given outputs and ∂ℓ/∂Φ per sample: shapes ``(b,)`` and ``(b, c)``."""
         raise self._unsupported("output_loss_grads (needed by representer points)")
 
+    def output_loss_hessians(self, outputs: Array, targets: Array) -> Array:
+        """∂²ℓ/∂Φ² per sample: shape ``(b, c, c)``."""
+        raise self._unsupported("output_loss_hessians (needed by RepresenterPointL2)")
+
     def per_sample_output_grads(self, inputs: Array, components: Array) -> Array:
         """∇_θ Φ_{k_i}(x_i): the gradient of output ``components[i]`` of sample i, shape ``(b, d)``."""
         raise self._unsupported("per_sample_output_grads (needed by RepresenterPointLJE)")

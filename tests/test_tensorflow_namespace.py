@@ -276,3 +276,21 @@ def test_creation(dtype: str) -> None:
     same(tfx.arange(5), xps.arange(5))
     same(tfx.arange(1.0, 2.0, 0.25, dtype=d), xps.arange(1.0, 2.0, 0.25, dtype=sd), dtype)
     same(tfx.asarray(np.ones(3), dtype=d), xps.asarray(np.ones(3), dtype=sd), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["bool", "int32", "int64", "uint8", "float32", "float64"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "bool",
+        "signed integer",
+        "unsigned integer",
+        "integral",
+        "real floating",
+        "numeric",
+        ("integral", "real floating"),
+    ],
+)
+def test_isdtype(dtype: str, kind: object) -> None:
+    assert tfx.isdtype(getattr(tf, dtype), kind) == xps.isdtype(getattr(xps, dtype), kind)
+    assert tfx.isdtype(getattr(tf, dtype), getattr(tf, dtype))

@@ -363,6 +363,17 @@ class TensorFlowKernels(ModelKernels):
         # Per-sample losses are separable, so one gradient of their sum gives every row.
         return losses, tape.gradient(total, outputs)
 
+    def output_loss_hessians(self, outputs: Any, targets: Any) -> tf.Tensor:
+        outputs = tf.convert_to_tensor(outputs)
+        with tf.GradientTape() as outer:
+            outer.watch(outputs)
+            with tf.GradientTape() as inner:
+                inner.watch(outputs)
+                total = tf.reduce_sum(self.loss_fn(targets, outputs))
+            grads = inner.gradient(total, outputs)
+        # Row i of the gradient depends on row i of the outputs only.
+        return outer.batch_jacobian(grads, outputs)
+
     def _per_sample_output_grads_graph(self, inputs: Any, components: Any) -> tf.Tensor:
         def one_sample(sample: Any) -> tf.Tensor:
             x, k = sample

@@ -33,6 +33,7 @@ bool = tf.bool
 Array = tf.Tensor
 
 _builtin_bool = builtins.bool
+_builtin_any = builtins.any
 
 
 def _axes(axis: Any) -> Any:
@@ -325,6 +326,27 @@ def take_along_axis(x: Array, indices: Array, /, *, axis: int = -1) -> Array:
         out = tf.gather(moved, moved_idx, batch_dims=rank - 1)
         return tf.experimental.numpy.moveaxis(out, -1, axis)
     return tf.gather(x, indices, batch_dims=rank - 1)
+
+
+_KINDS = {
+    "bool": lambda d: d == tf.bool,
+    "signed integer": lambda d: d.is_integer and not d.is_unsigned,
+    "unsigned integer": lambda d: d.is_integer and d.is_unsigned,
+    "integral": lambda d: d.is_integer,
+    "real floating": lambda d: d.is_floating,
+    "complex floating": lambda d: d.is_complex,
+    "numeric": lambda d: d.is_integer or d.is_floating or d.is_complex,
+}
+
+
+def isdtype(dtype: Any, kind: Any) -> _builtin_bool:
+    """Whether ``dtype`` is of ``kind``: a dtype, a kind name, or a tuple of them."""
+    dtype = tf.as_dtype(dtype)
+    if isinstance(kind, tuple):
+        return _builtin_any(isdtype(dtype, k) for k in kind)
+    if isinstance(kind, str):
+        return _builtin_bool(_KINDS[kind](dtype))
+    return dtype == tf.as_dtype(kind)
 
 
 def astype(x: Array, dtype: Any, /, *, copy: _builtin_bool = True, device: Any = None) -> Array:

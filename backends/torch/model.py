@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.func import functional_call, grad, vjp, vmap
+from torch.func import functional_call, grad, hessian, vjp, vmap
 from torch.utils._pytree import tree_map
 
 from influence_core.parameters import select_parameters
@@ -262,6 +262,13 @@ class TorchKernels(ModelKernels):
 
         grads = grad(total)(outputs.detach())
         return losses["value"].detach(), grads
+
+    @torch.no_grad()
+    def output_loss_hessians(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        def sample_loss(o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.loss_fn(o.unsqueeze(0), y.unsqueeze(0)).sum()
+
+        return vmap(hessian(sample_loss))(outputs.detach(), targets)
 
     def _sample_output(
         self, params: dict[str, torch.Tensor], x: Any, component: torch.Tensor

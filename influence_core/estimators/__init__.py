@@ -1,7 +1,10 @@
 """Influence estimators, written once on the protocol and the array namespace."""
 
 from .arnoldi_influence import ArnoldiInfluenceCalculator
+from .base import InfluenceCalculator
 from .first_order import FirstOrderInfluenceCalculator
+from .representer_l2 import RepresenterPointL2
+from .representer_lje import RepresenterPointLJE
 from .running_top_k import RunningTopK, TopK
 from .second_order import SecondOrderInfluenceCalculator
 from .tracin import TracIn
@@ -9,6 +12,9 @@ from .tracin import TracIn
 __all__ = [
     "ArnoldiInfluenceCalculator",
     "FirstOrderInfluenceCalculator",
+    "InfluenceCalculator",
+    "RepresenterPointL2",
+    "RepresenterPointLJE",
     "RunningTopK",
     "SecondOrderInfluenceCalculator",
     "TopK",
