@@ -12,7 +12,7 @@ with depth 50 and batch 64; Arnoldi with rank 50 from 100 iterations) it times
 
 * **fit**: building the solver (Hessian + Cholesky, or the Arnoldi eigenpairs;
   nothing for CG and LiSSA);
-* **scores, precomputed test block**: ``influence_from_solved(S, train)`` for a
+* **scores, precomputed test block**: ``influence_from_prepared(S, train)`` for a
   solved S (d × 64): what the 1.5x target is about;
 * **scores, end to end**: ``influence(test, train)``, including solving S;
 * **self-influence**: ``self_influence(train)`` (exact and Arnoldi only: CG
@@ -192,7 +192,7 @@ def solver_timings(name, make, model, kernels, data, repeats: int) -> tuple:
         solved = calc.solve_test_gradients(test)
         fns = {
             "limit": lambda: bare(lambda g: transpose(g @ solved)),
-            "pre": lambda: calc.influence_from_solved(solved),
+            "pre": lambda: calc.influence_from_prepared(solved),
             "end": lambda: calc.influence(test),
         }
         if name == "exact":

@@ -37,9 +37,20 @@ class InfluenceCalculator(ABC):
     def _train(self, train_data: Any) -> Any:
         return self.train_data if train_data is None else train_data
 
+    def prepare_test(self, test_data: Any) -> Any:
+        """The test side of the scores, computed once (e.g. solved test gradients).
+
+        Keep it to score several training sets or chunks with
+        :meth:`influence_from_prepared` without recomputing it.
+        """
+        return test_data
+
     @abstractmethod
-    def _score_stream(self, test_data: Any, train_data: Any) -> Iterator[tuple[int, Array]]:
+    def _scores_from_prepared(self, prepared: Any, train_data: Any) -> Iterator[tuple[int, Array]]:
         """(start index of the training batch, scores of shape (n_test, b)) per batch."""
+
+    def _score_stream(self, test_data: Any, train_data: Any) -> Iterator[tuple[int, Array]]:
+        return self._scores_from_prepared(self.prepare_test(test_data), train_data)
 
     @abstractmethod
     def self_influence(self, train_data: Any = None) -> Array:
@@ -48,6 +59,12 @@ class InfluenceCalculator(ABC):
     def influence(self, test_data: Any, train_data: Any = None) -> Array:
         """Scores of every training point for every test point: shape (n_test, n_train)."""
         blocks = [scores for _, scores in self._score_stream(test_data, self._train(train_data))]
+        return blocks[0] if len(blocks) == 1 else self.xp.concat(blocks, axis=1)
+
+    def influence_from_prepared(self, prepared: Any, train_data: Any = None) -> Array:
+        """:meth:`influence` from :meth:`prepare_test` output: one pass over the training data."""
+        stream = self._scores_from_prepared(prepared, self._train(train_data))
+        blocks = [scores for _, scores in stream]
         return blocks[0] if len(blocks) == 1 else self.xp.concat(blocks, axis=1)
 
     def top_k(self, test_data: Any, train_data: Any = None, k: int = 5) -> TopK:

@@ -69,7 +69,7 @@ class FirstOrderInfluenceCalculator(InfluenceCalculator):
         """S = (H + λI)⁻¹ G_testᵀ, shape (d, n_test): one block solve per test batch.
 
         The expensive half of :meth:`influence` for iterative solvers. Keep S to
-        score many training sets (or shards) with :meth:`influence_from_solved`.
+        score many training sets (or shards) with :meth:`influence_from_prepared`.
         """
         xp = self.xp
         blocks = [self.ihvp.solve(xp.matrix_transpose(g)) for _, g in self._gradients(test_data)]
@@ -94,14 +94,13 @@ class FirstOrderInfluenceCalculator(InfluenceCalculator):
             yield batch, scores
 
     # -- results ------------------------------------------------------------------
-    def _score_stream(self, test_data: Any, train_data: Any) -> Iterator[tuple[int, Array]]:
-        for batch, scores in self._score_blocks(self.solve_test_gradients(test_data), train_data):
-            yield batch.start, scores
+    def prepare_test(self, test_data: Any) -> Array:
+        """The solved test block S (:meth:`solve_test_gradients`)."""
+        return self.solve_test_gradients(test_data)
 
-    def influence_from_solved(self, solved: Array, train_data: Any = None) -> Array:
-        """:meth:`influence` from S = :meth:`solve_test_gradients` (d, n_test): one training pass."""
-        blocks = [scores for _, scores in self._score_blocks(solved, train_data)]
-        return blocks[0] if len(blocks) == 1 else self.xp.concat(blocks, axis=1)
+    def _scores_from_prepared(self, prepared: Any, train_data: Any) -> Iterator[tuple[int, Array]]:
+        for batch, scores in self._score_blocks(prepared, train_data):
+            yield batch.start, scores
 
     def self_influence(self, train_data: Any = None) -> Array:
         """score(z, z) = g(z)ᵀ (H + λI)⁻¹ g(z) for every training point: shape (n_train,).

@@ -204,10 +204,14 @@ class RepresenterPointL2(RepresenterCalculator):
             return F, None
         return F, components[0] if len(components) == 1 else xp.concat(components, axis=0)
 
-    def _score_stream(self, test_data: Any, train_data: Any) -> Iterator[tuple[int, Array]]:
+    def prepare_test(self, test_data: Any) -> tuple[Array, Array | None]:
+        """(f̃(x_t) for every test point, their target components)."""
+        return self._test_side(test_data)
+
+    def _scores_from_prepared(self, prepared: Any, train_data: Any) -> Iterator[tuple[int, Array]]:
         """α_{i,k_t} (f̃_iᵀ f̃_t) per training batch: (n_test, b)."""
         xp = self.xp
-        test, components = self._test_side(test_data)
+        test, components = prepared
         for b in self._batches(train_data):
             features = self._augmented_features(b.inputs)
             alpha, _ = self._alpha(features, b.targets)  # (b, c)

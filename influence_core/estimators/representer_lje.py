@@ -112,10 +112,15 @@ class RepresenterPointLJE(RepresenterCalculator):
         return total
 
     # -- results ------------------------------------------------------------------------
-    def _score_stream(self, test_data: Any, train_data: Any) -> Iterator[tuple[int, Array]]:
-        xp = self.xp
+    def prepare_test(self, test_data: Any) -> tuple[Array, Array]:
+        """(Φ_k(x_t; θ*), H*⁻¹ ∇Φ_k(x_t; θ*)ᵀ) for every test point."""
         with self._at_expansion_point():
-            values, solved = self._test_side(test_data)
+            return self._test_side(test_data)
+
+    def _scores_from_prepared(self, prepared: Any, train_data: Any) -> Iterator[tuple[int, Array]]:
+        xp = self.xp
+        values, solved = prepared
+        with self._at_expansion_point():
             constant = xp.reshape(values, (-1, 1))
             for batch, g in self.head.iter_per_sample_grads(train_data, self.batch_size):
                 second = xp.matrix_transpose(xp.matmul(g, solved))  # (n_test, b)

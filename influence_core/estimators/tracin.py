@@ -125,7 +125,9 @@ class TracIn(InfluenceCalculator):
             yield chunk
 
     # -- results -----------------------------------------------------------------------
-    def _score_stream(self, test_data: Any, train_data: Any) -> Iterator[tuple[int, Array]]:
+    def _scores_from_prepared(self, prepared: Any, train_data: Any) -> Iterator[tuple[int, Array]]:
+        """Scores per training chunk; the test gradients are retaken at each checkpoint."""
+        test_data = prepared
         xp = self.xp
         for chunk in self._chunks(train_data):
             total = None
