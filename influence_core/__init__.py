@@ -15,6 +15,7 @@ from .errors import (
     ConvergenceWarning,
     DatasetFormatError,
     DuplicateBackendError,
+    FingerprintMismatchError,
     InvalidBackendSpecError,
     LissaDivergenceError,
     NonFiniteGradientError,
@@ -22,6 +23,7 @@ from .errors import (
     PerSampleLossError,
     PluginLoadWarning,
     PrecisionWarning,
+    ResultFileError,
     UnknownParameterError,
 )
 from .estimators import (
@@ -44,8 +46,10 @@ from .ihvp import (
 )
 from .model import InfluenceModel
 from .namespace import ArrayNamespace, numpy_namespace
+from .progress import set_progress
 from .protocol import ModelKernels
 from .registry import BackendRegistry, BackendSpec, get_registry
+from .results import SavedResult, load_result, run_chunked, save_result
 
 __all__ = [
     "ArnoldiIHVP",
@@ -60,6 +64,7 @@ __all__ = [
     "DatasetFormatError",
     "DuplicateBackendError",
     "ExactIHVP",
+    "FingerprintMismatchError",
     "FirstOrderInfluenceCalculator",
     "InfluenceCalculator",
     "InfluenceModel",
@@ -75,6 +80,8 @@ __all__ = [
     "PrecisionWarning",
     "RepresenterPointL2",
     "RepresenterPointLJE",
+    "ResultFileError",
+    "SavedResult",
     "SecondOrderInfluenceCalculator",
     "TopK",
     "TracIn",
@@ -83,6 +90,10 @@ __all__ = [
     "available_backends",
     "get_registry",
     "hookimpl",
+    "load_result",
+    "run_chunked",
+    "save_result",
+    "set_progress",
 ]
 
 __version__ = "0.1.0.dev0"

@@ -14,6 +14,7 @@ __all__ = [
     "ConvergenceWarning",
     "DatasetFormatError",
     "DuplicateBackendError",
+    "FingerprintMismatchError",
     "InvalidBackendSpecError",
     "LissaDivergenceError",
     "NonFiniteGradientError",
@@ -21,6 +22,7 @@ __all__ = [
     "PerSampleLossError",
     "PluginLoadWarning",
     "PrecisionWarning",
+    "ResultFileError",
     "UnknownParameterError",
 ]
 
@@ -122,3 +124,11 @@ class LissaDivergenceError(FloatingPointError):
 
 class DatasetFormatError(TypeError):
     """A dataset element is not an ``(inputs, targets)`` pair."""
+
+
+class ResultFileError(ValueError):
+    """A saved result is missing, corrupted, or not a result of this library."""
+
+
+class FingerprintMismatchError(ValueError):
+    """A saved result (or a run being resumed) belongs to other parameters or data."""

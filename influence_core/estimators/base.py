@@ -8,6 +8,7 @@ from typing import Any
 
 from ..model import InfluenceModel
 from ..namespace import ArrayNamespace
+from ..progress import progress
 from .running_top_k import RunningTopK, TopK
 
 __all__ = ["InfluenceCalculator"]
@@ -58,7 +59,8 @@ class InfluenceCalculator(ABC):
 
     def influence(self, test_data: Any, train_data: Any = None) -> Array:
         """Scores of every training point for every test point: shape (n_test, n_train)."""
-        blocks = [scores for _, scores in self._score_stream(test_data, self._train(train_data))]
+        stream = self._score_stream(test_data, self._train(train_data))
+        blocks = [scores for _, scores in progress(stream, desc="influence")]
         return blocks[0] if len(blocks) == 1 else self.xp.concat(blocks, axis=1)
 
     def influence_from_prepared(self, prepared: Any, train_data: Any = None) -> Array:
@@ -73,7 +75,8 @@ class InfluenceCalculator(ABC):
         proponents = RunningTopK(xp, k, largest=True)
         opponents = RunningTopK(xp, k, largest=False)
         index_like = xp.astype(xp.zeros((1,)), xp.int64)
-        for start, scores in self._score_stream(test_data, self._train(train_data)):
+        stream = self._score_stream(test_data, self._train(train_data))
+        for start, scores in progress(stream, desc="top-k"):
             proponents.update(scores, start, index_like)
             opponents.update(scores, start, index_like)
         return TopK(proponents.indices, proponents.values, opponents.indices, opponents.values)

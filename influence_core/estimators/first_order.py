@@ -8,6 +8,7 @@ from typing import Any
 from ..data import Batch
 from ..ihvp import ExactIHVP, InverseHessianVectorProduct
 from ..model import InfluenceModel
+from ..progress import progress
 from .base import InfluenceCalculator
 
 __all__ = ["FirstOrderInfluenceCalculator"]
@@ -111,7 +112,7 @@ class FirstOrderInfluenceCalculator(InfluenceCalculator):
         """
         xp = self.xp
         parts = []
-        for _, g in self._gradients(self._train(train_data)):
+        for _, g in progress(self._gradients(self._train(train_data)), desc="self-influence"):
             values = self.ihvp.quadratic_forms(g)
             if self.normalize:
                 values = values / self._relatif_norms(g)

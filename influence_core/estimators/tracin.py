@@ -9,6 +9,7 @@ import numpy as np
 
 from ..data import Batch
 from ..model import InfluenceModel
+from ..progress import progress
 from .base import Array, InfluenceCalculator
 
 __all__ = ["TracIn"]
@@ -108,7 +109,8 @@ class TracIn(InfluenceCalculator):
 
     def _checkpoints(self) -> Iterator[float]:
         """Load each checkpoint in turn (restoring the model after the last); yield η_k."""
-        for checkpoint, rate in zip(self.checkpoints, self.learning_rates, strict=True):
+        pairs = zip(self.checkpoints, self.learning_rates, strict=True)
+        for checkpoint, rate in progress(pairs, desc="checkpoints", total=len(self.checkpoints)):
             with self.model.checkpoint_loaded(checkpoint):
                 yield rate
 

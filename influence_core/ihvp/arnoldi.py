@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..model import InfluenceModel
+from ..progress import progress
 from .base import DEFAULT_DAMPING, Array, InverseHessianVectorProduct
 
 __all__ = ["ArnoldiIHVP"]
@@ -97,7 +98,7 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         start = rng.normal(size=(d, 1))
         basis = [kernels.as_native(start / np.linalg.norm(start), floating=True)]
         projection = np.zeros((m, m))
-        for j in range(m):
+        for j in progress(range(m), desc="Arnoldi"):
             w, coefficients = orthogonalise(
                 self.model.hvp(self.data, basis[j], batch_size=self.batch_size), basis
             )

@@ -11,6 +11,7 @@ import numpy as np
 from ..data import convert_tree, is_array_pair, leading_dim, take_samples
 from ..errors import LissaDivergenceError
 from ..model import InfluenceModel
+from ..progress import progress
 from .base import DEFAULT_DAMPING, Array, InverseHessianVectorProduct
 
 __all__ = ["LissaIHVP", "largest_eigenvalue"]
@@ -99,7 +100,9 @@ class LissaIHVP(InverseHessianVectorProduct):
             rng = np.random.default_rng([self.seed, repetition])
             batches = self._minibatches(rng)
             x = vectors
-            for step in range(self.depth):
+            for step in progress(
+                range(self.depth), desc=f"LiSSA {repetition + 1}/{self.repetitions}"
+            ):
                 inputs, targets = next(batches)
                 # The kernel directly: the divergence check below also catches NaN/inf.
                 hx = self.model.kernels.mean_loss_hvp(inputs, targets, x) + self.damping * x
