@@ -1,5 +1,5 @@
 # The two commands of the README. Each creates .venv and installs what it needs.
-#   make demo   the main job (a short end-to-end run for now)
+#   make demo   the main job: influence-core demo (flipped-label detection on digits)
 #   make test   lint, then the full test suite (what CI runs: .ci/run)
 PYTHON ?= python3
 VENV := .venv
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m influence_core.demo
+	$(VENV)/bin/influence-core demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

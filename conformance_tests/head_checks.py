@@ -83,6 +83,17 @@ class HeadChecks:
         model.kernels.load_checkpoint(state)
         assert_close(model.get_parameters(), theta, 0.0, "θ after loading its own state")
 
+    def test_checkpoint_files_round_trip(self, tmp_path) -> None:
+        case = self.build_case("mlp_tanh", "float64")
+        model, host = case.model, case.model.to_numpy
+        theta = host(model.get_parameters())
+        path = str(tmp_path / f"checkpoint{model.kernels.checkpoint_suffix}")
+        with model.parameters_set_to(theta * 2.0):
+            model.kernels.save_checkpoint(path)
+        with model.checkpoint_loaded(path):
+            assert_close(model.get_parameters(), theta * 2.0, 0.0, "θ loaded from the file")
+        assert_close(model.get_parameters(), theta, 0.0, "θ restored")
+
 
 def _layout(backend_flat: np.ndarray, canonical_flat: np.ndarray) -> np.ndarray:
     """Positions: backend entry i is canonical entry order[i] (weights drawn continuous, so unique)."""

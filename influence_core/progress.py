@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
-__all__ = ["progress", "progress_enabled", "set_progress"]
+__all__ = ["progress", "progress_counter", "progress_enabled", "set_progress"]
 
 T = TypeVar("T")
 _setting: bool | None = None
@@ -43,3 +43,23 @@ def progress(iterable: Iterable[T], *, desc: str, total: int | None = None) -> I
 
     with tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True) as bar:
         yield from bar
+
+
+class _Silent:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def __enter__(self) -> _Silent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def progress_counter(*, desc: str, total: int | None = None) -> Any:
+    """A bar for callback-driven loops (``with progress_counter(...) as bar: bar.update()``)."""
+    if not progress_enabled():
+        return _Silent()
+    from tqdm.auto import tqdm
+
+    return tqdm(desc=desc, total=total, leave=False, dynamic_ncols=True)

@@ -166,6 +166,13 @@ class ModelKernels(ABC):
         """An in-memory copy of *all* the model's weights, in a form :meth:`load_checkpoint` takes."""
         raise self._unsupported("save_state (needed by TracIn)")
 
+    #: File name suffix :meth:`save_checkpoint` needs (``".pt"``, ``".weights.h5"`` …).
+    checkpoint_suffix: str = ""
+
+    def save_checkpoint(self, path: str) -> None:
+        """Write all the model's weights to ``path`` in the framework's usual format."""
+        raise self._unsupported("save_checkpoint")
+
     def load_checkpoint(self, checkpoint: Any) -> None:
         """Load a user checkpoint (the framework's usual forms, or a :meth:`save_state`) in place."""
         raise self._unsupported("load_checkpoint (needed by TracIn)")

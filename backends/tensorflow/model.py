@@ -256,6 +256,15 @@ class TensorFlowKernels(ModelKernels):
     def save_state(self) -> list[Any]:
         return [v.numpy() for v in self._weights()]
 
+    checkpoint_suffix = ".weights.h5"
+
+    def save_checkpoint(self, path: str) -> None:
+        if not self._keras:
+            raise TypeError(
+                "saving a tf.Module checkpoint to a file is not supported; use save_state"
+            )
+        self.model.save_weights(os.fspath(path))
+
     def load_checkpoint(self, checkpoint: Any) -> None:
         """A list of arrays (``model.get_weights()`` order), or a file ``model.load_weights`` reads."""
         if isinstance(checkpoint, str | os.PathLike):

@@ -178,6 +178,11 @@ class TorchKernels(ModelKernels):
     def save_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
+    checkpoint_suffix = ".pt"
+
+    def save_checkpoint(self, path: str) -> None:
+        torch.save(self.module.state_dict(), path)
+
     def load_checkpoint(self, checkpoint: Any) -> None:
         """A state dict, or a path to one saved with ``torch.save`` (loaded ``weights_only``).
 
