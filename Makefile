@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch is pinned to 2.13.0 (a CPU build here); never let pip pick a CUDA build.
-	$(PY) -m pip install --quiet -e '.[torch,tensorflow,tests,demo]'
+	$(PY) -m pip install --quiet -e '.[torch,tensorflow,tests,demo,docs]'
 	# Keras 2 (tf_keras) is tested too. --no-deps: it requires the full 'tensorflow'
 	# distribution, which would overwrite tensorflow-cpu's files; match TF's minor version.
 	$(PY) -m pip install --quiet --no-deps "tf_keras~=$$(TF_CPP_MIN_LOG_LEVEL=3 $(PY) -c 'import tensorflow as tf; print(tf.__version__.rsplit(".", 1)[0])').0"

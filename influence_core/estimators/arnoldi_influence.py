@@ -45,10 +45,16 @@ class ArnoldiInfluenceCalculator(FirstOrderInfluenceCalculator):
     plus JSON metadata with a fingerprint of θ) and reused (:meth:`load`).
 
     Args:
-        model, train_data, normalize, batch_size: as for the first-order calculator.
-        rank, iterations, damping, seed: passed to :class:`~influence_core.ArnoldiIHVP`.
+        model: the :class:`~influence_core.InfluenceModel`.
+        train_data: the training data (defines H, and is scored when a method is given none).
+        rank: k, the number of eigenpairs kept (see :class:`~influence_core.ArnoldiIHVP`).
+        iterations: Arnoldi iterations (default 2k).
+        damping: λ.
+        seed: seed of the start vector.
         ihvp: an already fitted :class:`~influence_core.ArnoldiIHVP` (then the
             four arguments above are ignored).
+        normalize: RelatIF scores.
+        batch_size: batch size for ``(X, y)`` arrays.
     """
 
     def __init__(

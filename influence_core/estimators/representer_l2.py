@@ -52,7 +52,8 @@ class RepresenterPointL2(RepresenterCalculator):
         l2: λ, the penalty λ‖W̃‖²; Yeh et al. use 1e-3 to 1e-2 on top of a
             trained network.
         target: ``"label"`` or ``"prediction"``, the test output explained.
-        tol, max_iter: L-BFGS stopping rule.
+        tol: L-BFGS stops when the largest gradient entry is below it.
+        max_iter: L-BFGS iteration limit.
         batch_size: batch size for ``(X, y)`` arrays.
     """
 
