@@ -31,6 +31,7 @@ from typing import Any
 from .data import Batch, is_array_pair, iter_batches, leading_dim
 from .errors import NonFiniteGradientError, PerSampleLossError, PrecisionWarning
 from .namespace import ArrayNamespace
+from .progress import progress
 from .protocol import LastLayer, ModelKernels
 from .registry import BackendRegistry, get_registry
 
@@ -318,11 +319,16 @@ class InfluenceModel:
             hb = [self.kernels.mean_loss_hvp(batch.inputs, batch.targets, blk) for blk in blocks]
             return hb[0] if len(hb) == 1 else xp.concat(hb, axis=1)
 
-        return self._weighted_mean(data, batch_size, block_hvps, "Hessian")
+        return self._weighted_mean(data, batch_size, block_hvps, "Hessian", show_progress=True)
 
     # -- helpers ------------------------------------------------------------------
     def _weighted_mean(
-        self, data: Any, batch_size: int | None, compute: Callable[[Batch], Array], what: str
+        self,
+        data: Any,
+        batch_size: int | None,
+        compute: Callable[[Batch], Array],
+        what: str,
+        show_progress: bool = False,
     ) -> Array:
         """(1/n) Σ_j b_j · compute(batch_j) over the batches of ``data``.
 
@@ -333,7 +339,8 @@ class InfluenceModel:
         """
         first = total = None
         n = 0
-        for batch in self.batches(data, batch_size):
+        batches = self.batches(data, batch_size)
+        for batch in progress(batches, desc=what) if show_progress else batches:
             result = compute(batch)
             if first is None:
                 first = result

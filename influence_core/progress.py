@@ -49,6 +49,9 @@ class _Silent:
     def update(self, n: int = 1) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
     def __enter__(self) -> _Silent:
         return self
 

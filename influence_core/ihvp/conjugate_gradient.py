@@ -7,6 +7,7 @@ from typing import Any
 
 from ..errors import ConvergenceWarning, NotPositiveDefiniteError
 from ..model import InfluenceModel
+from ..progress import progress_counter
 from .base import DEFAULT_DAMPING, Array, InverseHessianVectorProduct
 
 __all__ = ["ConjugateGradientIHVP"]
@@ -53,7 +54,9 @@ class ConjugateGradientIHVP(InverseHessianVectorProduct):
         rs = xp.sum(r * r, axis=0)
         residual = float(xp.max(xp.sqrt(rs) / b_norm))
         iterations = 0
+        bar = progress_counter(desc="conjugate gradient", total=self.maxiter)
         while residual > self.tol and iterations < self.maxiter:
+            bar.update(1)
             ap = self.damped_hvp(p)
             curvature = xp.sum(p * ap, axis=0)
             active = rs > 0
@@ -76,6 +79,7 @@ class ConjugateGradientIHVP(InverseHessianVectorProduct):
             rs = rs_new
             iterations += 1
             residual = float(xp.max(xp.sqrt(rs) / b_norm))
+        bar.close()
         self.last_residual, self.last_iterations = residual, iterations
         if residual > self.tol:
             warnings.warn(
