@@ -1,0 +1,104 @@
+"""Shared by every runner (NumPy and the standard library only): data, workloads, timing, output.
+
+Each runner runs one workload per process (so peak memory is that workload's)
+and writes a JSON record plus the scores it computed (``.npy``) to the
+results directory; ``report.py`` turns them into ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "peers"
+SETUP = RESULTS / "setup.npz"
+DAMPING = 1e-2  # H + λI is positive definite for every parameter set (1e-3 is not, for "all")
+CG_ITERATIONS = 10
+LISSA_DEPTH, LISSA_SCALE = 100, 0.5  # full-batch LiSSA (deterministic); λ_max(H_last) ≈ 0.28
+ARNOLDI_RANK, ARNOLDI_ITERATIONS = 50, 100
+CHECKPOINT_RATE = 1.0
+TOP_K = 10
+
+#: name → (what, θ): "last" = the last layer (d = 330), "all" = every parameter (d = 2410).
+WORKLOADS: dict[str, tuple[str, str]] = {
+    "grads_all": ("per-sample gradients of every training point (n × d)", "all"),
+    "exact_last": ("exact influence, test × train + self-influence", "last"),
+    "exact_all": ("exact influence, test × train + self-influence", "all"),
+    "cg_last": (f"CG influence ({CG_ITERATIONS} iterations), test × train", "last"),
+    "lissa_last": (
+        f"LiSSA influence (full batch, depth {LISSA_DEPTH}, scale {LISSA_SCALE}), test × train",
+        "last",
+    ),
+    "arnoldi_last": (f"Arnoldi influence (rank {ARNOLDI_RANK}), test × train + self", "last"),
+    "tracin_all": ("TracInCP, 5 checkpoints, test × train + self-influence", "all"),
+    "topk_last": (f"exact influence, the top-{TOP_K} proponents of each test point", "last"),
+}
+SHAPES = [(64, 32), (32,), (32, 10), (10,)]  # the MLP 64-32-10 in canonical (Keras) layout
+
+
+def unflatten(theta: np.ndarray) -> list[np.ndarray]:
+    """Canonical flat θ → [W1 (64, 32), b1, W2 (32, 10), b2]."""
+    out, start = [], 0
+    for shape in SHAPES:
+        size = int(np.prod(shape))
+        out.append(theta[start : start + size].reshape(shape))
+        start += size
+    return out
+
+
+def load_setup() -> dict[str, np.ndarray]:
+    with np.load(SETUP, allow_pickle=False) as stored:
+        return {k: stored[k] for k in stored.files}
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
+    """Wall times of ``repeats`` calls after one warm-up call, and the last result."""
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return times, result
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def write(
+    library: str,
+    backend: str,
+    workload: str,
+    times: list[float],
+    scores: dict[str, np.ndarray],
+    note: str = "",
+) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = f"{workload}__{library}__{backend}".replace(" ", "_")
+    for name, value in scores.items():
+        np.save(RESULTS / f"{stem}__{name}.npy", np.asarray(value, dtype=np.float64))
+    record = {
+        "library": library,
+        "backend": backend,
+        "workload": workload,
+        "times": times,
+        "median_s": statistics.median(times),
+        "peak_mb": peak_memory_mb(),
+        "scores": sorted(scores),
+        "note": note,
+        "python": sys.version.split()[0],
+    }
+    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2))
+    print(
+        f"{workload:14s} {library:15s} {backend:10s} {record['median_s'] * 1e3:9.1f} ms  {record['peak_mb']:7.0f} MB"
+    )

@@ -1,0 +1,116 @@
+"""influence_core on one workload (project venv): ``run_ours.py WORKLOAD BACKEND [REPEATS]``."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from common import (
+    ARNOLDI_ITERATIONS,
+    ARNOLDI_RANK,
+    CG_ITERATIONS,
+    CHECKPOINT_RATE,
+    DAMPING,
+    LISSA_DEPTH,
+    LISSA_SCALE,
+    TOP_K,
+    WORKLOADS,
+    load_setup,
+    timed,
+    unflatten,
+    write,
+)
+
+from influence_core import (
+    ArnoldiInfluenceCalculator,
+    ConjugateGradientIHVP,
+    ConvergenceWarning,
+    ExactIHVP,
+    FirstOrderInfluenceCalculator,
+    InfluenceModel,
+    LissaIHVP,
+    TracIn,
+    get_registry,
+)
+from influence_core.demo import SPEC
+
+
+def main(workload: str, backend: str, repeats: int) -> None:
+    s = load_setup()
+    reference = (
+        get_registry()
+        .by_name(backend)
+        .load_reference_models()(SPEC, unflatten(s["theta"]), "float64")
+    )
+    full = InfluenceModel(reference.model, reference.loss_fn, batch_size=256)
+    model = (
+        full.with_parameters(full.last_layer().name) if WORKLOADS[workload][1] == "last" else full
+    )
+    train, test = (s["X_train"], s["y_train"]), (s["X_test"], s["y_test"])
+    host = model.to_numpy
+
+    def exact():
+        calc = FirstOrderInfluenceCalculator(model, train, ExactIHVP(model, train, damping=DAMPING))
+        return {"scores": host(calc.influence(test)), "self": host(calc.self_influence())}
+
+    def cg():
+        ihvp = ConjugateGradientIHVP(model, train, damping=DAMPING, tol=0.0, maxiter=CG_ITERATIONS)
+        return {"scores": host(FirstOrderInfluenceCalculator(model, train, ihvp).influence(test))}
+
+    def lissa():
+        ihvp = LissaIHVP(
+            model,
+            train,
+            damping=DAMPING,
+            batch_size=len(train[1]),
+            scale=LISSA_SCALE,
+            depth=LISSA_DEPTH,
+        )
+        return {"scores": host(FirstOrderInfluenceCalculator(model, train, ihvp).influence(test))}
+
+    def grads():
+        xp = model.xp
+        return {
+            "grads": host(xp.concat([g for _, g in model.iter_per_sample_grads(train)], axis=0))
+        }
+
+    def topk():
+        calc = FirstOrderInfluenceCalculator(model, train, ExactIHVP(model, train, damping=DAMPING))
+        found = calc.top_k(test, k=TOP_K)
+        return {"indices": host(found.proponents), "topk": host(found.proponent_scores)}
+
+    def arnoldi():
+        calc = ArnoldiInfluenceCalculator(
+            model, train, rank=ARNOLDI_RANK, iterations=ARNOLDI_ITERATIONS, damping=DAMPING
+        )
+        return {"scores": host(calc.influence(test)), "self": host(calc.self_influence())}
+
+    checkpoints = []
+    for theta in s["checkpoints"]:
+        with full.parameters_set_to(reference.from_canonical(theta)):
+            checkpoints.append(full.kernels.save_state())
+
+    def tracin():
+        calc = TracIn(model, train, checkpoints, CHECKPOINT_RATE)
+        return {"scores": host(calc.influence(test)), "self": host(calc.self_influence())}
+
+    run = {
+        "grads": grads,
+        "exact": exact,
+        "cg": cg,
+        "lissa": lissa,
+        "arnoldi": arnoldi,
+        "tracin": tracin,
+        "topk": topk,
+    }[workload.split("_")[0]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        times, scores = timed(run, repeats)
+    write("influence_core", backend, workload, times, scores)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 3)
