@@ -30,5 +30,6 @@ make_env influenciae "tensorflow-cpu==2.21.*"
 stamp="$envs/influenciae/.installed-influenciae-0.3.0"
 if [ ! -e "$stamp" ]; then
     "$envs/influenciae/bin/python" -m pip install --quiet --no-deps "tf_keras==2.21.*" "influenciae==0.3.0"
+    "$envs/influenciae/bin/python" -m pip install --quiet matplotlib  # imported by influenciae.plots
     touch "$stamp"
 fi
