@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint conformance bench clean
+.PHONY: demo test lint conformance bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ conformance: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_influence.py
+
+# Side by side with captum, dattri, pyDVL and Influenciae, each in its own benchmark-only
+# environment under benchmarks/.envs/; writes benchmarks/RESULTS.md and benchmarks/peers.png.
+bench-peers: $(STAMP)
+	bash benchmarks/peers/setup_envs.sh
+	$(PY) benchmarks/peers/run_all.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -28,7 +28,8 @@ CHECKPOINT_RATE = 1.0
 TOP_K = 10
 SLOW_S = 30.0
 
-#: name → (what, θ): "last" = the last layer (d = 330), "all" = every parameter (d = 2410).
+#: name → (what, θ): "last" = the last layer (d = 330), "all" = every parameter (d = 2410);
+#: workloads ending in "_conv" use the conv net (d = 2970) instead of the MLP.
 WORKLOADS: dict[str, tuple[str, str]] = {
     "grads_all": ("per-sample gradients of every training point (n × d)", "all"),
     "exact_last": ("exact influence, test × train + self-influence", "last"),
@@ -41,23 +42,40 @@ WORKLOADS: dict[str, tuple[str, str]] = {
     "arnoldi_last": (f"Arnoldi influence (rank {ARNOLDI_RANK}), test × train + self", "last"),
     "tracin_all": ("TracInCP, 5 checkpoints, test × train + self-influence", "all"),
     "topk_last": (f"exact influence, the top-{TOP_K} proponents of each test point", "last"),
+    "tracin_conv": (
+        "TracInCP on the conv net, 5 checkpoints, test × train + self-influence",
+        "all",
+    ),
 }
-SHAPES = [(64, 32), (32,), (32, 10), (10,)]  # the MLP 64-32-10 in canonical (Keras) layout
+#: Canonical (Keras) layouts: the MLP 64-32-10 tanh (d = 2410) and the conv net on 8×8×1
+#: images, Conv2D(8, 3×3, relu) → Flatten → Dense(10) (d = 2970).
+SHAPES = [(64, 32), (32,), (32, 10), (10,)]
+CONV_SHAPES = [(3, 3, 1, 8), (8,), (288, 10), (10,)]
 
 
 def unflatten(theta: np.ndarray) -> list[np.ndarray]:
-    """Canonical flat θ → [W1 (64, 32), b1, W2 (32, 10), b2]."""
+    """Canonical flat θ → [kernel, bias, kernel, bias] of the MLP or the conv net (by size)."""
+    shapes = CONV_SHAPES if theta.size == sum(int(np.prod(s)) for s in CONV_SHAPES) else SHAPES
     out, start = [], 0
-    for shape in SHAPES:
+    for shape in shapes:
         size = int(np.prod(shape))
         out.append(theta[start : start + size].reshape(shape))
         start += size
     return out
 
 
-def load_setup() -> dict[str, np.ndarray]:
+def is_conv(workload: str) -> bool:
+    return workload.endswith("_conv")
+
+
+def load_setup(workload: str = "") -> dict[str, np.ndarray]:
+    """Data, θ and checkpoints of the workload's model (conv: images 8×8×1 and the conv net's θ)."""
     with np.load(SETUP, allow_pickle=False) as stored:
-        return {k: stored[k] for k in stored.files}
+        s = {k: stored[k] for k in stored.files}
+    if is_conv(workload):
+        s["theta"], s["checkpoints"] = s.pop("theta_conv"), s.pop("checkpoints_conv")
+        s["X_train"], s["X_test"] = (s[k].reshape(-1, 8, 8, 1) for k in ("X_train", "X_test"))
+    return s
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:

@@ -1,6 +1,7 @@
 """Run every library on every workload it implements, one process each, then write the report.
 
     .venv/bin/python benchmarks/peers/run_all.py [--repeats N] [--timeout S] [--only WORKLOAD ...]
+                                                 [--no-scaling]
 
 The peers run from their own environments (``setup_envs.sh`` creates them);
 influence_core and the limit rows run from the project's ``.venv``. A run that
@@ -37,14 +38,14 @@ RUNNERS: list[tuple[str, str, Path, list[str], tuple[str, ...]]] = [
         "torch",
         ENVS / "torch-peers/bin/python",
         ["run_dattri.py", "{w}"],
-        (*IF_WORKLOADS, "tracin_all"),
+        (*IF_WORKLOADS, "tracin_all", "tracin_conv"),
     ),
     (
         "captum 0.9.0",
         "torch",
         ENVS / "torch-peers/bin/python",
         ["run_captum.py", "{w}"],
-        ("exact_last", "exact_all", "arnoldi_last", "tracin_all", "topk_last"),
+        ("exact_last", "exact_all", "arnoldi_last", "tracin_all", "topk_last", "tracin_conv"),
     ),
     ("pyDVL 0.10.0", "torch", ENVS / "pydvl/bin/python", ["run_pydvl.py", "{w}"], IF_WORKLOADS),
     (
@@ -59,7 +60,7 @@ RUNNERS: list[tuple[str, str, Path, list[str], tuple[str, ...]]] = [
         "tensorflow",
         ENVS / "influenciae/bin/python",
         ["run_influenciae.py", "{w}"],
-        (*IF_WORKLOADS, "tracin_all", "topk_last"),
+        (*IF_WORKLOADS, "tracin_all", "topk_last", "tracin_conv"),
     ),
 ]
 
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     parser.add_argument("--only", nargs="*", default=list(ALL), choices=ALL, metavar="WORKLOAD")
+    parser.add_argument("--no-scaling", action="store_true", help="skip scaling.py")
     args = parser.parse_args()
     if not SETUP.exists():
         subprocess.run([str(PROJECT), "prepare.py"], cwd=HERE, check=True)
@@ -76,6 +78,8 @@ def main() -> None:
         for library, backend, python, command, workloads in RUNNERS:
             if workload in workloads:
                 run_one(library, backend, python, command, workload, args)
+    if not args.no_scaling:
+        subprocess.run([str(PROJECT), "scaling.py"], cwd=HERE, check=True)
     subprocess.run([str(PROJECT), "report.py"], cwd=HERE, check=True)
 
 

@@ -38,7 +38,7 @@ BATCH = 256
 
 
 def main(workload: str, repeats: int) -> None:
-    s = load_setup()
+    s = load_setup(workload)
     kind = workload.split("_")[0]
     net = torch_model.build(unflatten(s["theta"]))
     # captum selects layers by module name ("2" is the last nn.Linear), not by parameter.

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 
 def main(workload: str, repeats: int) -> None:
-    s = load_setup()
+    s = load_setup(workload)
     net = torch_model.build(unflatten(s["theta"]))
     loss = torch.nn.CrossEntropyLoss()
 

@@ -58,29 +58,40 @@ HESSIAN_BATCH = 16
 
 def keras2_model(weights: list[np.ndarray], dtype: str) -> tf_keras.Model:
     tf_keras.backend.set_floatx(dtype)
-    model = tf_keras.Sequential(
-        [
+    if weights[0].ndim == 4:  # the conv net on 8×8×1 images
+        layers = [
+            tf_keras.Input((8, 8, 1)),
+            tf_keras.layers.Conv2D(8, 3, activation="relu"),
+            tf_keras.layers.Flatten(),
+            tf_keras.layers.Dense(10),
+        ]
+    else:
+        layers = [
             tf_keras.Input((64,)),
             tf_keras.layers.Dense(32, activation="tanh"),
             tf_keras.layers.Dense(10),
         ]
-    )
+    model = tf_keras.Sequential(layers)
     model.set_weights([w.astype(dtype) for w in weights])
     return model
 
 
 def main(workload: str, repeats: int) -> None:
-    s = load_setup()
+    s = load_setup(workload)
     kind, which = workload.split("_")[0], WORKLOADS[workload][1]
     dtype = "float32" if kind == "lissa" else "float64"
     loss = tf_keras.losses.SparseCategoricalCrossentropy(
         from_logits=True, reduction=tf_keras.losses.Reduction.NONE
     )
-    start_layer = -1 if which == "last" else 0
+    # Influenciae watches layers start_layer..last_layer; last_layer=None means start_layer only.
+    start_layer, last_layer = (-1, None) if which == "last" else (0, -1)
 
     def wrap(weights):
         return InfluenceModel(
-            keras2_model(weights, dtype), start_layer=start_layer, loss_function=loss
+            keras2_model(weights, dtype),
+            start_layer=start_layer,
+            last_layer=last_layer,
+            loss_function=loss,
         )
 
     def dataset(X, y, batch=BATCH):

@@ -21,6 +21,7 @@ from common import (
     ARNOLDI_RANK,
     CG_ITERATIONS,
     CHECKPOINT_RATE,
+    CONV_SHAPES,
     DAMPING,
     LISSA_DEPTH,
     LISSA_SCALE,
@@ -37,13 +38,20 @@ LAST = 64 * 32 + 32  # the last layer starts here in the flat canonical θ
 
 
 def logits(theta: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
-    w1, b1, w2, b2 = tf.split(theta, [int(np.prod(s)) for s in SHAPES])
-    hidden = tf.tanh(x @ tf.reshape(w1, SHAPES[0]) + b1)
-    return hidden @ tf.reshape(w2, SHAPES[2]) + b2
+    """The MLP on (b, 64), or the conv net on NHWC (b, 8, 8, 1), of the flat canonical θ."""
+    shapes = SHAPES if len(x.shape) == 2 else CONV_SHAPES
+    k1, b1, k2, b2 = (
+        tf.reshape(t, shape)
+        for t, shape in zip(tf.split(theta, [int(np.prod(s)) for s in shapes]), shapes, strict=True)
+    )
+    if len(x.shape) == 2:
+        return tf.tanh(x @ k1 + b1) @ k2 + b2
+    hidden = tf.nn.relu(tf.nn.conv2d(x, k1, strides=1, padding="VALID") + b1)
+    return tf.reshape(hidden, (-1, 288)) @ k2 + b2
 
 
 def main(workload: str, repeats: int) -> None:
-    s = load_setup()
+    s = load_setup(workload)
     kind, which = workload.split("_")[0], WORKLOADS[workload][1]
     start = LAST if which == "last" else 0
     X_train, y_train = tf.constant(s["X_train"]), tf.constant(s["y_train"])

@@ -36,7 +36,7 @@ BATCH = 256
 
 
 def main(workload: str, repeats: int) -> None:
-    s = load_setup()
+    s = load_setup(workload)
     net = torch_model.build(unflatten(s["theta"]))
     kind, which = workload.split("_")[0], WORKLOADS[workload][1]
     names = (

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 def main(workload: str, repeats: int, per_vector: bool) -> None:
     logging.disable(logging.WARNING)  # pyDVL logs every CG that stops at maxiter
-    s = load_setup()
+    s = load_setup(workload)
     kind = workload.split("_")[0]
     net = torch_model.build(unflatten(s["theta"]))
     if WORKLOADS[workload][1] == "last":
