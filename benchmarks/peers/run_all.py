@@ -70,13 +70,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     parser.add_argument("--only", nargs="*", default=list(ALL), choices=ALL, metavar="WORKLOAD")
+    parser.add_argument("--library", help="run only the libraries whose name starts with this")
     parser.add_argument("--no-scaling", action="store_true", help="skip scaling.py")
     args = parser.parse_args()
     if not SETUP.exists():
         subprocess.run([str(PROJECT), "prepare.py"], cwd=HERE, check=True)
     for workload in args.only:
         for library, backend, python, command, workloads in RUNNERS:
-            if workload in workloads:
+            if workload in workloads and library.startswith(args.library or ""):
                 run_one(library, backend, python, command, workload, args)
     if not args.no_scaling:
         subprocess.run([str(PROJECT), "scaling.py"], cwd=HERE, check=True)
@@ -88,7 +89,12 @@ def run_one(library, backend, python, command, workload, args) -> None:
     started = time.perf_counter()
     try:
         done = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, timeout=args.timeout)
-        failure = None if done.returncode == 0 else _last_line(done.stderr)
+        if done.returncode == 0:
+            failure = None
+        elif done.returncode == -9:  # the kernel's OOM killer sends SIGKILL
+            failure = "killed by SIGKILL (out of memory)"
+        else:
+            failure = _last_line(done.stderr)
     except subprocess.TimeoutExpired:
         failure = f"did not finish in {args.timeout:.0f} s"
     if failure is None:

@@ -120,7 +120,10 @@ def main(workload: str, repeats: int) -> None:
         calc = FirstOrderInfluenceCalculator(model, train, ExactIHVP(model, hessian_data))
         if kind == "topk":
             found = [
-                v.numpy() for _, v, _ in calc.top_k(test, train, k=TOP_K, order=ORDER.DESCENDING)
+                v.numpy()
+                for _, v, _ in calc.top_k(
+                    test, train, k=TOP_K, order=ORDER.DESCENDING, d_type=tf.float64
+                )
             ]
             return {"topk": np.concatenate(found)}
         return {"scores": matrix(calc), "self": self_influence(calc)}
@@ -167,7 +170,9 @@ def main(workload: str, repeats: int) -> None:
         )
         calc = FirstOrderInfluenceCalculator(model, train, ihvp)
         if kind == "topk":
-            found = list(calc.top_k(test, train, k=TOP_K, order=ORDER.DESCENDING))
+            found = list(
+                calc.top_k(test, train, k=TOP_K, order=ORDER.DESCENDING, d_type=tf.float64)
+            )
             scores = {"topk": np.concatenate([v.numpy() for _, v, _ in found])}
         else:
             scores = {"scores": matrix(calc), "self": self_influence(calc)}
