@@ -48,6 +48,12 @@ the full batch in every library, so all compute the same recursion
 x ← v + (I − (H + λI)/s) x (dattri's and Influenciae's damping d = λ/s gives exactly that)."""
 
 
+def _ratio(ours_s: float, theirs_s: float) -> str:
+    """Our time over theirs: two decimals, or two significant digits when far below 1."""
+    ratio = ours_s / theirs_s
+    return f"{ratio:.2f}" if ratio >= 0.1 else f"{ratio:.2g}"
+
+
 def load_records() -> dict[str, list[dict]]:
     by_workload: dict[str, list[dict]] = {w: [] for w in WORKLOADS}
     for path in sorted(RESULTS.glob("*.json")):
@@ -127,7 +133,7 @@ def table(workload: str, records: list[dict], exact: dict[str, dict]) -> list[st
             reference, ratio = other, "1"
         else:
             reference = ours
-            ratio = f"{ours['median_s'] / record['median_s']:.2f}" if ours else "–"
+            ratio = _ratio(ours["median_s"], record["median_s"]) if ours else "–"
         agree = agreement(*(scores(x, quantity) if x else None for x in (reference, record)))
         agree_self = agreement(*(scores(x, "self") if x else None for x in (reference, record)))
         if quantity == "topk" and reference is not None:
@@ -186,9 +192,9 @@ def targets(by_workload: dict[str, list[dict]]) -> list[str]:
                         f"{fastest['library']} {_ms(fastest['median_s'])}"
                         if fastest
                         else "no peer",
-                        f"{ours['median_s'] / fastest['median_s']:.2f}" if fastest else "–",
+                        _ratio(ours["median_s"], fastest["median_s"]) if fastest else "–",
                         _ms(limit["median_s"]) if limit else "–",
-                        f"{ours['median_s'] / limit['median_s']:.2f}" if limit else "–",
+                        _ratio(ours["median_s"], limit["median_s"]) if limit else "–",
                     ]
                 )
                 + " |"
