@@ -58,6 +58,11 @@ class InfluenceChecks:
             self_inf, np.einsum("nd,dn->n", ref["G"], ref["solved"]), 1e-8, "self-influence"
         )
         assert np.all(self_inf > 0)
+        both = calc.influence_and_self_influence(self._test_data(case))
+        assert_close(both[0], ref["scores"], 1e-8, "influence_and_self_influence scores")
+        assert_close(
+            both[1], np.einsum("nd,dn->n", ref["G"], ref["solved"]), 1e-8, "... self-influence"
+        )
 
     def test_relatif_divides_by_the_norm_of_the_solved_gradient(self) -> None:
         case, calc = self._calculator("exact", normalize=True)
@@ -67,6 +72,9 @@ class InfluenceChecks:
         assert_close(scores, ref["scores"] / norms[None, :], 1e-8, "RelatIF scores")
         expected_self = np.einsum("nd,dn->n", ref["G"], ref["solved"]) / norms
         assert_close(calc.self_influence(), expected_self, 1e-8, "RelatIF self-influence")
+        both = calc.influence_and_self_influence(self._test_data(case))
+        assert_close(both[0], ref["scores"] / norms[None, :], 1e-8, "RelatIF, both at once")
+        assert_close(both[1], expected_self, 1e-8, "RelatIF self-influence, both at once")
 
     def test_group_influence_is_the_sum_over_the_group(self) -> None:
         case, calc = self._calculator("exact")

@@ -70,6 +70,10 @@ def test_full_rank_arnoldi_is_exact_influence(backend: str, tmp_path) -> None:
         host(exact.self_influence((p["X"][:50], p["y"][:50]))),
         rtol=1e-8,
     )
+    subset = (p["X"][:50], p["y"][:50])
+    scores, self_influence = projected.influence_and_self_influence(test, subset)
+    np.testing.assert_allclose(host(scores), expected[:, :50], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(host(self_influence), host(exact.self_influence(subset)), rtol=1e-8)
     relatif = ArnoldiInfluenceCalculator(model, train, ihvp=ihvp, normalize=True)
     relatif_exact = FirstOrderInfluenceCalculator(model, train, exact.ihvp, normalize=True)
     np.testing.assert_allclose(

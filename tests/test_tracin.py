@@ -110,6 +110,9 @@ def test_tracin_checkpoint_sum_matches_numpy(backend: str, tmp_path) -> None:
     host = model.to_numpy
     np.testing.assert_allclose(host(tracin.influence(test)), expected, rtol=1e-10)
     np.testing.assert_allclose(host(tracin.self_influence()), expected_self, rtol=1e-10)
+    scores, self_influence = tracin.influence_and_self_influence(test)  # one pass for both
+    np.testing.assert_allclose(host(scores), expected, rtol=1e-10)
+    np.testing.assert_allclose(host(self_influence), expected_self, rtol=1e-10)
     np.testing.assert_allclose(
         host(tracin.group_influence(test, (X[:7], y[:7]))), expected[:, :7].sum(axis=1), rtol=1e-10
     )

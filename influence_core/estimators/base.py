@@ -63,6 +63,19 @@ class InfluenceCalculator(ABC):
         blocks = [scores for _, scores in progress(stream, desc="influence")]
         return blocks[0] if len(blocks) == 1 else self.xp.concat(blocks, axis=1)
 
+    def influence_and_self_influence(
+        self, test_data: Any, train_data: Any = None
+    ) -> tuple[Array, Array]:
+        """:meth:`influence` and :meth:`self_influence` of the same training data, together.
+
+        Returns ``(scores, self_influence)``, shapes (n_test, n_train) and
+        (n_train,). Here it makes the two calls; the calculators whose two
+        results come from the same training gradients (first-order, Arnoldi,
+        TracIn) take those gradients once for both, which halves the gradient
+        work of asking for both.
+        """
+        return self.influence(test_data, train_data), self.self_influence(train_data)
+
     def influence_from_prepared(self, prepared: Any, train_data: Any = None) -> Array:
         """:meth:`influence` from :meth:`prepare_test` output: one pass over the training data."""
         stream = self._scores_from_prepared(prepared, self._train(train_data))

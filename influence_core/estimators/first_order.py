@@ -85,14 +85,25 @@ class FirstOrderInfluenceCalculator(InfluenceCalculator):
         xp = self.xp
         return xp.linalg.vector_norm(self.ihvp.solve(xp.matrix_transpose(grads)), axis=0)
 
+    def _norms(self, grads: Array) -> Array | None:
+        """The RelatIF norms of a batch when ``normalize``, else ``None``."""
+        return self._relatif_norms(grads) if self.normalize else None
+
+    def _scores_of(self, solved: Array, grads: Array, norms: Array | None) -> Array:
+        """Scores of one training batch against the solved test block: shape (n_test, b)."""
+        xp = self.xp
+        scores = xp.matrix_transpose(xp.matmul(self._train_side(grads), solved))
+        return scores if norms is None else scores / xp.reshape(norms, (1, -1))
+
+    def _self_of(self, grads: Array, norms: Array | None) -> Array:
+        """score(z, z) for each row of one training batch: shape (b,)."""
+        values = self.ihvp.quadratic_forms(grads)
+        return values if norms is None else values / norms
+
     def _score_blocks(self, solved: Array, train_data: Any) -> Iterator[tuple[Batch, Array]]:
         """(training batch, scores of shape (n_test, b)) for each training batch."""
-        xp = self.xp
         for batch, g in self._gradients(self._train(train_data)):
-            scores = xp.matrix_transpose(xp.matmul(self._train_side(g), solved))  # (n_test, b)
-            if self.normalize:
-                scores = scores / xp.reshape(self._relatif_norms(g), (1, -1))
-            yield batch, scores
+            yield batch, self._scores_of(solved, g, self._norms(g))
 
     # -- results ------------------------------------------------------------------
     def prepare_test(self, test_data: Any) -> Array:
@@ -111,13 +122,31 @@ class FirstOrderInfluenceCalculator(InfluenceCalculator):
         per batch). High self-influence flags mislabelled or atypical points.
         """
         xp = self.xp
-        parts = []
-        for _, g in progress(self._gradients(self._train(train_data)), desc="self-influence"):
-            values = self.ihvp.quadratic_forms(g)
-            if self.normalize:
-                values = values / self._relatif_norms(g)
-            parts.append(values)
+        parts = [
+            self._self_of(g, self._norms(g))
+            for _, g in progress(self._gradients(self._train(train_data)), desc="self-influence")
+        ]
         return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+
+    def influence_and_self_influence(
+        self, test_data: Any, train_data: Any = None
+    ) -> tuple[Array, Array]:
+        """:meth:`influence` and :meth:`self_influence` from one pass over the training data.
+
+        Each training batch's gradients (and, for RelatIF, their norms) serve
+        both its block of scores and its self-influences.
+        """
+        xp = self.xp
+        solved = self.prepare_test(test_data)
+        blocks, parts = [], []
+        stream = self._gradients(self._train(train_data))
+        for _, g in progress(stream, desc="influence and self-influence"):
+            norms = self._norms(g)
+            blocks.append(self._scores_of(solved, g, norms))
+            parts.append(self._self_of(g, norms))
+        if len(blocks) == 1:
+            return blocks[0], parts[0]
+        return xp.concat(blocks, axis=1), xp.concat(parts, axis=0)
 
     def influence_vector(self, data: Any) -> Array:
         """I(z) = −(H + λI)⁻¹ g(z), the parameter change from up-weighting z: shape (n, d).

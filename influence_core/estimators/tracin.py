@@ -40,7 +40,9 @@ class TracIn(InfluenceCalculator):
     large and many test points are kept.
 
     Memory and loads: :meth:`influence` and :meth:`self_influence` load each
-    checkpoint once and stream training batches. :meth:`top_k` must sum over
+    checkpoint once and stream training batches; to have both, call
+    :meth:`influence_and_self_influence`, which takes each checkpoint's training
+    gradients once for the two. :meth:`top_k` must sum over
     checkpoints before ranking: it takes training data in chunks of
     ``chunk_size`` samples and loads every checkpoint once per chunk, keeping
     O(n_test · chunk_size) scores.
@@ -146,29 +148,44 @@ class TracIn(InfluenceCalculator):
                 total = scores if total is None else total + scores
             yield chunk[0].start, total
 
+    def _traced(
+        self, test_data: Any | None, train_data: Any, *, squared_norms: bool
+    ) -> tuple[Array | None, Array | None]:
+        """Σ_k η_k of the scores (unless ``test_data`` is None) and of the squared norms (if asked).
+
+        Each checkpoint is loaded once and its training gradients taken once,
+        whichever of the two results are asked for.
+        """
+        xp = self.xp
+        totals: list[Array | None] = [None, None]
+        for rate in self._checkpoints():
+            test = None if test_data is None else self._test_gradients(test_data)
+            blocks, parts = [], []
+            for _, g in self._gradients(self._train(train_data)):
+                if test is not None:
+                    blocks.append(xp.matmul(test, xp.matrix_transpose(g)))
+                if squared_norms:
+                    parts.append(xp.sum(g * g, axis=1))
+            for i, (pieces, axis) in enumerate(((blocks, 1), (parts, 0))):
+                if pieces:
+                    value = rate * (pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=axis))
+                    totals[i] = value if totals[i] is None else totals[i] + value
+        return totals[0], totals[1]
+
     def influence(self, test_data: Any, train_data: Any = None) -> Array:
         """Σ_k η_k G_test,k G_train,kᵀ: shape (n_test, n_train); each checkpoint loaded once."""
-        xp = self.xp
-        total = None
-        for rate in self._checkpoints():
-            test = self._test_gradients(test_data)
-            blocks = [
-                xp.matmul(test, xp.matrix_transpose(g))
-                for _, g in self._gradients(self._train(train_data))
-            ]
-            scores = rate * (blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=1))
-            total = scores if total is None else total + scores
-        return total
+        return self._traced(test_data, train_data, squared_norms=False)[0]
 
     def self_influence(self, train_data: Any = None) -> Array:
         """Σ_k η_k ‖g(z; θ_k)‖² for every training point: shape (n_train,)."""
-        xp = self.xp
-        total = None
-        for rate in self._checkpoints():
-            parts = [xp.sum(g * g, axis=1) for _, g in self._gradients(self._train(train_data))]
-            values = rate * (parts[0] if len(parts) == 1 else xp.concat(parts, axis=0))
-            total = values if total is None else total + values
-        return total
+        return self._traced(None, train_data, squared_norms=True)[1]
+
+    def influence_and_self_influence(
+        self, test_data: Any, train_data: Any = None
+    ) -> tuple[Array, Array]:
+        """Scores and self-influences from one load of each checkpoint and one gradient pass."""
+        scores, values = self._traced(test_data, train_data, squared_norms=True)
+        return scores, values
 
     def group_influence(self, test_data: Any, group_data: Any) -> Array:
         """Σ_{z∈U} score(z, z_test) = Σ_k η_k g(z_test; θ_k) · Σ_{z∈U} g(z; θ_k): shape (n_test,)."""
