@@ -1,7 +1,7 @@
 """Run every library on every workload it implements, one process each, then write the report.
 
     .venv/bin/python benchmarks/peers/run_all.py [--repeats N] [--timeout S] [--only WORKLOAD ...]
-                                                 [--no-scaling]
+                                                 [--no-scaling] [--no-profiles]
 
 The peers run from their own environments (``setup_envs.sh`` creates them);
 influence_core and the limit rows run from the project's ``.venv``. A run that
@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=list(ALL), choices=ALL, metavar="WORKLOAD")
     parser.add_argument("--library", help="run only the libraries whose name starts with this")
     parser.add_argument("--no-scaling", action="store_true", help="skip scaling.py")
+    parser.add_argument("--no-profiles", action="store_true", help="skip profile_misses.py")
     args = parser.parse_args()
     if not SETUP.exists():
         subprocess.run([str(PROJECT), "prepare.py"], cwd=HERE, check=True)
@@ -81,6 +82,8 @@ def main() -> None:
                 run_one(library, backend, python, command, workload, args)
     if not args.no_scaling:
         subprocess.run([str(PROJECT), "scaling.py"], cwd=HERE, check=True)
+    if not args.no_profiles:
+        subprocess.run([str(PROJECT), "profile_misses.py"], cwd=HERE, check=True)
     subprocess.run([str(PROJECT), "report.py"], cwd=HERE, check=True)
 
 

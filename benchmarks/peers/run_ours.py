@@ -71,9 +71,14 @@ def main(workload: str, backend: str, repeats: int) -> None:
     train, test = (s["X_train"], s["y_train"]), (s["X_test"], s["y_test"])
     host = model.to_numpy
 
+    def both(calc) -> dict:  # one training-gradient pass for the two results (the peers make two)
+        scores, self_influence = calc.influence_and_self_influence(test)
+        return {"scores": host(scores), "self": host(self_influence)}
+
     def exact():
-        calc = FirstOrderInfluenceCalculator(model, train, ExactIHVP(model, train, damping=DAMPING))
-        return {"scores": host(calc.influence(test)), "self": host(calc.self_influence())}
+        return both(
+            FirstOrderInfluenceCalculator(model, train, ExactIHVP(model, train, damping=DAMPING))
+        )
 
     def cg():
         ihvp = ConjugateGradientIHVP(
@@ -112,7 +117,7 @@ def main(workload: str, backend: str, repeats: int) -> None:
             damping=DAMPING,
             batch_size=HVP_BATCH,
         )
-        return {"scores": host(calc.influence(test)), "self": host(calc.self_influence())}
+        return both(calc)
 
     checkpoints = []
     for theta in s["checkpoints"]:
@@ -120,8 +125,7 @@ def main(workload: str, backend: str, repeats: int) -> None:
             checkpoints.append(full.kernels.save_state())
 
     def tracin():
-        calc = TracIn(model, train, checkpoints, CHECKPOINT_RATE)
-        return {"scores": host(calc.influence(test)), "self": host(calc.self_influence())}
+        return both(TracIn(model, train, checkpoints, CHECKPOINT_RATE))
 
     run = {
         "grads": grads,

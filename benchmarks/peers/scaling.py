@@ -1,6 +1,6 @@
 """How influence_core's time and peak memory grow with n_train and with d (project venv).
 
-    scaling.py            every point, each in its own process; writes results/scaling.md
+    scaling.py            every point, each in its own process; writes results/peers/scaling.md
     scaling.py N WHICH    one point (used by the above): prints a JSON record
 
 Streaming mode: the exact (H + λI)⁻¹ (the Hessian built batch by batch), the
@@ -78,11 +78,12 @@ def main() -> None:
         "## Scaling: influence_core in streaming mode",
         "",
         "Exact (H + λI)⁻¹, top-10 proponents of 100 test points and self-influence of every training point; "
-        "generated data, PyTorch, float64, batches of 512, one process per row (`benchmarks/peers/scaling.py`). "
+        "generated data, PyTorch, float64, batches of 512, one cold call in a fresh process per row, so fixed costs "
+        "(first calls into torch.func, the Hessian of d² entries) are included (`benchmarks/peers/scaling.py`). "
         "*peak* is the process's maximum resident set; *before* is the same just before the computation (framework, "
         "model and the data already loaded), so *peak − before* is what the computation itself used.",
         "",
-        "| n_train | θ | d | time | time per 1k training points | peak | before | peak − before | data (inputs) |",
+        "| n_train | θ | d | time | time per training point | peak | before | peak − before | data (inputs) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
