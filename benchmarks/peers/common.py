@@ -20,7 +20,7 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "peers"
 SETUP = RESULTS / "setup.npz"
-PROFILES = RESULTS / "profiles.md"  # profile_misses.py → report.py
+PROFILES = RESULTS / "profiles.md"  # profile_close_calls.py → report.py
 DAMPING = 1e-2  # H + λI is positive definite for every parameter set (1e-3 is not, for "all")
 CG_ITERATIONS = 10
 LISSA_DEPTH, LISSA_SCALE = 100, 0.5  # full-batch LiSSA (deterministic); λ_max(H_last) ≈ 0.28

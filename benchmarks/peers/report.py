@@ -203,7 +203,7 @@ def targets(by_workload: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-#: What the profiles (``profile_misses.py``) show for the targets we miss, by workload and framework.
+#: What the profiles (``profile_close_calls.py``) show, for the targets missed in some runs.
 WHY_SLOWER: dict[tuple[str, str], str] = {
     ("exact_last", "torch"): (
         "Our Hessian is assembled from ⌈n/256⌉·⌈d/256⌉ = 10 calls of the batched HVP kernel "
@@ -216,8 +216,10 @@ WHY_SLOWER: dict[tuple[str, str], str] = {
     ("topk_last", "torch"): "As `exact_last`: the Hessian's HVP calls.",
     ("tracin_all", "tensorflow"): (
         "The second profile below: the test × train float64 matmuls dominate each checkpoint, "
-        "in ours and in the limit alike; ours also loads each checkpoint into the Keras "
-        "variables, and multiplies per batch of 256 where the limit makes one product."
+        "in ours and in the limit alike (both transpose the training gradients explicitly; "
+        "`tf.linalg.matmul(..., transpose_b=True)` is faster, but the Array API has no "
+        "transposed product to map it to); ours also loads each checkpoint into the Keras "
+        "variables."
     ),
     ("tracin_conv", "tensorflow"): "As `tracin_all`, on the conv net.",
 }
@@ -253,6 +255,7 @@ def misses(by_workload: dict[str, list[dict]]) -> list[str]:
 
 def plot(by_workload: dict[str, list[dict]]) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -275,6 +278,9 @@ def plot(by_workload: dict[str, list[dict]]) -> None:
         ]
         ax.barh(labels, [r["median_s"] for r in records], color=colours)
         ax.set_xscale("log")
+        times = [r["median_s"] for r in records]
+        if max(times) > 10 * min(times):  # a decade's label is there; minor ones would overlap
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.invert_yaxis()
         ax.set_title(f"{workload}: {WORKLOADS[workload][0]}", fontsize=9, loc="left")
         ax.tick_params(labelsize=8)
@@ -328,7 +334,9 @@ def main() -> None:
     ]
     if PROFILES.exists():
         lines += [
-            "Profiles (`profile_misses.py`, same machine, median of interleaved rounds):",
+            "Profiles of the closest calls, where ours has missed a target in other runs on this "
+            "machine (`profile_close_calls.py`, run after the workloads; every candidate timed in "
+            "turn in each round, so machine noise hits them alike):",
             "",
             PROFILES.read_text().rstrip(),
             "",

@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=list(ALL), choices=ALL, metavar="WORKLOAD")
     parser.add_argument("--library", help="run only the libraries whose name starts with this")
     parser.add_argument("--no-scaling", action="store_true", help="skip scaling.py")
-    parser.add_argument("--no-profiles", action="store_true", help="skip profile_misses.py")
+    parser.add_argument("--no-profiles", action="store_true", help="skip profile_close_calls.py")
     args = parser.parse_args()
     if not SETUP.exists():
         subprocess.run([str(PROJECT), "prepare.py"], cwd=HERE, check=True)
@@ -83,7 +83,7 @@ def main() -> None:
     if not args.no_scaling:
         subprocess.run([str(PROJECT), "scaling.py"], cwd=HERE, check=True)
     if not args.no_profiles:
-        subprocess.run([str(PROJECT), "profile_misses.py"], cwd=HERE, check=True)
+        subprocess.run([str(PROJECT), "profile_close_calls.py"], cwd=HERE, check=True)
     subprocess.run([str(PROJECT), "report.py"], cwd=HERE, check=True)
 
 

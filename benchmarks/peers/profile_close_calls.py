@@ -1,6 +1,6 @@
-"""Profiles of the workloads where influence_core misses a target (project venv).
+"""Profiles of the closest calls: where influence_core has missed a target on this machine.
 
-    .venv/bin/python benchmarks/peers/profile_misses.py [REPEATS]
+    .venv/bin/python benchmarks/peers/profile_close_calls.py [REPEATS]   (project venv)
 
 Writes ``benchmarks/results/peers/profiles.md``; ``report.py`` puts it in
 ``RESULTS.md`` under "Where we are slower, and why". Each table times the
@@ -32,8 +32,8 @@ from influence_core import InfluenceModel, TracIn, get_registry
 from influence_core.demo import SPEC
 
 
-def rounds(candidates: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median milliseconds of each candidate; one warm-up each, then ``repeats`` rounds."""
+def rounds(candidates: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Milliseconds of each candidate per round; one warm-up each, then ``repeats`` rounds."""
     for fn in candidates.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in candidates}
@@ -42,12 +42,21 @@ def rounds(candidates: dict[str, Callable[[], Any]], repeats: int) -> dict[str, 
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return {name: [1e3 * x for x in t] for name, t in times.items()}
 
 
-def table(title: str, timings: dict[str, float], calls: dict[str, str]) -> list[str]:
-    lines = [title, "", "| stage | median | kernel calls |", "|---|---|---|"]
-    lines += [f"| {name} | {ms:.1f} ms | {calls.get(name, '')} |" for name, ms in timings.items()]
+def table(title: str, timings: dict[str, list[float]], calls: dict[str, str]) -> list[str]:
+    lines = [
+        title,
+        "",
+        "| stage | median | fastest – slowest | kernel calls |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {statistics.median(ms):.1f} ms | {min(ms):.1f} – {max(ms):.1f} ms "
+        f"| {calls.get(name, '')} |"
+        for name, ms in timings.items()
+    ]
     return [*lines, ""]
 
 
