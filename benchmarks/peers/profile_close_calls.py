@@ -26,10 +26,10 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from common import CHECKPOINT_RATE, PROFILES, load_setup, unflatten
+from common import CHECKPOINT_RATE, PROFILES, unflatten
+from run_ours import checkpoint_states, models
 
-from influence_core import InfluenceModel, TracIn, get_registry
-from influence_core.demo import SPEC
+from influence_core import TracIn
 
 
 def rounds(candidates: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
@@ -60,25 +60,12 @@ def table(title: str, timings: dict[str, list[float]], calls: dict[str, str]) ->
     return [*lines, ""]
 
 
-def models(backend: str, last: bool) -> tuple[Any, InfluenceModel, InfluenceModel]:
-    s = load_setup()
-    reference = (
-        get_registry()
-        .by_name(backend)
-        .load_reference_models()(SPEC, unflatten(s["theta"]), "float64")
-    )
-    full = InfluenceModel(reference.model, reference.loss_fn, batch_size=256)
-    chosen = full.with_parameters(full.last_layer().name) if last else full
-    return reference, full, chosen
-
-
 def torch_hessian(repeats: int) -> list[str]:
     import torch
     import torch_model
     from torch.func import functional_call, hessian, jacrev
 
-    s = load_setup()
-    _, _, model = models("torch", last=True)
+    s, _, _, model = models("exact_last", "torch")
     X, y = torch.tensor(s["X_train"]), torch.tensor(s["y_train"])
     n, d = len(y), model.num_parameters
     net = torch_model.build(unflatten(s["theta"]))
@@ -123,14 +110,10 @@ def torch_hessian(repeats: int) -> list[str]:
 def tf_tracin(repeats: int) -> list[str]:
     import tensorflow as tf
 
-    s = load_setup()
-    reference, full, model = models("tensorflow", last=False)
+    s, reference, full, model = models("tracin_all", "tensorflow")
     xp = model.xp
     train, test = (s["X_train"], s["y_train"]), (s["X_test"], s["y_test"])
-    checkpoints = []
-    for theta in s["checkpoints"]:
-        with full.parameters_set_to(reference.from_canonical(theta)):
-            checkpoints.append(full.kernels.save_state())
+    checkpoints = checkpoint_states(s, reference, full)
     tracin = TracIn(model, train, checkpoints, CHECKPOINT_RATE)
     n = len(s["y_train"])
     train_grads = [g for _, g in model.iter_per_sample_grads(train)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -169,37 +170,40 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
 
 
+def ours_and_finished(by_workload: dict[str, list[dict]]) -> Iterator[tuple[str, str, dict, list]]:
+    """(workload, backend, our record, every finished record on that backend) where ours ran."""
+    for workload, records in by_workload.items():
+        for backend in FRAMEWORK:
+            ours = ours_for(records, backend)
+            if ours is not None:
+                done = [r for r in records if r["backend"] == backend and "failed" not in r]
+                yield workload, backend, ours, done
+
+
 def targets(by_workload: dict[str, list[dict]]) -> list[str]:
     lines = [
         "| workload | framework | ours | fastest peer | ours ÷ fastest peer | limit | ours ÷ limit |",
         "|---|---|---|---|---|---|---|",
     ]
-    for workload, records in by_workload.items():
-        for backend in FRAMEWORK:
-            ours = ours_for(records, backend)
-            if ours is None:
-                continue
-            done = [r for r in records if r["backend"] == backend and "failed" not in r]
-            peers = [r for r in done if r["library"] not in (OURS, "limit")]
-            limit = next((r for r in done if r["library"] == "limit"), None)
-            fastest = min(peers, key=lambda r: r["median_s"]) if peers else None
-            lines.append(
-                "| "
-                + " | ".join(
-                    [
-                        workload,
-                        FRAMEWORK[backend],
-                        _ms(ours["median_s"]),
-                        f"{fastest['library']} {_ms(fastest['median_s'])}"
-                        if fastest
-                        else "no peer",
-                        _ratio(ours["median_s"], fastest["median_s"]) if fastest else "–",
-                        _ms(limit["median_s"]) if limit else "–",
-                        _ratio(ours["median_s"], limit["median_s"]) if limit else "–",
-                    ]
-                )
-                + " |"
+    for workload, backend, ours, done in ours_and_finished(by_workload):
+        peers = [r for r in done if r["library"] not in (OURS, "limit")]
+        limit = next((r for r in done if r["library"] == "limit"), None)
+        fastest = min(peers, key=lambda r: r["median_s"]) if peers else None
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    workload,
+                    FRAMEWORK[backend],
+                    _ms(ours["median_s"]),
+                    f"{fastest['library']} {_ms(fastest['median_s'])}" if fastest else "no peer",
+                    _ratio(ours["median_s"], fastest["median_s"]) if fastest else "–",
+                    _ms(limit["median_s"]) if limit else "–",
+                    _ratio(ours["median_s"], limit["median_s"]) if limit else "–",
+                ]
             )
+            + " |"
+        )
     return lines
 
 
@@ -231,25 +235,20 @@ LIMIT_TARGET = 1.5
 def misses(by_workload: dict[str, list[dict]]) -> list[str]:
     """Every (workload, framework) where ours misses a target, with what its profile shows."""
     lines = []
-    for workload, records in by_workload.items():
-        for backend in FRAMEWORK:
-            ours = ours_for(records, backend)
-            if ours is None:
-                continue
-            done = [r for r in records if r["backend"] == backend and "failed" not in r]
-            missed = [
-                f"{_ratio(ours['median_s'], r['median_s'])}x the time of {r['library']}"
-                for r in done
-                if r["library"] not in (OURS, "limit") and ours["median_s"] > r["median_s"]
-            ]
-            missed += [
-                f"{_ratio(ours['median_s'], r['median_s'])}x the limit"
-                for r in done
-                if r["library"] == "limit" and ours["median_s"] > LIMIT_TARGET * r["median_s"]
-            ]
-            if missed:
-                why = WHY_SLOWER.get((workload, backend), "Not profiled.")
-                lines.append(f"- **{workload}, {FRAMEWORK[backend]}**: {'; '.join(missed)}. {why}")
+    for workload, backend, ours, done in ours_and_finished(by_workload):
+        missed = [
+            f"{_ratio(ours['median_s'], r['median_s'])}x the time of {r['library']}"
+            for r in done
+            if r["library"] not in (OURS, "limit") and ours["median_s"] > r["median_s"]
+        ]
+        missed += [
+            f"{_ratio(ours['median_s'], r['median_s'])}x the limit"
+            for r in done
+            if r["library"] == "limit" and ours["median_s"] > LIMIT_TARGET * r["median_s"]
+        ]
+        if missed:
+            why = WHY_SLOWER.get((workload, backend), "Not profiled.")
+            lines.append(f"- **{workload}, {FRAMEWORK[backend]}**: {'; '.join(missed)}. {why}")
     return lines or ["- none in this run."]
 
 

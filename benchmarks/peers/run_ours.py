@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -55,7 +56,8 @@ CONV_SPEC = ModelSpec(
 HVP_BATCH = 1200
 
 
-def main(workload: str, backend: str, repeats: int) -> None:
+def models(workload: str, backend: str) -> tuple[dict, Any, InfluenceModel, InfluenceModel]:
+    """The workload's setup, reference model, InfluenceModel over every parameter, and over θ."""
     s = load_setup(workload)
     reference = (
         get_registry()
@@ -68,6 +70,20 @@ def main(workload: str, backend: str, repeats: int) -> None:
     model = (
         full.with_parameters(full.last_layer().name) if WORKLOADS[workload][1] == "last" else full
     )
+    return s, reference, full, model
+
+
+def checkpoint_states(s: dict, reference: Any, full: InfluenceModel) -> list[Any]:
+    """The setup's TracIn checkpoints as the backend's own saved states."""
+    states = []
+    for theta in s["checkpoints"]:
+        with full.parameters_set_to(reference.from_canonical(theta)):
+            states.append(full.kernels.save_state())
+    return states
+
+
+def main(workload: str, backend: str, repeats: int) -> None:
+    s, reference, full, model = models(workload, backend)
     train, test = (s["X_train"], s["y_train"]), (s["X_test"], s["y_test"])
     host = model.to_numpy
 
@@ -119,10 +135,7 @@ def main(workload: str, backend: str, repeats: int) -> None:
         )
         return both(calc)
 
-    checkpoints = []
-    for theta in s["checkpoints"]:
-        with full.parameters_set_to(reference.from_canonical(theta)):
-            checkpoints.append(full.kernels.save_state())
+    checkpoints = checkpoint_states(s, reference, full)
 
     def tracin():
         return both(TracIn(model, train, checkpoints, CHECKPOINT_RATE))
