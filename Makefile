@@ -4,14 +4,17 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# The core and the three distributions beside it (each backend, the conformance suite).
+DISTRIBUTIONS := backends/torch backends/tensorflow conformance_tests
+PYPROJECTS := pyproject.toml $(addsuffix /pyproject.toml,$(DISTRIBUTIONS))
+STAMP := $(VENV)/.installed-$(shell cat $(PYPROJECTS) | cksum | cut -d' ' -f1)
 
 .PHONY: demo test lint conformance bench bench-peers clean
 
-$(STAMP): pyproject.toml
+$(STAMP): $(PYPROJECTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# torch is pinned to 2.13.0 (a CPU build here); never let pip pick a CUDA build.
-	$(PY) -m pip install --quiet -e '.[torch,tensorflow,tests,demo,docs]'
+	# influence-core-torch pins torch==2.13.0 (a CPU build here); never let pip pick a CUDA build.
+	$(PY) -m pip install --quiet -e '.[tests,demo,docs]' $(addprefix -e ,$(DISTRIBUTIONS))
 	# Keras 2 (tf_keras) is tested too. --no-deps: it requires the full 'tensorflow'
 	# distribution, which would overwrite tensorflow-cpu's files; match TF's minor version.
 	$(PY) -m pip install --quiet --no-deps "tf_keras~=$$(TF_CPP_MIN_LOG_LEVEL=3 $(PY) -c 'import tensorflow as tf; print(tf.__version__.rsplit(".", 1)[0])').0"

@@ -1,8 +1,17 @@
 """influence_core: which training examples made my model do this?
 
-One implementation of training-data influence for PyTorch and TensorFlow.
-The core is written against the Python Array API and the autodiff protocol
-(:class:`ModelKernels`); backends are pluggy plugins.
+One implementation of training-data influence for PyTorch, TensorFlow and
+any framework with a backend plugin. The user API is this module: wrap a
+model (:class:`InfluenceModel`), configure a solver and a calculator, fit the
+calculator on the training data, ask for scores::
+
+    im = InfluenceModel(model, loss_fn, parameters=["fc2"])
+    calc = FirstOrderInfluenceCalculator(im, ExactIHVP(damping=1e-3)).fit(train)
+    top = calc.top_k(test, k=5)
+
+The plugin-author API (the protocol, the registry, the hooks) is
+:mod:`influence_core.plugin`; the command-line application is
+:mod:`influence_core.app`.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from .errors import (
     InvalidBackendSpecError,
     LissaDivergenceError,
     NonFiniteGradientError,
+    NotFittedError,
     NotPositiveDefiniteError,
     PerSampleLossError,
     PluginLoadWarning,
@@ -36,7 +46,6 @@ from .estimators import (
     TopK,
     TracIn,
 )
-from .hookspecs import hookimpl
 from .ihvp import (
     ArnoldiIHVP,
     ConjugateGradientIHVP,
@@ -44,20 +53,18 @@ from .ihvp import (
     InverseHessianVectorProduct,
     LissaIHVP,
 )
+from .io import SavedResult, load_result, save_result
+from .measurements import Measurement, logit, margin, probability
 from .model import InfluenceModel
-from .namespace import ArrayNamespace, numpy_namespace
+from .plugin.protocol import UnsupportedByBackendError
+from .plugin.registry import get_registry
 from .progress import set_progress
-from .protocol import ModelKernels
-from .registry import BackendRegistry, BackendSpec, get_registry
-from .results import SavedResult, load_result, run_chunked, save_result
+from .runs import run_influence, run_self_influence, run_top_k
 
 __all__ = [
     "ArnoldiIHVP",
     "ArnoldiInfluenceCalculator",
-    "ArrayNamespace",
     "BackendNotFoundError",
-    "BackendRegistry",
-    "BackendSpec",
     "Batch",
     "ConjugateGradientIHVP",
     "ConvergenceWarning",
@@ -72,8 +79,9 @@ __all__ = [
     "InverseHessianVectorProduct",
     "LissaDivergenceError",
     "LissaIHVP",
-    "ModelKernels",
+    "Measurement",
     "NonFiniteGradientError",
+    "NotFittedError",
     "NotPositiveDefiniteError",
     "PerSampleLossError",
     "PluginLoadWarning",
@@ -86,12 +94,16 @@ __all__ = [
     "TopK",
     "TracIn",
     "UnknownParameterError",
+    "UnsupportedByBackendError",
     "array_namespace",
     "available_backends",
-    "get_registry",
-    "hookimpl",
     "load_result",
-    "run_chunked",
+    "logit",
+    "margin",
+    "probability",
+    "run_influence",
+    "run_self_influence",
+    "run_top_k",
     "save_result",
     "set_progress",
 ]
@@ -104,12 +116,14 @@ def available_backends() -> list[str]:
     return get_registry().names()
 
 
-def array_namespace(array: Any) -> ArrayNamespace:
-    """The namespace (Array API plus ``top_k``) for a native or NumPy array."""
+def array_namespace(array: Any) -> Any:
+    """The Array API namespace for a native or NumPy array."""
     spec = get_registry().for_array(array)
     if spec is not None:
         return spec.load_namespace()
     import numpy as np
+
+    from .plugin.namespace import numpy_namespace
 
     if isinstance(array, np.ndarray | np.generic):
         return numpy_namespace()

@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 from .errors import DatasetFormatError
+from .tree import tree_leaves, tree_map
 
-__all__ = ["Batch", "convert_tree", "is_array_pair", "iter_batches", "leading_dim", "take_samples"]
+__all__ = ["Batch", "chunks", "is_array_pair", "iter_batches", "leading_dim", "take_samples"]
 
 
 class Batch(NamedTuple):
@@ -36,25 +37,14 @@ class Batch(NamedTuple):
 
 def leading_dim(tree: Any) -> int:
     """Size of the leading (batch) dimension of an array or of the first array of a pytree."""
-    while isinstance(tree, (tuple, list)) and tree:
-        tree = tree[0]
-    if isinstance(tree, dict) and tree:
-        return leading_dim(next(iter(tree.values())))
-    shape = getattr(tree, "shape", None)
+    first = next(tree_leaves(tree), None)
+    shape = getattr(first, "shape", None)
     if shape is None or len(shape) == 0:
         raise DatasetFormatError(
-            f"expected arrays with a leading batch dimension, got {type(tree).__name__} "
+            f"expected arrays with a leading batch dimension, got {type(first).__name__} "
             f"with shape {shape}; a scalar target needs shape (batch,), not ()"
         )
     return int(shape[0])
-
-
-def _slice(tree: Any, start: int, stop: int) -> Any:
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(_slice(t, start, stop) for t in tree)
-    if isinstance(tree, dict):
-        return {k: _slice(v, start, stop) for k, v in tree.items()}
-    return tree[start:stop]
 
 
 def is_array_pair(data: Any) -> bool:
@@ -73,18 +63,17 @@ def take_samples(tree: Any, index: Any) -> Any:
     NumPy arrays are indexed directly; native arrays through their own
     namespace's ``take``, so no framework is named here.
     """
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(take_samples(t, index) for t in tree)
-    if isinstance(tree, dict):
-        return {k: take_samples(v, index) for k, v in tree.items()}
     import numpy as np
 
-    if isinstance(tree, np.ndarray):
-        return tree[index]
     from . import array_namespace  # the registry: resolves the array's backend
 
-    xp = array_namespace(tree)
-    return xp.take(tree, xp.asarray(index), axis=0)
+    def take(leaf: Any) -> Any:
+        if isinstance(leaf, np.ndarray):
+            return leaf[index]
+        xp = array_namespace(leaf)
+        return xp.take(leaf, xp.asarray(index), axis=0)
+
+    return tree_map(take, tree)
 
 
 def _describe(element: Any) -> str:
@@ -131,15 +120,15 @@ def iter_batches(
                 "pass (X, y) with the same leading dimension"
             )
         if n <= batch_size:  # one batch: no slicing (an eager slice op per array in TF)
-            yield Batch(convert_tree(inputs, as_native), convert_tree(targets, as_native), 0)
+            yield Batch(tree_map(as_native, inputs), tree_map(as_native, targets), 0)
             return
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            yield Batch(
-                convert_tree(_slice(inputs, start, stop), as_native),
-                convert_tree(_slice(targets, start, stop), as_native),
-                start,
-            )
+
+            def cut(leaf: Any, start: int = start, stop: int = stop) -> Any:
+                return as_native(leaf[start:stop])
+
+            yield Batch(tree_map(cut, inputs), tree_map(cut, targets), start)
         return
     elements: Iterable[Any] | None = native_batches(data, batch_size)
     if elements is None:
@@ -159,14 +148,24 @@ def iter_batches(
                 f"a batch has {leading_dim(inputs)} inputs but {n} targets (batch starting at "
                 f"sample {start}); inputs and targets must share the leading dimension"
             )
-        yield Batch(convert_tree(inputs, as_native), convert_tree(targets, as_native), start)
+        yield Batch(tree_map(as_native, inputs), tree_map(as_native, targets), start)
         start += n
 
 
-def convert_tree(tree: Any, as_native: Callable[[Any], Any]) -> Any:
-    """Apply ``as_native`` to every array of a pytree (tuples, lists, dicts)."""
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(convert_tree(t, as_native) for t in tree)
-    if isinstance(tree, dict):
-        return {k: convert_tree(v, as_native) for k, v in tree.items()}
-    return as_native(tree)
+def chunks(batches: Iterable[Batch], chunk_size: int) -> Iterator[list[Batch]]:
+    """Group consecutive batches into chunks of at least ``chunk_size`` samples (the last may be smaller).
+
+    Chunks are whole batches, so a chunk boundary never splits a batch.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    chunk: list[Batch] = []
+    size = 0
+    for batch in batches:
+        chunk.append(batch)
+        size += batch.size
+        if size >= chunk_size:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk

@@ -18,6 +18,7 @@ __all__ = [
     "InvalidBackendSpecError",
     "LissaDivergenceError",
     "NonFiniteGradientError",
+    "NotFittedError",
     "NotPositiveDefiniteError",
     "PerSampleLossError",
     "PluginLoadWarning",
@@ -36,7 +37,18 @@ class DuplicateBackendError(RuntimeError):
 
 
 class InvalidBackendSpecError(ValueError):
-    """A plugin returned a malformed :class:`~influence_core.registry.BackendSpec`."""
+    """A plugin returned a malformed :class:`~influence_core.plugin.BackendSpec`."""
+
+
+class NotFittedError(RuntimeError):
+    """A solver or calculator was used before ``fit`` (configure, then fit, then use)."""
+
+    def __init__(self, obj: object, what: str = "") -> None:
+        name = type(obj).__name__
+        super().__init__(
+            f"this {name} is not fitted yet{': ' + what if what else ''}. Call "
+            f"{name}(...).fit(...) first; it returns the fitted object."
+        )
 
 
 class PluginLoadWarning(UserWarning):

@@ -11,7 +11,7 @@ One call wraps a PyTorch ``nn.Module`` or a TensorFlow/Keras model::
 Everything dataset-level (streaming batches, weighting the partial last batch,
 non-finite checks that name the samples, Hessians assembled from HVP blocks)
 is written here once; the backend supplies only the per-batch kernels of
-:class:`~influence_core.protocol.ModelKernels`. Results are native arrays of
+:class:`~influence_core.plugin.ModelKernels`. Results are native arrays of
 the model's framework (torch in, torch out; TF in, TF out).
 
 Loss convention: ``loss_fn`` returns one value per sample (``reduction="none"``
@@ -28,12 +28,14 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from .arrays import join
 from .data import Batch, is_array_pair, iter_batches, leading_dim
 from .errors import NonFiniteGradientError, PerSampleLossError, PrecisionWarning
-from .namespace import ArrayNamespace
+from .measurements import LOSS, Measurement
+from .plugin.namespace import ArrayNamespace
+from .plugin.protocol import LastLayer, ModelKernels
+from .plugin.registry import BackendRegistry, get_registry
 from .progress import progress
-from .protocol import LastLayer, ModelKernels
-from .registry import BackendRegistry, get_registry
 
 __all__ = ["DEFAULT_BATCH_SIZE", "MAX_HESSIAN_PARAMETERS", "InfluenceModel"]
 
@@ -59,9 +61,9 @@ class InfluenceModel:
             chosen from the model's type.
         batch_size: batch size for ``(X, y)`` arrays and unbatched datasets.
         check_finite: check every gradient, HVP and Hessian for NaN/inf and name
-            the offending samples. Costs one reduction per result (measured
-            0.1-0.25 ms on a 256 x 9610 block, see ``docs/benchmarks.md``);
-            estimators that check their own, smaller outputs turn it off.
+            the offending samples. Costs one reduction per result (its cost is
+            measured by ``make bench``, ``benchmarks/bench_kernels.py``; table in
+            ``docs/benchmarks.md``).
         registry: the backend registry (tests use their own).
     """
 
@@ -106,7 +108,7 @@ class InfluenceModel:
     # -- θ ------------------------------------------------------------------------
     @property
     def xp(self) -> ArrayNamespace:
-        """The array namespace of the model's arrays (Array API plus ``top_k``)."""
+        """The Array API namespace of the model's arrays."""
         return self.kernels.xp
 
     @property
@@ -231,7 +233,7 @@ class InfluenceModel:
             self.kernels.per_sample_loss(b.inputs, b.targets)
             for b in self.batches(data, batch_size)
         ]
-        return parts[0] if len(parts) == 1 else self.xp.concat(parts, axis=0)
+        return join(self.xp, parts)
 
     def loss_grad(self, data: Any, batch_size: int | None = None) -> Array:
         """∇_θ L(θ) = (1/n) Σ_i ∇_θ ℓ(z_i, θ) over all of ``data``: shape ``(d,)``.
@@ -258,12 +260,32 @@ class InfluenceModel:
         for batch in self.batches(data, batch_size):
             yield batch, self.batch_per_sample_grads(batch)
 
-    def batch_per_sample_grads(self, batch: Batch) -> Array:
-        """Per-sample gradients (b, d) of one :class:`Batch` from :meth:`batches`, finite-checked."""
-        grads = self.kernels.per_sample_grads(batch.inputs, batch.targets)
+    def batch_per_sample_grads(self, batch: Batch, measurement: Measurement = LOSS) -> Array:
+        """Per-sample gradients (b, d) of one :class:`Batch` from :meth:`batches`, finite-checked.
+
+        With a ``measurement`` other than the loss, the gradients of its
+        loss-like form m = ∓f (:mod:`influence_core.measurements`).
+        """
+        if measurement.is_loss:
+            grads = self.kernels.per_sample_grads(batch.inputs, batch.targets)
+        else:
+            grads = self.kernels.per_sample_measurement_grads(
+                batch.inputs, batch.targets, measurement.loss_like(self.xp)
+            )
         if self.check_finite and not self._all_finite(grads):
-            raise NonFiniteGradientError("per-sample gradients", self._bad_rows(grads, batch.start))
+            raise NonFiniteGradientError(
+                "per-sample gradients"
+                + ("" if measurement.is_loss else f" of the {measurement.describe()}"),
+                self._bad_rows(grads, batch.start),
+            )
         return grads
+
+    def iter_measurement_grads(
+        self, data: Any, measurement: Measurement, batch_size: int | None = None
+    ) -> Iterator[tuple[Batch, Array]]:
+        """Stream ``(batch, ∇_θ m(z_i) of shape (b, d))`` for a test-side measurement."""
+        for batch in self.batches(data, batch_size):
+            yield batch, self.batch_per_sample_grads(batch, measurement)
 
     # -- second order -------------------------------------------------------------
     def hvp(self, data: Any, vectors: Any, batch_size: int | None = None) -> Array:
@@ -317,7 +339,7 @@ class InfluenceModel:
 
         def block_hvps(batch: Batch) -> Array:
             hb = [self.kernels.mean_loss_hvp(batch.inputs, batch.targets, blk) for blk in blocks]
-            return hb[0] if len(hb) == 1 else xp.concat(hb, axis=1)
+            return join(xp, hb, axis=1)
 
         return self._weighted_mean(data, batch_size, block_hvps, "Hessian", show_progress=True)
 

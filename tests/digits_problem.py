@@ -13,8 +13,8 @@ import numpy as np
 from scipy.optimize import minimize
 from sklearn.datasets import load_digits
 
+from influence_conformance.specs import Dense, ModelSpec
 from influence_core import InfluenceModel, get_registry
-from influence_core.specs import Dense, ModelSpec
 
 MU = 1e-2
 N_TRAIN = 1000
@@ -66,12 +66,25 @@ def problem() -> dict[str, np.ndarray]:
 
 
 @cache
+def refit_without(i: int) -> np.ndarray:
+    """θ retrained to convergence without training point i."""
+    p = problem()
+    keep = np.arange(N_TRAIN) != i
+    return fit(p["X"][keep], p["y"][keep], p["theta"])
+
+
 def actual_change(i: int) -> np.ndarray:
     """Test-loss change (3 test points) after retraining without training point i."""
     p = problem()
-    keep = np.arange(N_TRAIN) != i
-    theta = fit(p["X"][keep], p["y"][keep], p["theta"])
+    theta = refit_without(i)
     return loss_at(theta, p["X_test"], p["y_test"]) - loss_at(p["theta"], p["X_test"], p["y_test"])
+
+
+def margin_at(theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """TRAK's margin Φ_y − log Σ_{k≠y} exp Φ_k, by hand."""
+    z = X @ theta[:640].reshape(64, 10) + theta[640:]
+    others = np.where(np.eye(10, dtype=bool)[y], -np.inf, z)
+    return z[np.arange(len(y)), y] - np.log(np.exp(others).sum(axis=1))
 
 
 def digits_model(backend: str, batch_size: int = 250) -> InfluenceModel:

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from digits_problem import MU, digits_model, problem
 
-from influence_core import ExactIHVP, FirstOrderInfluenceCalculator, run_chunked
+from influence_core import ExactIHVP, FirstOrderInfluenceCalculator, run_self_influence
 
 
 class SlowCalculator(FirstOrderInfluenceCalculator):
@@ -26,8 +26,8 @@ def main(out: str, backend: str) -> None:
     p = problem()
     model = digits_model(backend, batch_size=50)
     train = (p["X"], p["y"])
-    calculator = SlowCalculator(model, train, ExactIHVP(model, train, damping=MU), batch_size=50)
-    run_chunked(calculator, out, "self_influence", chunk_size=100)
+    calculator = SlowCalculator(model, ExactIHVP(damping=MU), batch_size=50).fit(train)
+    run_self_influence(calculator, out, chunk_size=100)
 
 
 if __name__ == "__main__":

@@ -34,13 +34,13 @@ def test_arnoldi_accuracy_rises_with_rank(backend: str) -> None:
     model = digits_model(backend, batch_size=1000)
     train, test = (p["X"], p["y"]), (p["X_test"], p["y_test"])
 
-    exact_calculator = FirstOrderInfluenceCalculator(
-        model, train, ExactIHVP(model, train, damping=MU)
-    )
+    exact_calculator = FirstOrderInfluenceCalculator(model, ExactIHVP(damping=MU)).fit(train)
     exact = model.to_numpy(exact_calculator.influence(test)).ravel()
 
     def correlation(rank: int) -> float:
-        calculator = ArnoldiInfluenceCalculator(model, train, rank=rank, damping=MU)
+        calculator = ArnoldiInfluenceCalculator(model, ArnoldiIHVP(rank=rank, damping=MU)).fit(
+            train
+        )
         return pearsonr(model.to_numpy(calculator.influence(test)).ravel(), exact).statistic
 
     correlations = [correlation(r) for r in RANKS]
@@ -56,10 +56,10 @@ def test_full_rank_arnoldi_is_exact_influence(backend: str, tmp_path) -> None:
     model = digits_model(backend, batch_size=1000)
     train, test = (p["X"], p["y"]), (p["X_test"], p["y_test"])
     host = model.to_numpy
-    exact = FirstOrderInfluenceCalculator(model, train, ExactIHVP(model, train, damping=MU))
-    ihvp = ArnoldiIHVP(model, train, damping=MU, rank=650)
-    through_solver = FirstOrderInfluenceCalculator(model, train, ihvp)
-    projected = ArnoldiInfluenceCalculator(model, train, ihvp=ihvp)
+    exact = FirstOrderInfluenceCalculator(model, ExactIHVP(damping=MU)).fit(train)
+    ihvp = ArnoldiIHVP(damping=MU, rank=650).fit(model, train)
+    through_solver = FirstOrderInfluenceCalculator(model, ihvp).fit(train)
+    projected = ArnoldiInfluenceCalculator(model, ihvp).fit(train)
     expected = host(exact.influence(test))
     for calculator in (through_solver, projected):
         np.testing.assert_allclose(
@@ -74,16 +74,18 @@ def test_full_rank_arnoldi_is_exact_influence(backend: str, tmp_path) -> None:
     scores, self_influence = projected.influence_and_self_influence(test, subset)
     np.testing.assert_allclose(host(scores), expected[:, :50], rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(host(self_influence), host(exact.self_influence(subset)), rtol=1e-8)
-    relatif = ArnoldiInfluenceCalculator(model, train, ihvp=ihvp, normalize=True)
-    relatif_exact = FirstOrderInfluenceCalculator(model, train, exact.ihvp, normalize=True)
+    relatif = ArnoldiInfluenceCalculator(model, ihvp, normalize=True).fit(train)
+    relatif_exact = FirstOrderInfluenceCalculator(model, exact.ihvp, normalize=True).fit(train)
     np.testing.assert_allclose(
         host(relatif.influence(test)), host(relatif_exact.influence(test)), rtol=1e-8, atol=1e-10
     )
 
     # Saved eigenpairs give the same scores, and are refused for other parameters.
-    projected.save(tmp_path / "eigen")
-    loaded = ArnoldiInfluenceCalculator.load(tmp_path / "eigen", model, train)
+    projected.ihvp.save(tmp_path / "eigen")
+    loaded = ArnoldiInfluenceCalculator(
+        model, ArnoldiIHVP.load(tmp_path / "eigen", model, train)
+    ).fit(train)
     np.testing.assert_array_equal(host(loaded.influence(test)), host(projected.influence(test)))
     theta = host(model.get_parameters())
     with model.parameters_set_to(theta * 1.001), pytest.raises(ValueError, match="fingerprint"):
-        ArnoldiInfluenceCalculator.load(tmp_path / "eigen", model, train)
+        ArnoldiIHVP.load(tmp_path / "eigen", model, train)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from influence_core import load_result
-from influence_core.cli import main
-from influence_core.compare import compare_models
+from influence_core.app.cli import main
+from influence_core.app.compare import compare_models
 
 
 @pytest.mark.filterwarnings("ignore::influence_core.ConvergenceWarning")  # a short training run

@@ -6,6 +6,7 @@ import numpy as np
 from digits_problem import MU, digits_model, problem
 
 from influence_core import (
+    ArnoldiIHVP,
     ArnoldiInfluenceCalculator,
     ExactIHVP,
     SecondOrderInfluenceCalculator,
@@ -23,17 +24,19 @@ def results(backend: str) -> dict[str, np.ndarray]:
     host = model.to_numpy
     train, test = (p["X"], p["y"]), (p["X_test"], p["y_test"])
     group = (p["X"][:120], p["y"][:120])
-    second = SecondOrderInfluenceCalculator(model, train, ExactIHVP(model, train, damping=MU))
+    second = SecondOrderInfluenceCalculator(model, ExactIHVP(damping=MU)).fit(train)
     # Arnoldi with a full Krylov space (iterations = d): the top 50 eigenpairs are then
     # determined up to rounding, so both frameworks keep the same subspace.
-    arnoldi = ArnoldiInfluenceCalculator(model, train, rank=50, iterations=650, damping=MU)
+    arnoldi = ArnoldiInfluenceCalculator(
+        model, ArnoldiIHVP(rank=50, iterations=650, damping=MU)
+    ).fit(train)
     theta = host(model.get_parameters())
     with model.parameters_set_to(theta * 0.5):
         halfway = model.kernels.save_state()
-    tracin = TracIn(model, train, [halfway, model.kernels.save_state()], [0.3, 0.1])
+    tracin = TracIn(model, [halfway, model.kernels.save_state()], [0.3, 0.1]).fit(train)
     return {
         "second-order group influence": host(second.group_influence(test, group)),
-        "arnoldi eigenvalues": host(arnoldi.ihvp.eigenvalues),
+        "arnoldi eigenvalues": host(arnoldi.ihvp.eigenvalues_),
         "arnoldi influence": host(arnoldi.influence(test)),
         "arnoldi self-influence": host(arnoldi.self_influence((p["X"][:100], p["y"][:100]))),
         "tracin influence": host(tracin.influence(test)),

@@ -38,9 +38,9 @@ def test_second_order_beats_first_order_on_group_removal(backend: str) -> None:
     p = problem()
     model = digits_model(backend, batch_size=1000)
     train, test = (p["X"], p["y"]), (p["X_test"], p["y_test"])
-    ihvp = ExactIHVP(model, train, damping=MU)
-    first = FirstOrderInfluenceCalculator(model, train, ihvp)
-    second = SecondOrderInfluenceCalculator(model, train, ihvp)
+    ihvp = ExactIHVP(damping=MU).fit(model, train)
+    first = FirstOrderInfluenceCalculator(model, ihvp).fit(train)
+    second = SecondOrderInfluenceCalculator(model, ihvp).fit(train)
 
     predicted_first, predicted_second, actual = [], [], []
     for group in groups():
@@ -69,8 +69,8 @@ def test_second_order_formula_on_a_small_group() -> None:
     p = problem()
     model = digits_model("torch", batch_size=1000)
     train = (p["X"], p["y"])
-    ihvp = ExactIHVP(model, train, damping=MU)
-    second = SecondOrderInfluenceCalculator(model, train, ihvp)
+    ihvp = ExactIHVP(damping=MU).fit(model, train)
+    second = SecondOrderInfluenceCalculator(model, ihvp).fit(train)
     group = (p["X"][:40], p["y"][:40])
     host = model.to_numpy
     H = host(model.hessian(train))

@@ -24,12 +24,12 @@ def test_predicted_loss_change_matches_leave_one_out(backend: str, solver: str) 
     model = digits_model(backend)
     train = (p["X"], p["y"])
     ihvp = (
-        ExactIHVP(model, train, damping=MU)
+        ExactIHVP(damping=MU).fit(model, train)
         if solver == "exact"
-        else ConjugateGradientIHVP(model, train, damping=MU, tol=1e-10, maxiter=300)
+        else ConjugateGradientIHVP(damping=MU, tol=1e-10, maxiter=300).fit(model, train)
     )
     scores = model.to_numpy(
-        FirstOrderInfluenceCalculator(model, train, ihvp).influence((p["X_test"], p["y_test"]))
+        FirstOrderInfluenceCalculator(model, ihvp).fit(train).influence((p["X_test"], p["y_test"]))
     )
     predicted, actual = [], []
     for t in range(3):

@@ -34,9 +34,9 @@ def test_first_order_and_tracin_take_training_gradients_once_for_both() -> None:
     p = problem()
     model = digits_model("torch", batch_size=100)
     train, test = (p["X"][:300], p["y"][:300]), (p["X_test"][:5], p["y_test"][:5])
-    first_order = FirstOrderInfluenceCalculator(model, train, ExactIHVP(model, train, damping=MU))
+    first_order = FirstOrderInfluenceCalculator(model, ExactIHVP(damping=MU)).fit(train)
     state = model.kernels.save_state()
-    tracin = TracIn(model, train, [state, state, state], 0.1)
+    tracin = TracIn(model, [state, state, state], 0.1).fit(train)
     passes = counting_training_passes(model, train[0])
     for calculator, per_call in ((first_order, 1), (tracin, 3)):
         passes[0] = 0

@@ -1,19 +1,39 @@
-"""Every package directory is listed in pyproject.toml, so a wheel ships all of it."""
+"""Every distribution ships all of its packages, and the core distribution ships only the core."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Each backend and the conformance suite are distributions of their own beside the core.
+DISTRIBUTIONS = ["backends/torch", "backends/tensorflow", "conformance_tests"]
 
 
-def test_every_package_directory_is_in_the_wheel() -> None:
+def python_package_dirs(root: Path, top: str) -> set[str]:
+    """Dotted names of every directory under ``root/top`` that holds Python modules."""
+    found = set()
+    for module in (root / top).rglob("*.py"):
+        found.add(".".join(module.parent.relative_to(root).parts))
+    return found
+
+
+def test_the_core_distribution_finds_every_core_package_and_nothing_else() -> None:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    listed = set(config["packages"])
-    for name, directory in config["package-dir"].items():
-        for init in (ROOT / directory).rglob("__init__.py"):
-            relative = init.parent.relative_to(ROOT / directory)
-            package = ".".join([name, *relative.parts])
-            assert package in listed, f"{package} is missing from [tool.setuptools] packages"
+    assert config["packages"]["find"]["include"] == ["influence_core*"]
+    for package in python_package_dirs(ROOT, "influence_core"):
+        # setuptools' find only sees regular packages: each directory needs an __init__.py.
+        assert (ROOT / package.replace(".", "/") / "__init__.py").exists(), package
+
+
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_each_plugin_distribution_lists_its_packages(distribution: str) -> None:
+    root = ROOT / distribution
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    listed = set(config["tool"]["setuptools"]["packages"])
+    (top,) = {name.split(".")[0] for name in listed}
+    assert (root / top / "__init__.py").exists(), f"the folder name is the import name: {top}"
+    assert python_package_dirs(root, top) <= listed
+    assert "influence-core" in config["project"]["dependencies"]

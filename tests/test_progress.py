@@ -6,23 +6,26 @@ import numpy as np
 from digits_problem import MU, digits_model, problem
 
 from influence_core import ExactIHVP, FirstOrderInfluenceCalculator, set_progress
-from influence_core.progress import progress_enabled
+from influence_core.progress import progress_disable
 
 
 def test_progress_switch_and_environment(monkeypatch, capsys) -> None:
     monkeypatch.delenv("INFLUENCE_CORE_PROGRESS", raising=False)
     set_progress(None)
-    assert progress_enabled() is False  # pytest's stderr is not a terminal
+    assert progress_disable() is None  # tqdm's own automatic mode
     monkeypatch.setenv("INFLUENCE_CORE_PROGRESS", "1")
-    assert progress_enabled() is True
+    assert progress_disable() is False
     set_progress(False)
-    assert progress_enabled() is False  # the switch wins over the environment
+    assert progress_disable() is True  # the switch wins over the environment
     set_progress(None)
+    monkeypatch.delenv("INFLUENCE_CORE_PROGRESS")
 
     p = problem()
     model = digits_model("torch", batch_size=100)
     train = (p["X"][:300], p["y"][:300])
-    calculator = FirstOrderInfluenceCalculator(model, train, ExactIHVP(model, train, damping=MU))
+    calculator = FirstOrderInfluenceCalculator(model, ExactIHVP(damping=MU)).fit(train)
+    calculator.self_influence()
+    assert "self-influence" not in capsys.readouterr().err  # automatic: stderr is no terminal
     set_progress(True)
     try:
         values = model.to_numpy(calculator.self_influence())

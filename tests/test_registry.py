@@ -11,14 +11,11 @@ import pytest
 import influence_core
 from influence_core import (
     BackendNotFoundError,
-    BackendRegistry,
-    BackendSpec,
     DuplicateBackendError,
     InvalidBackendSpecError,
     PluginLoadWarning,
-    hookimpl,
 )
-from influence_core import registry as registry_module
+from influence_core.plugin import BackendRegistry, BackendSpec, hookimpl
 
 
 def fake_spec(name: str = "fake", **overrides: object) -> BackendSpec:
@@ -26,8 +23,8 @@ def fake_spec(name: str = "fake", **overrides: object) -> BackendSpec:
         name=name,
         model_types=("builtins.dict",),
         array_types=("builtins.list",),
-        kernels="influence_core.protocol:ModelKernels",
-        namespace="influence_core.namespace:numpy_namespace",
+        kernels="influence_core.plugin:ModelKernels",
+        namespace="array_api_compat:numpy",
     )
     fields.update(overrides)
     return BackendSpec(**fields)
@@ -45,9 +42,11 @@ class Plugin:
 def test_first_party_backends_arrive_through_entry_points() -> None:
     specs = influence_core.get_registry().specs
     assert {"torch", "tensorflow"} <= set(specs)
-    assert specs["torch"].distribution == "influence-core"
+    # Each first-party backend is its own distribution, as a third-party plugin would be.
+    assert specs["torch"].distribution == "influence-core-torch"
+    assert specs["tensorflow"].distribution == "influence-core-tensorflow"
     eps = {ep.name: ep.value for ep in metadata.entry_points(group="influence_core.backends")}
-    assert eps["torch"] == "influence_backends.torch.plugin"
+    assert eps["torch"] == "influence_torch.plugin"
 
 
 def test_duplicate_backend_names_are_an_error_naming_both_distributions() -> None:
@@ -77,7 +76,7 @@ def test_a_plugin_that_fails_to_import_is_a_warning(monkeypatch: pytest.MonkeyPa
     broken = metadata.EntryPoint(
         name="broken", value="no_such_module_for_influence_core", group="x"
     )
-    monkeypatch.setattr(registry_module.metadata, "entry_points", lambda group: [broken])
+    monkeypatch.setattr(metadata, "entry_points", lambda group: [broken])
     registry = BackendRegistry()
     registry.register(Plugin(fake_spec("healthy")), distribution="ok-dist")
     with pytest.warns(PluginLoadWarning, match="no_such_module_for_influence_core"):
@@ -113,6 +112,12 @@ def test_unknown_model_type_lists_backends_and_how_to_install() -> None:
     assert "pip install" in message
     with pytest.raises(BackendNotFoundError, match="no backend named 'jax'"):
         influence_core.InfluenceModel(object(), loss_fn=None, backend="jax")
+
+
+def test_a_namespace_named_by_string_is_imported_on_first_use() -> None:
+    import array_api_compat.numpy as compat_numpy
+
+    assert fake_spec().load_namespace() is compat_numpy
 
 
 def test_model_lookup_imports_no_framework() -> None:

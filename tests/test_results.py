@@ -21,7 +21,9 @@ from influence_core import (
     ResultFileError,
     TracIn,
     load_result,
-    run_chunked,
+    run_influence,
+    run_self_influence,
+    run_top_k,
     save_result,
 )
 
@@ -32,8 +34,8 @@ def setup(backend: str = "torch"):
     p = problem()
     model = digits_model(backend, batch_size=50)
     train, test = (p["X"][:300], p["y"][:300]), (p["X_test"], p["y_test"])
-    calculator = FirstOrderInfluenceCalculator(
-        model, train, ExactIHVP(model, train, damping=MU), batch_size=50
+    calculator = FirstOrderInfluenceCalculator(model, ExactIHVP(damping=MU), batch_size=50).fit(
+        train
     )
     return model, calculator, train, test
 
@@ -74,11 +76,11 @@ def test_save_and_load_round_trip_with_checks(tmp_path: Path) -> None:
 def test_chunked_runs_equal_direct_computation(backend: str, tmp_path: Path) -> None:
     model, calculator, _, test = setup(backend)
     host = model.to_numpy
-    scores = run_chunked(calculator, tmp_path / "a", "influence", test_data=test, chunk_size=120)
+    scores = run_influence(calculator, tmp_path / "a", test, chunk_size=120)
     np.testing.assert_allclose(host(scores), host(calculator.influence(test)), rtol=1e-12)
-    values = run_chunked(calculator, tmp_path / "b", "self_influence", chunk_size=120)
+    values = run_self_influence(calculator, tmp_path / "b", chunk_size=120)
     np.testing.assert_allclose(host(values), host(calculator.self_influence()), rtol=1e-12)
-    top = run_chunked(calculator, tmp_path / "c", "top_k", test_data=test, k=7, chunk_size=120)
+    top = run_top_k(calculator, tmp_path / "c", test, k=7, chunk_size=120)
     direct = calculator.top_k(test, k=7)
     for got, expected in zip(top, direct, strict=True):
         np.testing.assert_allclose(host(got), host(expected), rtol=1e-12)
@@ -89,13 +91,13 @@ def test_chunked_runs_equal_direct_computation(backend: str, tmp_path: Path) -> 
     np.testing.assert_array_equal(saved.arrays["proponents"], host(direct.proponents))
     # Another run in the same directory is refused.
     with pytest.raises(FingerprintMismatchError, match="another run"):
-        run_chunked(calculator, tmp_path / "c", "top_k", test_data=test, k=3, chunk_size=120)
+        run_top_k(calculator, tmp_path / "c", test, k=3, chunk_size=120)
 
 
 def test_chunked_tracin_top_k(tmp_path: Path) -> None:
     model, _, train, test = setup()
-    tracin = TracIn(model, train, [model.kernels.save_state()], 0.1, batch_size=50)
-    top = run_chunked(tracin, tmp_path, "top_k", test_data=test, k=4, chunk_size=100)
+    tracin = TracIn(model, [model.kernels.save_state()], 0.1, batch_size=50).fit(train)
+    top = run_top_k(tracin, tmp_path, test, k=4, chunk_size=100)
     direct = tracin.top_k(test, k=4)
     np.testing.assert_array_equal(model.to_numpy(top.proponents), model.to_numpy(direct.proponents))
 

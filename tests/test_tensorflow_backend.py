@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from influence_backends.tensorflow.data import is_batched
 from influence_conformance import SPECS
 from influence_conformance.cases import assert_close, build_case, to_numpy
 from influence_core import InfluenceModel
+from influence_tensorflow.data import is_batched
 
 
 class TwoLayerModule(tf.Module):

@@ -67,7 +67,7 @@ def test_tracin_terms_match_actual_test_loss_drops(backend: str) -> None:
     terms, drops = [], []
     for t, i in enumerate(run["order"]):
         checkpoint = native_checkpoint(backend, reference, model, run["thetas"][t])
-        tracin = TracIn(model, None, [checkpoint], ETA)
+        tracin = TracIn(model, [checkpoint], ETA).fit(None)
         terms.append(
             model.to_numpy(tracin.influence(test, (p["X"][i : i + 1], p["y"][i : i + 1])))[:, 0]
         )
@@ -106,7 +106,7 @@ def test_tracin_checkpoint_sum_matches_numpy(backend: str, tmp_path) -> None:
         rate * (per_sample_grads(run["thetas"][t], X, y) ** 2).sum(axis=1)
         for t, rate in zip(steps, rates, strict=True)
     )
-    tracin = TracIn(model, (X, y), checkpoints, rates, batch_size=8, chunk_size=16)
+    tracin = TracIn(model, checkpoints, rates, batch_size=8, chunk_size=16).fit((X, y))
     host = model.to_numpy
     np.testing.assert_allclose(host(tracin.influence(test)), expected, rtol=1e-10)
     np.testing.assert_allclose(host(tracin.self_influence()), expected_self, rtol=1e-10)
@@ -141,7 +141,7 @@ def test_tracin_checkpoint_sum_matches_numpy(backend: str, tmp_path) -> None:
     reference.model.set_weights(
         native_checkpoint(backend, reference, model, np.zeros(650))
     ) if backend == "tensorflow" else None
-    from_files = TracIn(model, (X, y), [str(path) for path in paths], rates)
+    from_files = TracIn(model, [str(path) for path in paths], rates).fit((X, y))
     np.testing.assert_allclose(host(from_files.influence(test)), expected, rtol=1e-10)
 
 
@@ -151,7 +151,7 @@ def test_random_projection_error_shrinks_with_dimension(backend: str) -> None:
     reference, model = build(backend)
     checkpoint = [native_checkpoint(backend, reference, model, run["thetas"][100])]
     train, test = (p["X"][:200], p["y"][:200]), (p["X_test"], p["y_test"])
-    plain = TracIn(model, train, checkpoint, 1.0)
+    plain = TracIn(model, checkpoint, 1.0).fit(train)
     exact = model.to_numpy(plain.influence(test))
     # Johnson-Lindenstrauss scale of each entry's error: ‖g_test‖‖g_train‖ √(2/m).
     norms = np.sqrt(
@@ -160,7 +160,7 @@ def test_random_projection_error_shrinks_with_dimension(backend: str) -> None:
     errors, worst = [], []
     for m in (16, 128, 1024):
         projected = model.to_numpy(
-            TracIn(model, train, checkpoint, 1.0, projection_dim=m, seed=1).influence(test)
+            TracIn(model, checkpoint, 1.0, projection_dim=m, seed=1).fit(train).influence(test)
         )
         errors.append(np.linalg.norm(projected - exact) / np.linalg.norm(exact))
         worst.append(np.max(np.abs(projected - exact) / (norms * np.sqrt(2.0 / m))))
@@ -178,8 +178,8 @@ def test_random_projection_error_shrinks_with_dimension(backend: str) -> None:
 def test_tracin_argument_errors() -> None:
     _, model = build("torch")
     with pytest.raises(ValueError, match="at least one checkpoint"):
-        TracIn(model, None, [], 0.1)
+        TracIn(model, [], 0.1).fit(None)
     with pytest.raises(ValueError, match="2 learning rates for 1 checkpoints"):
-        TracIn(model, None, [{}], [0.1, 0.2])
+        TracIn(model, [{}], [0.1, 0.2]).fit(None)
     with pytest.raises(TypeError, match="state dict"):
-        TracIn(model, None, [42], 0.1).self_influence((problem()["X"][:2], problem()["y"][:2]))
+        TracIn(model, [42], 0.1).fit(None).self_influence((problem()["X"][:2], problem()["y"][:2]))

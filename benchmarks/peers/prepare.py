@@ -14,9 +14,9 @@ import numpy as np
 from common import RESULTS, SETUP
 from run_ours import CONV_SPEC
 
+from influence_conformance.specs import make_weights
 from influence_core import InfluenceModel, get_registry
-from influence_core.demo import SPEC, fit, load_digits_with_flips
-from influence_core.specs import make_weights
+from influence_core.app.demo import SPEC, fit, load_digits_with_flips
 
 
 def train(spec, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

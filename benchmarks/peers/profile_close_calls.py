@@ -114,7 +114,7 @@ def tf_tracin(repeats: int) -> list[str]:
     xp = model.xp
     train, test = (s["X_train"], s["y_train"]), (s["X_test"], s["y_test"])
     checkpoints = checkpoint_states(s, reference, full)
-    tracin = TracIn(model, train, checkpoints, CHECKPOINT_RATE)
+    tracin = TracIn(model, checkpoints, CHECKPOINT_RATE).fit(train)
     n = len(s["y_train"])
     train_grads = [g for _, g in model.iter_per_sample_grads(train)]
     test_grads = next(iter(model.iter_per_sample_grads(test, batch_size=len(s["y_test"]))))[1]

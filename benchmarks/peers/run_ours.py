@@ -26,7 +26,9 @@ from common import (
     write,
 )
 
+from influence_conformance.specs import Conv2D, Dense, Flatten, ModelSpec
 from influence_core import (
+    ArnoldiIHVP,
     ArnoldiInfluenceCalculator,
     ConjugateGradientIHVP,
     ConvergenceWarning,
@@ -37,8 +39,7 @@ from influence_core import (
     TracIn,
     get_registry,
 )
-from influence_core.demo import SPEC
-from influence_core.specs import Conv2D, Dense, Flatten, ModelSpec
+from influence_core.app.demo import SPEC
 
 CONV_SPEC = ModelSpec(
     "digits_conv",
@@ -92,26 +93,23 @@ def main(workload: str, backend: str, repeats: int) -> None:
         return {"scores": host(scores), "self": host(self_influence)}
 
     def exact():
-        return both(
-            FirstOrderInfluenceCalculator(model, train, ExactIHVP(model, train, damping=DAMPING))
-        )
+        return both(FirstOrderInfluenceCalculator(model, ExactIHVP(damping=DAMPING)).fit(train))
 
     def cg():
         ihvp = ConjugateGradientIHVP(
-            model, train, damping=DAMPING, tol=0.0, maxiter=CG_ITERATIONS, batch_size=HVP_BATCH
+            damping=DAMPING, tol=0.0, maxiter=CG_ITERATIONS, batch_size=HVP_BATCH
         )
-        return {"scores": host(FirstOrderInfluenceCalculator(model, train, ihvp).influence(test))}
+        return {
+            "scores": host(FirstOrderInfluenceCalculator(model, ihvp).fit(train).influence(test))
+        }
 
     def lissa():
         ihvp = LissaIHVP(
-            model,
-            train,
-            damping=DAMPING,
-            batch_size=len(train[1]),
-            scale=LISSA_SCALE,
-            depth=LISSA_DEPTH,
+            damping=DAMPING, batch_size=len(train[1]), scale=LISSA_SCALE, depth=LISSA_DEPTH
         )
-        return {"scores": host(FirstOrderInfluenceCalculator(model, train, ihvp).influence(test))}
+        return {
+            "scores": host(FirstOrderInfluenceCalculator(model, ihvp).fit(train).influence(test))
+        }
 
     def grads():
         xp = model.xp
@@ -120,25 +118,27 @@ def main(workload: str, backend: str, repeats: int) -> None:
         }
 
     def topk():
-        calc = FirstOrderInfluenceCalculator(model, train, ExactIHVP(model, train, damping=DAMPING))
+        calc = FirstOrderInfluenceCalculator(model, ExactIHVP(damping=DAMPING)).fit(train)
         found = calc.top_k(test, k=TOP_K)
         return {"indices": host(found.proponents), "topk": host(found.proponent_scores)}
 
     def arnoldi():
         calc = ArnoldiInfluenceCalculator(
             model,
-            train,
-            rank=ARNOLDI_RANK,
-            iterations=ARNOLDI_ITERATIONS,
-            damping=DAMPING,
+            ArnoldiIHVP(
+                rank=ARNOLDI_RANK,
+                iterations=ARNOLDI_ITERATIONS,
+                damping=DAMPING,
+                batch_size=HVP_BATCH,
+            ),
             batch_size=HVP_BATCH,
-        )
+        ).fit(train)
         return both(calc)
 
     checkpoints = checkpoint_states(s, reference, full)
 
     def tracin():
-        return both(TracIn(model, train, checkpoints, CHECKPOINT_RATE))
+        return both(TracIn(model, checkpoints, CHECKPOINT_RATE).fit(train))
 
     run = {
         "grads": grads,

@@ -32,7 +32,7 @@ def point(n: int, which: str) -> dict:
         InfluenceModel,
         get_registry,
     )
-    from influence_core.demo import SPEC
+    from influence_core.app.demo import SPEC
 
     s = load_setup()
     rng = np.random.default_rng(n)
@@ -50,7 +50,7 @@ def point(n: int, which: str) -> dict:
     model = full.with_parameters(full.last_layer().name) if which == "last" else full
     before = peak_memory_mb()
     start = time.perf_counter()
-    calc = FirstOrderInfluenceCalculator(model, train, ExactIHVP(model, train, damping=DAMPING))
+    calc = FirstOrderInfluenceCalculator(model, ExactIHVP(damping=DAMPING)).fit(train)
     calc.top_k(test, k=TOP_K)
     calc.self_influence()
     seconds = time.perf_counter() - start

@@ -5,8 +5,8 @@ from .base import InfluenceCalculator
 from .first_order import FirstOrderInfluenceCalculator
 from .representer_l2 import RepresenterPointL2
 from .representer_lje import RepresenterPointLJE
-from .running_top_k import RunningTopK, TopK
 from .second_order import SecondOrderInfluenceCalculator
+from .top_k import RunningTopK, TopK
 from .tracin import TracIn
 
 __all__ = [

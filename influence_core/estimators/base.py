@@ -1,57 +1,128 @@
-"""What every influence calculator shares: pairwise scores streamed over training batches."""
+"""What every influence calculator shares: configure, fit on training data, score streams.
+
+A calculator is built with the model and its settings (a solver, a
+measurement, …), fitted on the training data with :meth:`InfluenceCalculator.fit`
+(which returns it), and then answers :meth:`~InfluenceCalculator.influence`,
+:meth:`~InfluenceCalculator.self_influence` and
+:meth:`~InfluenceCalculator.top_k`. A new calculator subclasses
+:class:`InfluenceCalculator`, implements ``_scores_from_prepared`` and
+``self_influence`` (and ``_fit`` / ``prepare_test`` if it has a fitted state or
+a test side), and is exported from :mod:`influence_core.estimators`.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
+from ..arrays import join
+from ..data import Batch
+from ..errors import NotFittedError
+from ..measurements import Measurement, resolve_measurement
 from ..model import InfluenceModel
-from ..namespace import ArrayNamespace
+from ..plugin.namespace import ArrayNamespace
 from ..progress import progress
-from .running_top_k import RunningTopK, TopK
+from .top_k import RunningTopK, TopK
 
 __all__ = ["InfluenceCalculator"]
 
 Array = Any
+Calculator = TypeVar("Calculator", bound="InfluenceCalculator")
 
 
 class InfluenceCalculator(ABC):
     """Scores of training points for test points, one sign convention for all methods.
 
     **score(z_train, z_test) > 0 means z_train is a proponent of z_test**: it
-    lowers the test loss (or raises the test point's target output); negative
-    means opponent. A subclass yields blocks of scores, shape (n_test, b), one
-    per training batch, from :meth:`_score_stream`; :meth:`influence` and
-    :meth:`top_k` are built on that stream, so no method holds an
-    n_train × d array and :meth:`top_k` keeps O(n_test · k) memory.
+    lowers the test loss (or raises the test point's measured output, see
+    :mod:`influence_core.measurements`); negative means opponent. A subclass
+    yields blocks of scores, shape (n_test, b), one per training batch, from
+    ``_scores_from_prepared``; :meth:`influence` and :meth:`top_k` are built on
+    that stream, so no method holds an n_train × d array and :meth:`top_k`
+    keeps O(n_test · k) memory.
+
+    Args:
+        model: the :class:`~influence_core.InfluenceModel` (θ selects the layers).
+        measurement: what a test point's score explains: ``"loss"`` (default),
+            ``"logit"``, ``"probability"``, ``"margin"``, a
+            :class:`~influence_core.Measurement` or a native ``f(outputs, targets)``.
+        batch_size: batch size for ``(X, y)`` arrays (default: the model's).
     """
 
-    model: InfluenceModel
-    train_data: Any
-    batch_size: int | None
+    def __init__(
+        self,
+        model: InfluenceModel,
+        *,
+        measurement: Any = None,
+        batch_size: int | None = None,
+    ) -> None:
+        if not isinstance(model, InfluenceModel):
+            raise TypeError(
+                f"{type(self).__name__} takes an InfluenceModel first, got {type(model).__name__}; "
+                "wrap your model: InfluenceModel(model, loss_fn)"
+            )
+        self.model = model
+        self.measurement: Measurement = resolve_measurement(measurement)
+        self.batch_size = batch_size
+
+    # -- settings and fitting ----------------------------------------------------------
+    def get_params(self) -> dict[str, Any]:
+        """The settings (JSON values) that determine this calculator's numbers."""
+        return {"measurement": self.measurement.name, "batch_size": self.batch_size}
+
+    def fit(self: Calculator, train_data: Any) -> Calculator:
+        """Fit on the training data (it defines H, and is scored when a method is given none)."""
+        self._fit(train_data)
+        self.train_data_ = train_data
+        return self
+
+    def _fit(self, train_data: Any) -> None:
+        """The calculator's own fitting work (fit its solver, refit a layer …)."""
+        return None
+
+    @property
+    def is_fitted(self) -> bool:
+        return hasattr(self, "train_data_")
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted:
+            raise NotFittedError(self, "it needs its training data")
+
+    def training_data(self, train_data: Any = None) -> Any:
+        """The data to score: ``train_data`` if given, else the data the calculator was fitted on."""
+        self._check_fitted()
+        return self.train_data_ if train_data is None else train_data
 
     @property
     def xp(self) -> ArrayNamespace:
         return self.model.xp
 
-    def _train(self, train_data: Any) -> Any:
-        return self.train_data if train_data is None else train_data
+    # -- gradients -------------------------------------------------------------------------
+    def _gradients(self, data: Any) -> Iterator[tuple[Batch, Array]]:
+        """Per-sample training-loss gradients, streamed: ``(batch, (b, d))``."""
+        return self.model.iter_per_sample_grads(data, batch_size=self.batch_size)
 
+    def _test_gradients(self, data: Any) -> Iterator[tuple[Batch, Array]]:
+        """Per-sample gradients of the test-side measurement, streamed: ``(batch, (b, d))``."""
+        return self.model.iter_measurement_grads(data, self.measurement, batch_size=self.batch_size)
+
+    def _stack(self, pieces: Any, axis: int = 0) -> Array:
+        return join(self.xp, list(pieces), axis=axis)
+
+    # -- scores ------------------------------------------------------------------------
     def prepare_test(self, test_data: Any) -> Any:
         """The test side of the scores, computed once (e.g. solved test gradients).
 
         Keep it to score several training sets or chunks with
         :meth:`influence_from_prepared` without recomputing it.
         """
+        self._check_fitted()
         return test_data
 
     @abstractmethod
     def _scores_from_prepared(self, prepared: Any, train_data: Any) -> Iterator[tuple[int, Array]]:
         """(start index of the training batch, scores of shape (n_test, b)) per batch."""
-
-    def _score_stream(self, test_data: Any, train_data: Any) -> Iterator[tuple[int, Array]]:
-        return self._scores_from_prepared(self.prepare_test(test_data), train_data)
 
     @abstractmethod
     def self_influence(self, train_data: Any = None) -> Array:
@@ -59,9 +130,17 @@ class InfluenceCalculator(ABC):
 
     def influence(self, test_data: Any, train_data: Any = None) -> Array:
         """Scores of every training point for every test point: shape (n_test, n_train)."""
-        stream = self._score_stream(test_data, self._train(train_data))
-        blocks = [scores for _, scores in progress(stream, desc="influence")]
-        return blocks[0] if len(blocks) == 1 else self.xp.concat(blocks, axis=1)
+        return self._collect(self.prepare_test(test_data), train_data, "influence")
+
+    def influence_from_prepared(self, prepared: Any, train_data: Any = None) -> Array:
+        """:meth:`influence` from :meth:`prepare_test` output: one pass over the training data."""
+        return self._collect(prepared, train_data, None)
+
+    def _collect(self, prepared: Any, train_data: Any, desc: str | None) -> Array:
+        stream = self._scores_from_prepared(prepared, self.training_data(train_data))
+        if desc is not None:
+            stream = progress(stream, desc=desc)
+        return self._stack((scores for _, scores in stream), axis=1)
 
     def influence_and_self_influence(
         self, test_data: Any, train_data: Any = None
@@ -76,20 +155,18 @@ class InfluenceCalculator(ABC):
         """
         return self.influence(test_data, train_data), self.self_influence(train_data)
 
-    def influence_from_prepared(self, prepared: Any, train_data: Any = None) -> Array:
-        """:meth:`influence` from :meth:`prepare_test` output: one pass over the training data."""
-        stream = self._scores_from_prepared(prepared, self._train(train_data))
-        blocks = [scores for _, scores in stream]
-        return blocks[0] if len(blocks) == 1 else self.xp.concat(blocks, axis=1)
-
     def top_k(self, test_data: Any, train_data: Any = None, k: int = 5) -> TopK:
         """The k strongest proponents and opponents of each test point (running top-k)."""
-        xp = self.xp
-        proponents = RunningTopK(xp, k, largest=True)
-        opponents = RunningTopK(xp, k, largest=False)
-        index_like = xp.astype(xp.zeros((1,)), xp.int64)
-        stream = self._score_stream(test_data, self._train(train_data))
-        for start, scores in progress(stream, desc="top-k"):
-            proponents.update(scores, start, index_like)
-            opponents.update(scores, start, index_like)
+        return self.top_k_from_prepared(self.prepare_test(test_data), train_data, k, "top-k")
+
+    def top_k_from_prepared(
+        self, prepared: Any, train_data: Any = None, k: int = 5, desc: str | None = None
+    ) -> TopK:
+        """:meth:`top_k` from :meth:`prepare_test` output."""
+        proponents = RunningTopK(self.xp, k, largest=True)
+        opponents = RunningTopK(self.xp, k, largest=False)
+        stream = self._scores_from_prepared(prepared, self.training_data(train_data))
+        for start, scores in progress(stream, desc=desc) if desc else stream:
+            proponents.update(scores, start)
+            opponents.update(scores, start)
         return TopK(proponents.indices, proponents.values, opponents.indices, opponents.values)

@@ -23,24 +23,28 @@ class RepresenterCalculator(InfluenceCalculator):
     prediction (``target="prediction"``). For regression (floating targets)
     every output counts: the value is summed over outputs (for a scalar head,
     its only output). Positive (excitatory) means proponent, as everywhere in
-    the library.
+    the library. (Representers explain an output by construction, so they take
+    ``target=`` rather than a ``measurement=``.)
     """
 
     def __init__(
         self,
         model: InfluenceModel,
-        train_data: Any,
         *,
         target: Target = "label",
         batch_size: int | None = None,
     ) -> None:
+        super().__init__(model, batch_size=batch_size)
         if target not in ("label", "prediction"):
             raise ValueError(f"target must be 'label' or 'prediction', got {target!r}")
-        self.model = model
-        self.train_data = train_data
         self.target = target
-        self.batch_size = batch_size
-        self.layer = model.last_layer()
+
+    def get_params(self) -> dict[str, Any]:
+        return {"target": self.target, "batch_size": self.batch_size}
+
+    def _fit(self, train_data: Any) -> None:
+        #: The model's last linear layer (:class:`~influence_core.plugin.LastLayer`).
+        self.layer_ = self.model.last_layer()
 
     def _batches(self, data: Any) -> Iterator[Batch]:
         return self.model.batches(data, self.batch_size)
@@ -49,7 +53,7 @@ class RepresenterCalculator(InfluenceCalculator):
         """f̃(x): the features, with a constant 1 appended when the layer has a bias."""
         xp = self.xp
         features = self.model.kernels.penultimate_features(inputs)
-        if self.layer.bias is None:
+        if self.layer_.bias is None:
             return features
         ones = xp.ones((int(features.shape[0]), 1), dtype=features.dtype)
         return xp.concat([features, ones], axis=1)

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize
 
 from ..errors import ConvergenceWarning
 from ..model import InfluenceModel
@@ -37,18 +36,18 @@ class RepresenterPointL2(RepresenterCalculator):
     the training point's own label. The fit runs L-BFGS (SciPy, float64 on the
     host) from the model's own last layer, then a few Newton-CG steps with
     exact Hessian products (from the backend's ∂²ℓ/∂Φ²); the decomposition holds to about ‖∇‖/(2λ‖W̃‖) relative
-    error, so ``gradient_norm`` (the final ‖∇‖) is reported, with a
+    error, so ``gradient_norm_`` (the final ‖∇‖) is reported, with a
     :class:`~influence_core.errors.ConvergenceWarning` above 1e-6.
 
-    The user's model is not changed: the refitted layer lives in
-    ``weights`` ((p̃, c), native), and scores describe this surrogate Φ̃.
+    The user's model is not changed: :meth:`fit` keeps the refitted layer in
+    ``weights_`` ((p̃, c), native) and ``gradient_norm_``; scores describe this
+    surrogate Φ̃.
     (Influenciae's version leaves λ out of its fit and scales α by the feature
     dimension; here the penalty is applied and α is exactly the formula above.)
 
     Args:
         model: the :class:`~influence_core.InfluenceModel` (any selection: only
             the last layer and the features are used).
-        train_data: the n training points the layer is refitted on.
         l2: λ, the penalty λ‖W̃‖²; Yeh et al. use 1e-3 to 1e-2 on top of a
             trained network.
         target: ``"label"`` or ``"prediction"``, the test output explained.
@@ -60,7 +59,6 @@ class RepresenterPointL2(RepresenterCalculator):
     def __init__(
         self,
         model: InfluenceModel,
-        train_data: Any,
         *,
         l2: float = 1e-2,
         target: Target = "label",
@@ -68,22 +66,33 @@ class RepresenterPointL2(RepresenterCalculator):
         max_iter: int = 20000,
         batch_size: int | None = None,
     ) -> None:
-        super().__init__(model, train_data, target=target, batch_size=batch_size)
-        if l2 <= 0:
+        super().__init__(model, target=target, batch_size=batch_size)
+        if not l2 > 0:
             raise ValueError(f"the L2 penalty must be positive, got {l2}")
         self.l2 = float(l2)
-        xp, kernels = self.xp, model.kernels
+        self.tol = float(tol)
+        self.max_iter = int(max_iter)
+
+    def get_params(self) -> dict[str, Any]:
+        return {**super().get_params(), "l2": self.l2, "tol": self.tol, "max_iter": self.max_iter}
+
+    def _fit(self, train_data: Any) -> None:
+        from scipy.optimize import minimize  # lazily: scipy.optimize costs 0.3 s to import
+
+        super()._fit(train_data)
+        xp, kernels, model = self.xp, self.model.kernels, self.model
         blocks = [
             (self._augmented_features(b.inputs), b.targets) for b in self._batches(train_data)
         ]
-        features = xp.concat([f for f, _ in blocks], axis=0) if len(blocks) > 1 else blocks[0][0]
-        targets = xp.concat([t for _, t in blocks], axis=0) if len(blocks) > 1 else blocks[0][1]
-        self.n_train = int(features.shape[0])
-        start = self.layer.weight
-        if self.layer.bias is not None:
-            start = xp.concat([start, xp.reshape(self.layer.bias, (1, -1))], axis=0)
+        features = self._stack(f for f, _ in blocks)
+        targets = self._stack(t for _, t in blocks)
+        #: n, the number of training points the layer is refitted on.
+        self.n_train_ = int(features.shape[0])
+        start = self.layer_.weight
+        if self.layer_.bias is not None:
+            start = xp.concat([start, xp.reshape(self.layer_.bias, (1, -1))], axis=0)
         shape = tuple(int(s) for s in start.shape)
-        n, lam = self.n_train, self.l2
+        n, lam = self.n_train_, self.l2
 
         def objective(flat: np.ndarray) -> tuple[float, np.ndarray]:
             W = kernels.as_native(flat.reshape(shape), floating=True)
@@ -97,21 +106,21 @@ class RepresenterPointL2(RepresenterCalculator):
             model.to_numpy(start).astype(np.float64).ravel(),
             jac=True,
             method="L-BFGS-B",
-            options={"maxiter": max_iter, "ftol": 0.0, "gtol": tol, "maxcor": 30},
+            options={"maxiter": self.max_iter, "ftol": 0.0, "gtol": self.tol, "maxcor": 30},
         )
         flat = self._newton_polish(result.x, shape, features, targets, objective)
         #: ‖∇‖ of the regularised objective at the refitted layer.
-        self.gradient_norm = float(np.linalg.norm(objective(flat)[1]))
-        if self.gradient_norm > 1e-6:
+        self.gradient_norm_ = float(np.linalg.norm(objective(flat)[1]))
+        if self.gradient_norm_ > 1e-6:
             warnings.warn(
-                f"the L2 refit of the last layer stopped at gradient norm {self.gradient_norm:.3g} "
+                f"the L2 refit of the last layer stopped at gradient norm {self.gradient_norm_:.3g} "
                 f"({result.message}); the decomposition Φ̃ = Σ α k is off by about "
                 "‖∇‖/(2λ) relative: raise max_iter or l2",
                 ConvergenceWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         #: W̃ = [W; b], shape (p̃, c): the refitted last layer.
-        self.weights = kernels.as_native(flat.reshape(shape), floating=True)
+        self.weights_ = kernels.as_native(flat.reshape(shape), floating=True)
 
     def _newton_polish(
         self,
@@ -132,7 +141,7 @@ class RepresenterPointL2(RepresenterCalculator):
 
         host = self.model.to_numpy
         F = host(features).astype(np.float64)
-        n, lam = self.n_train, self.l2
+        n, lam = self.n_train_, self.l2
         for _ in range(steps):
             _, gradient = objective(flat)
             if np.linalg.norm(gradient) <= 1e-15 * max(1.0, np.linalg.norm(flat)):
@@ -156,25 +165,24 @@ class RepresenterPointL2(RepresenterCalculator):
     def _alpha(self, features: Array, targets: Array) -> tuple[Array, Array]:
         """(α, Φ̃) for a batch: α = −∂ℓ/∂Φ / (2λn), shape (b, c)."""
         xp = self.xp
-        outputs = xp.matmul(features, self.weights)
+        outputs = xp.matmul(features, self.weights_)
         _, grads = self.model.kernels.output_loss_grads(outputs, targets)
-        return grads * (-1.0 / (2.0 * self.l2 * self.n_train)), outputs
+        return grads * (-1.0 / (2.0 * self.l2 * self.n_train_)), outputs
 
     def alpha(self, data: Any = None) -> Array:
         """α_i for every point of ``data`` (default: the training data): shape (n, c)."""
-        parts = [
+        return self._stack(
             self._alpha(self._augmented_features(b.inputs), b.targets)[0]
-            for b in self._batches(self._train(data))
-        ]
-        return parts[0] if len(parts) == 1 else self.xp.concat(parts, axis=0)
+            for b in self._batches(self.training_data(data))
+        )
 
     def surrogate_outputs(self, data: Any) -> Array:
         """Φ̃(x) = f̃(x) W̃ for every point: shape (n, c)."""
-        xp = self.xp
-        parts = [
-            xp.matmul(self._augmented_features(b.inputs), self.weights) for b in self._batches(data)
-        ]
-        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+        self._check_fitted()
+        return self._stack(
+            self.xp.matmul(self._augmented_features(b.inputs), self.weights_)
+            for b in self._batches(data)
+        )
 
     def decompose(self, test_data: Any, train_data: Any = None) -> Array:
         """Σ_i α_i (f̃_iᵀ f̃_t) over ``train_data`` for each test point: shape (n_test, c).
@@ -185,7 +193,7 @@ class RepresenterPointL2(RepresenterCalculator):
         xp = self.xp
         test = self._test_side(test_data)[0]
         total = None
-        for b in self._batches(self._train(train_data)):
+        for b in self._batches(self.training_data(train_data)):
             features = self._augmented_features(b.inputs)
             alpha, _ = self._alpha(features, b.targets)
             part = xp.matmul(xp.matmul(test, xp.matrix_transpose(features)), alpha)
@@ -199,14 +207,13 @@ class RepresenterPointL2(RepresenterCalculator):
         for b in self._batches(test_data):
             f = self._augmented_features(b.inputs)
             features.append(f)
-            components.append(self._components(xp.matmul(f, self.weights), b.targets, self.target))
-        F = features[0] if len(features) == 1 else xp.concat(features, axis=0)
-        if components[0] is None:
-            return F, None
-        return F, components[0] if len(components) == 1 else xp.concat(components, axis=0)
+            components.append(self._components(xp.matmul(f, self.weights_), b.targets, self.target))
+        F = self._stack(features)
+        return F, None if components[0] is None else self._stack(components)
 
     def prepare_test(self, test_data: Any) -> tuple[Array, Array | None]:
         """(f̃(x_t) for every test point, their target components)."""
+        self._check_fitted()
         return self._test_side(test_data)
 
     def _scores_from_prepared(self, prepared: Any, train_data: Any) -> Iterator[tuple[int, Array]]:
@@ -229,9 +236,9 @@ class RepresenterPointL2(RepresenterCalculator):
         """α_{i,y_i} ‖f̃_i‖² for every training point (summed over outputs for regression)."""
         xp = self.xp
         parts = []
-        for b in self._batches(self._train(train_data)):
+        for b in self._batches(self.training_data(train_data)):
             features = self._augmented_features(b.inputs)
             alpha, outputs = self._alpha(features, b.targets)
             components = self._components(outputs, b.targets, "label")
             parts.append(self._select(alpha, components) * xp.sum(features * features, axis=1))
-        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+        return self._stack(parts)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
+from ..data import Batch
 from ..ihvp import ExactIHVP, InverseHessianVectorProduct
-from ..ihvp.base import DEFAULT_DAMPING
+from ..measurements import Measurement, logit
 from ..model import InfluenceModel
 from .base import Array
 from .representer import RepresenterCalculator, Target
 
 __all__ = ["RepresenterPointLJE"]
 
-IHVPFactory = Callable[[InfluenceModel, Any], InverseHessianVectorProduct]
+#: Σ_k Φ_k(x): what a regression head's representer values explain.
+_OUTPUT_SUM = Measurement("sum of outputs", lambda xp, outputs, targets: xp.sum(outputs, axis=1))
 
 
 class RepresenterPointLJE(RepresenterCalculator):
@@ -47,11 +49,9 @@ class RepresenterPointLJE(RepresenterCalculator):
     Args:
         model: the :class:`~influence_core.InfluenceModel`; only its last layer
             is used (selected by name from the backend).
-        train_data: the n training points.
+        ihvp: the solver for H* (default ``ExactIHVP()``); :meth:`fit` fits it
+            on the last layer at θ*.
         step: η, the ascent step on the mean training loss.
-        damping: λ added to H* by the default exact solver.
-        ihvp_factory: ``(head_model, train_data) -> solver`` to use another IHVP
-            solver (it is built at θ*).
         target: ``"label"`` or ``"prediction"``.
         batch_size: batch size for ``(X, y)`` arrays.
     """
@@ -59,61 +59,65 @@ class RepresenterPointLJE(RepresenterCalculator):
     def __init__(
         self,
         model: InfluenceModel,
-        train_data: Any,
+        ihvp: InverseHessianVectorProduct | None = None,
         *,
         step: float = 1e-2,
-        damping: float = DEFAULT_DAMPING,
-        ihvp_factory: IHVPFactory | None = None,
         target: Target = "label",
         batch_size: int | None = None,
     ) -> None:
-        super().__init__(model, train_data, target=target, batch_size=batch_size)
-        #: The model with θ = the last layer.
-        self.head = model.with_parameters(self.layer.name)
-        self.n_train = self.head.count(train_data, batch_size)
-        trained = self.head.get_parameters()
+        super().__init__(model, target=target, batch_size=batch_size)
+        self.ihvp = ihvp if ihvp is not None else ExactIHVP()
         self.step = float(step)
+        self._logit = logit()
+
+    def get_params(self) -> dict[str, Any]:
+        return {
+            **super().get_params(),
+            "step": self.step,
+            "ihvp": {"class": type(self.ihvp).__name__, **self.ihvp.get_params()},
+        }
+
+    def _fit(self, train_data: Any) -> None:
+        super()._fit(train_data)
+        #: The model with θ = the last layer.
+        self.head_ = self.model.with_parameters(self.layer_.name)
+        self.n_train_ = self.head_.count(train_data, self.batch_size)
+        trained = self.head_.get_parameters()
         #: θ*, the perturbed last layer the expansion is taken at.
-        self.expansion_point = trained + self.step * self.head.loss_grad(train_data, batch_size)
-        factory = ihvp_factory or (
-            lambda head, data: ExactIHVP(head, data, damping=damping, batch_size=batch_size)
+        self.expansion_point_ = trained + self.step * self.head_.loss_grad(
+            train_data, self.batch_size
         )
         with self._at_expansion_point():
-            self.ihvp = factory(self.head, train_data)
+            self.ihvp.fitted_for(self.head_, train_data)
 
     def _at_expansion_point(self) -> Any:
-        return self.head.parameters_set_to(self.expansion_point)
+        return self.head_.parameters_set_to(self.expansion_point_)
 
     # -- the test side ------------------------------------------------------------------
     def _test_side(self, test_data: Any) -> tuple[Array, Array]:
         """(Φ_k(x_t; θ*) shape (n_test,), S = H*⁻¹ ∇Φ_kᵀ shape (d, n_test)); call at θ*."""
-        xp, kernels = self.xp, self.head.kernels
+        xp = self.xp
         values, gradients = [], []
-        for b in self.head.batches(test_data, self.batch_size):
-            outputs = kernels.outputs(b.inputs)
+        for b in self.head_.batches(test_data, self.batch_size):
+            outputs = self.head_.kernels.outputs(b.inputs)
             components = self._components(outputs, b.targets, self.target)
             values.append(self._select(outputs, components))
-            gradients.append(self._output_gradients(b.inputs, outputs, components))
-        value = values[0] if len(values) == 1 else xp.concat(values, axis=0)
-        grads = gradients[0] if len(gradients) == 1 else xp.concat(gradients, axis=0)
-        return value, self.ihvp.solve(xp.matrix_transpose(grads))
+            gradients.append(self._output_gradients(b, components))
+        return self._stack(values), self.ihvp.solve(xp.matrix_transpose(self._stack(gradients)))
 
-    def _output_gradients(self, inputs: Array, outputs: Array, components: Array | None) -> Array:
-        """∇_θ Φ_k per sample (b, d); for regression the sum over outputs."""
-        xp, kernels = self.xp, self.head.kernels
-        if components is not None:
-            return kernels.per_sample_output_grads(inputs, components)
-        b, c = int(outputs.shape[0]), int(outputs.shape[1])
-        total = None
-        for k in range(c):
-            index = xp.astype(xp.full((b,), k), xp.int64)
-            part = kernels.per_sample_output_grads(inputs, index)
-            total = part if total is None else total + part
-        return total
+    def _output_gradients(self, batch: Batch, components: Array | None) -> Array:
+        """∇_θ Φ_k per sample (b, d); for regression the gradient of the sum over outputs."""
+        if components is None:
+            measured, measurement = batch, _OUTPUT_SUM
+        else:
+            measured, measurement = Batch(batch.inputs, components, batch.start), self._logit
+        # The measurement protocol differentiates the loss-like −Φ_k: negate it back.
+        return -self.head_.batch_per_sample_grads(measured, measurement)
 
     # -- results ------------------------------------------------------------------------
     def prepare_test(self, test_data: Any) -> tuple[Array, Array]:
         """(Φ_k(x_t; θ*), H*⁻¹ ∇Φ_k(x_t; θ*)ᵀ) for every test point."""
+        self._check_fitted()
         with self._at_expansion_point():
             return self._test_side(test_data)
 
@@ -122,30 +126,30 @@ class RepresenterPointLJE(RepresenterCalculator):
         values, solved = prepared
         with self._at_expansion_point():
             constant = xp.reshape(values, (-1, 1))
-            for batch, g in self.head.iter_per_sample_grads(train_data, self.batch_size):
+            for batch, g in self.head_.iter_per_sample_grads(train_data, self.batch_size):
                 second = xp.matrix_transpose(xp.matmul(g, solved))  # (n_test, b)
-                yield batch.start, (constant - second) / self.n_train
+                yield batch.start, (constant - second) / self.n_train_
 
     def decompose(self, test_data: Any) -> Array:
         """Σ_i r_i(x_t) over the training data: Φ_k(x_t; θ_N), shape (n_test,)."""
+        self._check_fitted()
         xp = self.xp
         with self._at_expansion_point():
             values, solved = self._test_side(test_data)
-            gradient = self.head.loss_grad(self.train_data, self.batch_size)
+            gradient = self.head_.loss_grad(self.train_data_, self.batch_size)
             return values - xp.matmul(gradient, solved)
 
     def self_influence(self, train_data: Any = None) -> Array:
         """r_i(x_i) for every training point, with its own label as the component."""
         xp = self.xp
         parts = []
+        data = self.training_data(train_data)
         with self._at_expansion_point():
-            for b in self.head.batches(self._train(train_data), self.batch_size):
-                outputs = self.head.kernels.outputs(b.inputs)
+            for b in self.head_.batches(data, self.batch_size):
+                outputs = self.head_.kernels.outputs(b.inputs)
                 components = self._components(outputs, b.targets, "label")
-                solved = self.ihvp.solve(
-                    xp.matrix_transpose(self._output_gradients(b.inputs, outputs, components))
-                )
-                g = self.head.batch_per_sample_grads(b)
+                solved = self.ihvp.solve(xp.matrix_transpose(self._output_gradients(b, components)))
+                g = self.head_.batch_per_sample_grads(b)
                 second = xp.sum(g * xp.matrix_transpose(solved), axis=1)
-                parts.append((self._select(outputs, components) - second) / self.n_train)
-        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+                parts.append((self._select(outputs, components) - second) / self.n_train_)
+        return self._stack(parts)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..model import InfluenceModel
 from .first_order import Array, FirstOrderInfluenceCalculator
 
 __all__ = ["SecondOrderInfluenceCalculator"]
@@ -39,50 +38,42 @@ class SecondOrderInfluenceCalculator(FirstOrderInfluenceCalculator):
     order's Σ_{z∈U} score(z, z_test) times 1/(1 − p). (Influenciae's two group
     calculators differ by a factor n; here both are on this scale.)
 
-    Cost per group: one training-gradient pass, two block solves, and two HVP
-    passes (over U and over the training set). Single-point methods
+    H, H_U's complement and ∇L(θ̂) all come from the one training set the
+    calculator is fitted on (:meth:`fit` fits the solver on it too), so they
+    cannot disagree. Cost per group: one training-gradient pass, two block
+    solves, and two HVP passes (over U and over the training set). Single-point methods
     (``influence``, ``self_influence``, ``top_k``) are the first-order ones:
     for |U| = 1 the q² term is O(1/n²).
     """
 
-    def __init__(
-        self,
-        model: InfluenceModel,
-        train_data: Any,
-        ihvp: Any = None,
-        *,
-        batch_size: int | None = None,
-    ) -> None:
-        super().__init__(model, train_data, ihvp, batch_size=batch_size)
-        self._n_train: int | None = None
-        self._train_gradient: Array | None = None
-
-    def _training_summary(self) -> tuple[int, Array]:
-        """n and ∇L(θ̂) of the training set, computed once."""
-        if self._train_gradient is None:
-            self._n_train = self.model.count(self.train_data, self.batch_size)
-            self._train_gradient = self.model.loss_grad(self.train_data, batch_size=self.batch_size)
-        return self._n_train, self._train_gradient
+    def _fit(self, train_data: Any) -> None:
+        super()._fit(train_data)
+        #: n and ∇L(θ̂) of the training set the solver's H was fitted on.
+        self.n_train_ = self.model.count(train_data, self.batch_size)
+        self.train_gradient_ = self.model.loss_grad(train_data, batch_size=self.batch_size)
 
     def parameter_change(self, group_data: Any) -> Array:
         """Δθ_U, the predicted parameter change from removing the group: shape (d,)."""
-        n, train_gradient = self._training_summary()
+        self._check_fitted()
+        n = self.n_train_
         m = self.model.count(group_data, self.batch_size)
         if not 0 < m < n:
             raise ValueError(f"a group needs 1 to n − 1 = {n - 1} points, got {m}")
         p = m / n
         q = p / (1.0 - p)
-        g_group = self.model.loss_grad(group_data, batch_size=self.batch_size) - train_gradient
+        g_group = (
+            self.model.loss_grad(group_data, batch_size=self.batch_size) - self.train_gradient_
+        )
         first = self.ihvp.solve(g_group)
         cross = self.model.hvp(group_data, first, batch_size=self.batch_size) - self.model.hvp(
-            self.train_data, first, batch_size=self.batch_size
+            self.train_data_, first, batch_size=self.batch_size
         )
         return q * first + (q * q) * self.ihvp.solve(cross)
 
     def group_influence(self, test_data: Any, group_data: Any) -> Array:
         """n · g(z_test)ᵀ Δθ_U for each test point: shape (n_test,)."""
         xp = self.xp
-        n, _ = self._training_summary()
         delta = self.parameter_change(group_data)
-        parts = [xp.matmul(g, delta) * n for _, g in self._gradients(test_data)]
-        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+        return self._stack(
+            xp.matmul(g, delta) * self.n_train_ for _, g in self._test_gradients(test_data)
+        )

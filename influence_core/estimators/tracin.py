@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data import Batch
+from ..data import Batch, chunks
 from ..model import InfluenceModel
 from ..progress import progress
 from .base import Array, InfluenceCalculator
@@ -49,11 +49,12 @@ class TracIn(InfluenceCalculator):
 
     Args:
         model: the :class:`~influence_core.InfluenceModel`.
-        train_data: the training data, used when a method is given none.
         checkpoints: the checkpoints θ_k, in any order.
         learning_rates: η_k, one per checkpoint, or one for all.
         projection_dim: m for a random projection of gradients; ``None`` for exact.
         seed: seed of the projection.
+        measurement: what a test point's score explains (default its loss;
+            :mod:`influence_core.measurements`).
         batch_size: batch size for ``(X, y)`` arrays.
         chunk_size: training samples per chunk in :meth:`top_k`.
     """
@@ -61,15 +62,16 @@ class TracIn(InfluenceCalculator):
     def __init__(
         self,
         model: InfluenceModel,
-        train_data: Any,
         checkpoints: Sequence[Any],
         learning_rates: float | Sequence[float],
         *,
         projection_dim: int | None = None,
         seed: int = 0,
+        measurement: Any = None,
         batch_size: int | None = None,
         chunk_size: int = 4096,
     ) -> None:
+        super().__init__(model, measurement=measurement, batch_size=batch_size)
         checkpoints = list(checkpoints)
         if not checkpoints:
             raise ValueError("TracIn needs at least one checkpoint")
@@ -83,31 +85,48 @@ class TracIn(InfluenceCalculator):
                 f"got {len(rates)} learning rates for {len(checkpoints)} checkpoints; "
                 "give one per checkpoint, or a single rate for all"
             )
-        self.model = model
-        self.train_data = train_data
+        if projection_dim is not None and int(projection_dim) < 1:
+            raise ValueError(f"projection_dim must be a positive integer, got {projection_dim}")
         self.checkpoints = checkpoints
         self.learning_rates = rates
-        self.batch_size = batch_size
+        self.projection_dim = None if projection_dim is None else int(projection_dim)
+        self.seed = int(seed)
         self.chunk_size = int(chunk_size)
-        self.projection: Array | None = None
-        if projection_dim is not None:
-            rng = np.random.default_rng(seed)
+
+    def get_params(self) -> dict[str, Any]:
+        return {
+            **super().get_params(),
+            "checkpoints": [
+                c if isinstance(c, str) else f"<in memory #{i}>"
+                for i, c in enumerate(self.checkpoints)
+            ],
+            "learning_rates": self.learning_rates,
+            "projection_dim": self.projection_dim,
+            "seed": self.seed,
+        }
+
+    def _fit(self, train_data: Any) -> None:
+        #: The seeded projection P (d × m), or ``None`` without projection.
+        self.projection_: Array | None = None
+        if self.projection_dim is not None:
+            rng = np.random.default_rng(self.seed)
             matrix = rng.normal(
-                scale=1.0 / np.sqrt(projection_dim), size=(model.num_parameters, projection_dim)
+                scale=1.0 / np.sqrt(self.projection_dim),
+                size=(self.model.num_parameters, self.projection_dim),
             )
-            self.projection = model.kernels.as_native(matrix, floating=True)
+            self.projection_ = self.model.kernels.as_native(matrix, floating=True)
 
     # -- building blocks ---------------------------------------------------------------
     def _project(self, grads: Array) -> Array:
-        return grads if self.projection is None else self.xp.matmul(grads, self.projection)
+        return grads if self.projection_ is None else self.xp.matmul(grads, self.projection_)
 
-    def _gradients(self, data: Any) -> Iterator[tuple[Batch, Array]]:
-        for batch, g in self.model.iter_per_sample_grads(data, batch_size=self.batch_size):
+    def _projected(self, stream: Iterator[tuple[Batch, Array]]) -> Iterator[tuple[Batch, Array]]:
+        for batch, g in stream:
             yield batch, self._project(g)
 
-    def _test_gradients(self, test_data: Any) -> Array:
-        parts = [g for _, g in self._gradients(test_data)]
-        return parts[0] if len(parts) == 1 else self.xp.concat(parts, axis=0)
+    def _test_block(self, test_data: Any) -> Array:
+        """The projected test-measurement gradients at the loaded checkpoint: (n_test, m)."""
+        return self._stack(g for _, g in self._projected(self._test_gradients(test_data)))
 
     def _checkpoints(self) -> Iterator[float]:
         """Load each checkpoint in turn (restoring the model after the last); yield η_k."""
@@ -116,35 +135,27 @@ class TracIn(InfluenceCalculator):
             with self.model.checkpoint_loaded(checkpoint):
                 yield rate
 
-    def _chunks(self, data: Any) -> Iterator[list[Batch]]:
-        chunk: list[Batch] = []
-        size = 0
-        for batch in self.model.batches(data, self.batch_size):
-            chunk.append(batch)
-            size += batch.size
-            if size >= self.chunk_size:
-                yield chunk
-                chunk, size = [], 0
-        if chunk:
-            yield chunk
-
     # -- results -----------------------------------------------------------------------
     def _scores_from_prepared(self, prepared: Any, train_data: Any) -> Iterator[tuple[int, Array]]:
         """Scores per training chunk; the test gradients are retaken at each checkpoint."""
         test_data = prepared
         xp = self.xp
-        for chunk in self._chunks(train_data):
+        for chunk in chunks(self.model.batches(train_data, self.batch_size), self.chunk_size):
             total = None
             for rate in self._checkpoints():
-                test = self._test_gradients(test_data)  # (n_test, d)
-                blocks = [
-                    xp.matmul(
-                        test,
-                        xp.matrix_transpose(self._project(self.model.batch_per_sample_grads(b))),
-                    )
-                    for b in chunk
-                ]
-                scores = rate * (blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=1))
+                test = self._test_block(test_data)  # (n_test, m)
+                scores = rate * self._stack(
+                    (
+                        xp.matmul(
+                            test,
+                            xp.matrix_transpose(
+                                self._project(self.model.batch_per_sample_grads(b))
+                            ),
+                        )
+                        for b in chunk
+                    ),
+                    axis=1,
+                )
                 total = scores if total is None else total + scores
             yield chunk[0].start, total
 
@@ -157,18 +168,19 @@ class TracIn(InfluenceCalculator):
         whichever of the two results are asked for.
         """
         xp = self.xp
+        train = self.training_data(train_data)
         totals: list[Array | None] = [None, None]
         for rate in self._checkpoints():
-            test = None if test_data is None else self._test_gradients(test_data)
+            test = None if test_data is None else self._test_block(test_data)
             blocks, parts = [], []
-            for _, g in self._gradients(self._train(train_data)):
+            for _, g in self._projected(self._gradients(train)):
                 if test is not None:
                     blocks.append(xp.matmul(test, xp.matrix_transpose(g)))
                 if squared_norms:
                     parts.append(xp.sum(g * g, axis=1))
             for i, (pieces, axis) in enumerate(((blocks, 1), (parts, 0))):
                 if pieces:
-                    value = rate * (pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=axis))
+                    value = rate * self._stack(pieces, axis=axis)
                     totals[i] = value if totals[i] is None else totals[i] + value
         return totals[0], totals[1]
 
@@ -189,6 +201,7 @@ class TracIn(InfluenceCalculator):
 
     def group_influence(self, test_data: Any, group_data: Any) -> Array:
         """Σ_{z∈U} score(z, z_test) = Σ_k η_k g(z_test; θ_k) · Σ_{z∈U} g(z; θ_k): shape (n_test,)."""
+        self._check_fitted()
         xp = self.xp
         n_group = self.model.count(group_data, self.batch_size)
         total = None
@@ -200,7 +213,7 @@ class TracIn(InfluenceCalculator):
                 rate
                 * n_group
                 * xp.reshape(
-                    xp.matmul(self._test_gradients(test_data), xp.matrix_transpose(summed)), (-1,)
+                    xp.matmul(self._test_block(test_data), xp.matrix_transpose(summed)), (-1,)
                 )
             )
             total = values if total is None else total + values

@@ -1,12 +1,24 @@
-"""The interface every inverse-Hessian-vector-product solver implements."""
+"""The interface every inverse-Hessian-vector-product solver implements: configure, fit, solve.
+
+A solver is built with its settings only (``ExactIHVP(damping=1e-3)``), does its
+expensive work in :meth:`~InverseHessianVectorProduct.fit` (which returns the
+solver), and keeps what it fitted in attributes with a trailing underscore
+(``inverse_``, ``eigenvalues_``, ``residuals_``), the scikit-learn convention.
+A new solver subclasses :class:`InverseHessianVectorProduct`, implements
+``_fit`` and ``_solve_block``, and is exported from :mod:`influence_core.ihvp`.
+"""
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
+from ..errors import FingerprintMismatchError, NotFittedError
+from ..io import data_fingerprint, load_result, parameter_fingerprint, save_result
 from ..model import InfluenceModel
-from ..namespace import ArrayNamespace
+from ..plugin.namespace import ArrayNamespace
 
 __all__ = ["DEFAULT_DAMPING", "InverseHessianVectorProduct"]
 
@@ -16,53 +28,208 @@ __all__ = ["DEFAULT_DAMPING", "InverseHessianVectorProduct"]
 DEFAULT_DAMPING = 1e-3
 
 Array = Any
+Solver = TypeVar("Solver", bound="InverseHessianVectorProduct")
 
 
 class InverseHessianVectorProduct(ABC):
     """Solves (H + λI) X = V for a block of right-hand sides.
 
     H = ∇²_θ L(θ) is the Hessian of the *mean* loss L(θ) = (1/n) Σ_i ℓ(z_i, θ)
-    over ``data`` (the training set), at the model's current parameters, and
-    λ = ``damping``. Every solver works only through the autodiff protocol
-    (:class:`~influence_core.InfluenceModel`) and the array namespace, so it
-    runs unchanged on every backend.
+    over the data the solver is fitted on (the training set), at the model's
+    parameters when fitted, and λ = ``damping``. Every solver works only
+    through the autodiff protocol (:class:`~influence_core.InfluenceModel`) and
+    the array namespace, so it runs unchanged on every backend.
+
+    Args:
+        damping: λ ≥ 0.
+        batch_size: batch size for ``(X, y)`` arrays (default: the model's).
     """
 
-    def __init__(
-        self,
-        model: InfluenceModel,
-        data: Any,
-        *,
-        damping: float = DEFAULT_DAMPING,
-        batch_size: int | None = None,
-    ) -> None:
-        if damping < 0:
-            raise ValueError(f"damping must be ≥ 0, got {damping}")
-        self.model = model
-        self.data = data
-        self.damping = float(damping)
-        self.batch_size = batch_size
+    def __init__(self, *, damping: float = DEFAULT_DAMPING, batch_size: int | None = None) -> None:
+        damping = float(damping)
+        if not math.isfinite(damping) or damping < 0:
+            raise ValueError(f"damping must be a finite number ≥ 0, got {damping}")
+        if batch_size is not None and int(batch_size) < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        self.damping = damping
+        self.batch_size = None if batch_size is None else int(batch_size)
+
+    # -- settings -------------------------------------------------------------------
+    def get_params(self) -> dict[str, Any]:
+        """The settings the solver was built with (JSON values), enough to build it again."""
+        return {"damping": self.damping, "batch_size": self.batch_size}
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({settings})"
+
+    # -- fitting --------------------------------------------------------------------
+    def fit(self: Solver, model: InfluenceModel, data: Any) -> Solver:
+        """Fit on the mean training loss of ``model`` over ``data``; returns the solver."""
+        self.model_ = model
+        self.data_ = data
+        self.parameter_fingerprint_ = parameter_fingerprint(model)
+        self._data_fingerprint: dict[str, Any] | None = None
+        self._fit(model, data)
+        return self
+
+    def fitted_for(self: Solver, model: InfluenceModel, data: Any) -> Solver:
+        """Fit on ``(model, data)``, or, if already fitted, check it was fitted on exactly them.
+
+        What a calculator does with the solver it is given: an unfitted solver
+        is fitted on the calculator's own training data; a fitted one is
+        accepted only if its fingerprints (θ and data) match
+        (:meth:`check_fitted_for`).
+        """
+        if self.is_fitted:
+            self.check_fitted_for(model, data)
+            return self
+        return self.fit(model, data)
+
+    def _fit(self, model: InfluenceModel, data: Any) -> None:
+        """The solver's own fitting work (factorise, iterate …); nothing for CG and LiSSA."""
+        return None
 
     @property
+    def is_fitted(self) -> bool:
+        return hasattr(self, "model_")
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted:
+            raise NotFittedError(self, "solving needs the Hessian of a model and its data")
+
+    def data_fingerprint_(self) -> dict[str, Any]:
+        """The fingerprint of the data the solver was fitted on (computed once, on demand)."""
+        self._check_fitted()
+        if self._data_fingerprint is None:
+            self._data_fingerprint = data_fingerprint(self.model_, self.data_, self.batch_size)
+        return self._data_fingerprint
+
+    def check_fitted_for(self, model: InfluenceModel, data: Any) -> None:
+        """Refuse to serve a calculator whose θ or training data differ from the fitted ones.
+
+        Raises :class:`~influence_core.errors.FingerprintMismatchError` naming
+        what differs: the parameter selection, the parameter values, or the data.
+        """
+        self._check_fitted()
+        where = f"this fitted {type(self).__name__}"
+        if list(self.model_.parameter_names) != list(model.parameter_names):
+            raise FingerprintMismatchError(
+                f"{where} is for parameters {list(self.model_.parameter_names)}, but the "
+                f"calculator's model selects {list(model.parameter_names)}; pass an unfitted "
+                "solver and the calculator fits it"
+            )
+        if parameter_fingerprint(model) != self.parameter_fingerprint_:
+            raise FingerprintMismatchError(
+                f"{where} was fitted at other parameter values (fingerprint mismatch); pass an "
+                "unfitted solver and the calculator fits it"
+            )
+        if (
+            data is not self.data_
+            and data_fingerprint(model, data, self.batch_size) != self.data_fingerprint_()
+        ):
+            raise FingerprintMismatchError(
+                f"{where} was fitted on other training data than the calculator's "
+                f"({self.data_fingerprint_()['n']} samples); pass an unfitted solver, or the "
+                "same data"
+            )
+
+    # -- saving ---------------------------------------------------------------------
+    def _fitted_arrays(self) -> dict[str, Array]:
+        """The fitted state to save (native arrays by attribute name); none by default."""
+        return {}
+
+    def _restore(self, arrays: dict[str, Array]) -> None:
+        """Set the fitted attributes from :meth:`_fitted_arrays` output (native arrays)."""
+        return None
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the fitted state and settings (``arrays.npz`` + ``metadata.json``, no pickle)."""
+        self._check_fitted()
+        return save_result(
+            directory,
+            self._fitted_arrays(),
+            method=type(self).__name__,
+            model=self.model_,
+            parameters=self.get_params(),
+            data={"train": self.data_},
+            batch_size=self.batch_size,
+        )
+
+    @classmethod
+    def load(
+        cls: type[Solver], directory: str | Path, model: InfluenceModel, data: Any = None
+    ) -> Solver:
+        """A fitted solver from :meth:`save` output, without refitting.
+
+        Refuses (:class:`~influence_core.errors.FingerprintMismatchError`) a
+        state fitted for another parameter selection or values of θ, or, when
+        ``data`` is given, on other training data. ``data`` is what later
+        HVPs (CG, LiSSA) run over; without it only the saved state is usable.
+        """
+        saved = load_result(
+            directory,
+            model=model,
+            data=None if data is None else {"train": data},
+            method=cls.__name__,
+        )
+        solver = cls(**saved.metadata["parameters"])
+        solver.model_ = model
+        solver.data_ = data
+        solver.parameter_fingerprint_ = saved.metadata["parameter_fingerprint"]
+        solver._data_fingerprint = saved.metadata["data"].get("train")
+        native = model.kernels.as_native
+        solver._restore({name: native(value) for name, value in saved.arrays.items()})
+        return solver
+
+    # -- solving --------------------------------------------------------------------
+    @property
     def xp(self) -> ArrayNamespace:
-        return self.model.xp
+        self._check_fitted()
+        return self.model_.xp
 
     def damped_hvp(self, vectors: Array) -> Array:
-        """(H + λI) V over the whole of ``data``, shape (d, k)."""
+        """(H + λI) V over the whole of the fitted data, shape (d, k)."""
+        self._check_fitted()
+        if self.data_ is None:
+            raise ValueError(
+                f"this {type(self).__name__} was loaded without its training data; "
+                "pass data= to load() to run HVPs"
+            )
         return (
-            self.model.hvp(self.data, vectors, batch_size=self.batch_size) + self.damping * vectors
+            self.model_.hvp(self.data_, vectors, batch_size=self.batch_size)
+            + self.damping * vectors
         )
 
     def solve(self, vectors: Any) -> Array:
         """(H + λI)⁻¹ V: shape ``(d,)`` for one vector, ``(d, k)`` for a block (solved together)."""
+        self._check_fitted()
         xp = self.xp
-        v = self.model.kernels.as_native(vectors, floating=True)
-        d = self.model.num_parameters
+        v = self.model_.kernels.as_native(vectors, floating=True)
+        d = self.model_.num_parameters
         if tuple(v.shape) == (d,):
             return xp.reshape(self._solve_block(xp.reshape(v, (d, 1))), (d,))
         if len(v.shape) != 2 or int(v.shape[0]) != d:
             raise ValueError(f"vectors must have shape ({d},) or ({d}, k), got {tuple(v.shape)}")
         return self._solve_block(v)
+
+    @abstractmethod
+    def _solve_block(self, vectors: Array) -> Array:
+        """(H + λI)⁻¹ V for a native block V of shape (d, k)."""
+
+    # -- what the influence calculators need ------------------------------------------
+    def test_side(self, grads: Array) -> Array:
+        """The test block that training gradients meet: here S = (H + λI)⁻¹ Gᵀ, shape (d, b).
+
+        Scores are ``train_side(G_train) @ test_side(G_test)``; a solver with a
+        cheaper factorised form (Arnoldi's projection) overrides both.
+        """
+        self._check_fitted()
+        return self._solve_block(self.xp.matrix_transpose(grads))
+
+    def train_side(self, grads: Array) -> Array:
+        """What training gradients (b, d) become before meeting :meth:`test_side`: G itself."""
+        return grads
 
     def quadratic_forms(self, grads: Array) -> Array:
         """gᵢᵀ (H + λI)⁻¹ gᵢ for each row gᵢ of ``grads`` (shape (b, d)): shape (b,).
@@ -74,6 +241,7 @@ class InverseHessianVectorProduct(ABC):
         solved = self._solve_block(xp.matrix_transpose(grads))  # (d, b)
         return xp.sum(grads * xp.matrix_transpose(solved), axis=1)
 
-    @abstractmethod
-    def _solve_block(self, vectors: Array) -> Array:
-        """(H + λI)⁻¹ V for a native block V of shape (d, k)."""
+    def solved_norms(self, grads: Array) -> Array:
+        """‖(H + λI)⁻¹ gᵢ‖ for each row of ``grads`` (the RelatIF denominator): shape (b,)."""
+        xp = self.xp
+        return xp.linalg.vector_norm(self._solve_block(xp.matrix_transpose(grads)), axis=0)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import numpy as np
+
 from ..errors import ConvergenceWarning, NotPositiveDefiniteError
-from ..model import InfluenceModel
 from ..progress import progress_counter
 from .base import DEFAULT_DAMPING, Array, InverseHessianVectorProduct
 
@@ -16,33 +17,40 @@ __all__ = ["ConjugateGradientIHVP"]
 class ConjugateGradientIHVP(InverseHessianVectorProduct):
     """Solves (H + λI) X = V by conjugate gradient, all k columns at once.
 
-    Each iteration makes **one** batched HVP pass over ``data`` for the whole
-    block (the columns run independent CG recurrences that share the HVP),
-    so k right-hand sides cost about what one does. Stops when every column's
-    relative residual ‖(H + λI)x − v‖ / ‖v‖ is at most ``tol``; otherwise warns
-    with :class:`~influence_core.errors.ConvergenceWarning` and the residual.
-    ``last_residual`` and ``last_iterations`` record the most recent solve.
+    Fitting only binds the model and its data (CG needs no factorisation).
+    Each iteration of a solve makes **one** batched HVP pass over the data for
+    the whole block (the columns run independent CG recurrences that share
+    the HVP), so k right-hand sides cost about what one does. Stops when every
+    column's relative residual ‖(H + λI)x − v‖ / ‖v‖ is at most ``tol``;
+    otherwise warns with :class:`~influence_core.errors.ConvergenceWarning`
+    and the residual. ``residuals_`` (per column) and ``iterations_`` record
+    the most recent solve.
 
     Only HVPs are needed, so any d works; cost is ``maxiter`` data passes.
     A non-positive curvature pᵀ(H + λI)p ≤ 0 proves H + λI is not positive
     definite and raises :class:`~influence_core.errors.NotPositiveDefiniteError`.
+
+    Args:
+        damping: λ.
+        batch_size: batch size for ``(X, y)`` arrays.
+        tol: the relative residual every column must reach.
+        maxiter: the most iterations (data passes) per solve.
     """
 
     def __init__(
         self,
-        model: InfluenceModel,
-        data: Any,
         *,
         damping: float = DEFAULT_DAMPING,
         batch_size: int | None = None,
         tol: float = 1e-10,
         maxiter: int = 100,
     ) -> None:
-        super().__init__(model, data, damping=damping, batch_size=batch_size)
+        super().__init__(damping=damping, batch_size=batch_size)
         self.tol = float(tol)
         self.maxiter = int(maxiter)
-        self.last_residual: float | None = None
-        self.last_iterations: int | None = None
+
+    def get_params(self) -> dict[str, Any]:
+        return {**super().get_params(), "tol": self.tol, "maxiter": self.maxiter}
 
     def _solve_block(self, vectors: Array) -> Array:
         xp = self.xp
@@ -80,7 +88,9 @@ class ConjugateGradientIHVP(InverseHessianVectorProduct):
             iterations += 1
             residual = float(xp.max(xp.sqrt(rs) / b_norm))
         bar.close()
-        self.last_residual, self.last_iterations = residual, iterations
+        #: Relative residual of each column after the last solve, and its iteration count.
+        self.residuals_ = np.asarray(self.model_.to_numpy(xp.sqrt(rs) / b_norm), dtype=float)
+        self.iterations_ = iterations
         if residual > self.tol:
             warnings.warn(
                 f"conjugate gradient stopped after {iterations} iterations with relative residual "

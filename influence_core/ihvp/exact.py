@@ -18,51 +18,61 @@ MAX_EXACT_PARAMETERS = 5000
 class ExactIHVP(InverseHessianVectorProduct):
     """(H + λI)⁻¹ from the full Hessian: built once, factorised once, reused.
 
-    H is assembled from blocks of HVPs over ``data``, symmetrised, damped and
-    factorised as H + λI = L Lᵀ (Cholesky). The solver keeps only
-    ``inverse`` = (H + λI)⁻¹ = L⁻ᵀ L⁻¹ (d × d; the Hessian itself is dropped), so
-    a block of k right-hand sides costs one (d × d)(d × k) product and the
-    self-influences gᵢᵀ(H + λI)⁻¹gᵢ of a batch one (b × d)(d × d) product.
-    (Keeping L⁻¹ instead cost two products per solve: 2x slower in the
-    benchmark, ``docs/benchmarks.md``.)
+    :meth:`fit` assembles H from blocks of HVPs over the data, symmetrises and
+    damps it, and factorises H + λI = L Lᵀ (Cholesky). The solver keeps only
+    ``inverse_`` = (H + λI)⁻¹ = L⁻ᵀ L⁻¹ (d × d; the Hessian itself is
+    dropped), so a block of k right-hand sides costs one (d × d)(d × k)
+    product and the self-influences gᵢᵀ(H + λI)⁻¹gᵢ of a batch one
+    (b × d)(d × d) product. (Keeping L⁻¹ instead costs two products per solve;
+    ``make bench`` measures the solve, ``docs/benchmarks.md``.)
 
-    Raises :class:`~influence_core.errors.NotPositiveDefiniteError` (with the
-    smallest eigenvalue and a damping that would work) when H + λI is not
-    positive definite, and refuses d above ``max_parameters``.
+    :meth:`fit` raises :class:`~influence_core.errors.NotPositiveDefiniteError`
+    (with the smallest eigenvalue and a damping that would work) when H + λI is
+    not positive definite, and refuses d above ``max_parameters``.
+
+    Args:
+        damping: λ.
+        batch_size: batch size for ``(X, y)`` arrays.
+        max_parameters: the largest d accepted.
     """
 
     def __init__(
         self,
-        model: InfluenceModel,
-        data: Any,
         *,
         damping: float = DEFAULT_DAMPING,
         batch_size: int | None = None,
         max_parameters: int = MAX_EXACT_PARAMETERS,
     ) -> None:
-        super().__init__(model, data, damping=damping, batch_size=batch_size)
+        super().__init__(damping=damping, batch_size=batch_size)
+        self.max_parameters = int(max_parameters)
+
+    def get_params(self) -> dict[str, Any]:
+        return {**super().get_params(), "max_parameters": self.max_parameters}
+
+    def _fit(self, model: InfluenceModel, data: Any) -> None:
         d = model.num_parameters
-        if d > max_parameters:
+        if d > self.max_parameters:
             raise ValueError(
                 f"ExactIHVP needs the full {d} x {d} Hessian (above max_parameters="
-                f"{max_parameters}). Select fewer parameters (e.g. the last layer), or use "
+                f"{self.max_parameters}). Select fewer parameters (e.g. the last layer), or use "
                 "ConjugateGradientIHVP, LissaIHVP or ArnoldiIHVP, which only need HVPs."
             )
-        xp = self.xp
-        hessian = model.hessian(data, batch_size=batch_size, max_parameters=max_parameters)
+        xp = model.xp
+        hessian = model.hessian(
+            data, batch_size=self.batch_size, max_parameters=self.max_parameters
+        )
         hessian = 0.5 * (hessian + xp.matrix_transpose(hessian))
         eye = model.kernels.as_native(xp.eye(d, dtype=model.dtype), floating=True)
         damped = hessian + self.damping * eye
-        lower = self._cholesky(damped)
+        lower = self._cholesky(xp, damped)
         del hessian, damped
         lower_inverse = xp.linalg.solve(lower, eye)
         del lower, eye
         inverse = xp.matmul(xp.matrix_transpose(lower_inverse), lower_inverse)
         #: (H + λI)⁻¹, symmetric positive definite, d × d.
-        self.inverse = 0.5 * (inverse + xp.matrix_transpose(inverse))
+        self.inverse_ = 0.5 * (inverse + xp.matrix_transpose(inverse))
 
-    def _cholesky(self, damped: Array) -> Array:
-        xp = self.xp
+    def _cholesky(self, xp: Any, damped: Array) -> Array:
         try:
             lower = xp.linalg.cholesky(damped)
             ok = bool(xp.all(xp.isfinite(lower)))
@@ -73,10 +83,16 @@ class ExactIHVP(InverseHessianVectorProduct):
             raise NotPositiveDefiniteError(smallest, self.damping)
         return lower
 
+    def _fitted_arrays(self) -> dict[str, Array]:
+        return {"inverse_": self.inverse_}
+
+    def _restore(self, arrays: dict[str, Array]) -> None:
+        self.inverse_ = arrays["inverse_"]
+
     def _solve_block(self, vectors: Array) -> Array:
-        return self.xp.matmul(self.inverse, vectors)
+        return self.xp.matmul(self.inverse_, vectors)
 
     def quadratic_forms(self, grads: Array) -> Array:
         """gᵢᵀ (H + λI)⁻¹ gᵢ for each row: one (b × d)(d × d) product for the batch."""
         xp = self.xp
-        return xp.sum(xp.matmul(grads, self.inverse) * grads, axis=1)
+        return xp.sum(xp.matmul(grads, self.inverse_) * grads, axis=1)

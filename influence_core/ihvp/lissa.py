@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from ..data import convert_tree, is_array_pair, leading_dim, take_samples
+from ..data import is_array_pair, leading_dim, take_samples
 from ..errors import LissaDivergenceError
-from ..model import InfluenceModel
 from ..progress import progress
+from ..tree import tree_map
 from .base import DEFAULT_DAMPING, Array, InverseHessianVectorProduct
 
 __all__ = ["LissaIHVP", "largest_eigenvalue"]
@@ -23,8 +23,8 @@ def largest_eigenvalue(
     """λ_max(H + λI) by power iteration with full-data HVPs (a few passes)."""
     xp = solver.xp
     rng = np.random.default_rng(seed)
-    v = solver.model.kernels.as_native(
-        rng.normal(size=(solver.model.num_parameters, 1)), floating=True
+    v = solver.model_.kernels.as_native(
+        rng.normal(size=(solver.model_.num_parameters, 1)), floating=True
     )
     value = 0.0
     for _ in range(iterations):
@@ -55,8 +55,6 @@ class LissaIHVP(InverseHessianVectorProduct):
 
     def __init__(
         self,
-        model: InfluenceModel,
-        data: Any,
         *,
         damping: float = DEFAULT_DAMPING,
         batch_size: int | None = 64,
@@ -65,19 +63,28 @@ class LissaIHVP(InverseHessianVectorProduct):
         repetitions: int = 1,
         seed: int = 0,
     ) -> None:
-        super().__init__(model, data, damping=damping, batch_size=batch_size)
-        if scale <= 0 or depth < 1 or repetitions < 1:
+        super().__init__(damping=damping, batch_size=batch_size)
+        if not scale > 0 or depth < 1 or repetitions < 1:
             raise ValueError("LiSSA needs scale > 0, depth ≥ 1 and repetitions ≥ 1")
         self.scale = float(scale)
         self.depth = int(depth)
         self.repetitions = int(repetitions)
         self.seed = int(seed)
 
+    def get_params(self) -> dict[str, Any]:
+        return {
+            **super().get_params(),
+            "scale": self.scale,
+            "depth": self.depth,
+            "repetitions": self.repetitions,
+            "seed": self.seed,
+        }
+
     def _minibatches(self, rng: np.random.Generator) -> Iterator[tuple[Any, Any]]:
-        batch_size = self.batch_size or self.model.batch_size
-        if is_array_pair(self.data):
+        batch_size = self.batch_size or self.model_.batch_size
+        if is_array_pair(self.data_):
             # Native once, then gathered on the device: no per-step conversion.
-            inputs, targets = convert_tree(self.data, self.model.kernels.as_native)
+            inputs, targets = tree_map(self.model_.kernels.as_native, self.data_)
             n = leading_dim(targets)
             batch_size = min(batch_size, n)
             while True:
@@ -87,7 +94,7 @@ class LissaIHVP(InverseHessianVectorProduct):
                     yield take_samples(inputs, index), take_samples(targets, index)
         else:
             while True:
-                for batch in self.model.batches(self.data, batch_size):
+                for batch in self.model_.batches(self.data_, batch_size):
                     yield batch.inputs, batch.targets
 
     def _solve_block(self, vectors: Array) -> Array:
@@ -105,7 +112,7 @@ class LissaIHVP(InverseHessianVectorProduct):
             ):
                 inputs, targets = next(batches)
                 # The kernel directly: the divergence check below also catches NaN/inf.
-                hx = self.model.kernels.mean_loss_hvp(inputs, targets, x) + self.damping * x
+                hx = self.model_.kernels.mean_loss_hvp(inputs, targets, x) + self.damping * x
                 x = vectors + x - hx / self.scale
                 if step % 10 == 9 or step == self.depth - 1:
                     norm = float(xp.max(xp.sqrt(xp.sum(x * x, axis=0))))

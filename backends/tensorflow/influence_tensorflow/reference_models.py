@@ -1,0 +1,66 @@
+"""Builds the conformance suite's reference models as Keras 3 models.
+
+Keras' layout is the specs' canonical layout, so weights load as they are
+and the canonical positions are the identity.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from influence_conformance.specs import Conv2D, Dense, Flatten, ModelSpec, ReferenceModel
+
+
+def build(spec: ModelSpec, weights: list[np.ndarray], dtype: str) -> ReferenceModel:
+    layers: list[Any] = [keras.Input(spec.input_shape, dtype=dtype)]
+    layer_names: list[str] = []
+    for i, layer in enumerate(spec.layers):
+        name = f"layer{i}"
+        if isinstance(layer, Dense):
+            layers.append(
+                keras.layers.Dense(layer.units, activation=layer.activation, dtype=dtype, name=name)
+            )
+        elif isinstance(layer, Conv2D):
+            layers.append(
+                keras.layers.Conv2D(
+                    layer.filters,
+                    layer.kernel_size,
+                    activation=layer.activation,
+                    dtype=dtype,
+                    name=name,
+                )
+            )
+        else:
+            assert isinstance(layer, Flatten)
+            layers.append(keras.layers.Flatten(dtype=dtype, name=name))
+            continue
+        layer_names.append(name)
+    model = keras.Sequential(layers, name=f"reference_{spec.name}")
+    model.set_weights([w.astype(dtype) for w in weights])
+
+    # Keras losses compute in floatx() unless given a dtype: pass it, or float64 is lost.
+    if spec.loss == "mse":
+        loss_fn = keras.losses.MeanSquaredError(reduction=None, dtype=dtype)
+        scalar_loss = keras.losses.MeanSquaredError(dtype=dtype)
+    else:
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction=None, dtype=dtype
+        )
+        scalar_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype=dtype)
+
+    def native_dataset(X: np.ndarray, y: np.ndarray, batch_size: int | None) -> Any:
+        data = tf.data.Dataset.from_tensor_slices((X.astype(dtype), y))
+        return data if batch_size is None else data.batch(batch_size)
+
+    return ReferenceModel(
+        model=model,
+        loss_fn=loss_fn,
+        canonical_positions=np.arange(spec.num_parameters),
+        layer_names=layer_names,
+        native_dataset=native_dataset,
+        scalar_loss_fn=scalar_loss,
+    )

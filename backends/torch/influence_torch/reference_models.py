@@ -1,0 +1,114 @@
+"""Builds the conformance suite's reference models as ``torch.nn.Module`` s.
+
+The specs' canonical layout is Keras' (NHWC images, ``(in, out)`` kernels); the
+module takes NHWC inputs, runs convolutions in NCHW and returns to NHWC before
+flattening, so the same inputs and weights give the same function.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from influence_conformance.specs import (
+    Conv2D,
+    Dense,
+    Flatten,
+    ModelSpec,
+    ReferenceModel,
+    canonical_offsets,
+)
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class _ToChannelsFirst(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2)
+
+
+class _FlattenChannelsLast(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+
+
+def _activation(name: str | None) -> list[torch.nn.Module]:
+    return {"tanh": [torch.nn.Tanh()], "relu": [torch.nn.ReLU()], None: []}[name]
+
+
+def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return ((outputs - targets) ** 2).mean(dim=-1)
+
+
+def build(spec: ModelSpec, weights: list[np.ndarray], dtype: str) -> ReferenceModel:
+    torch_dtype = _DTYPES[dtype]
+    modules: dict[str, torch.nn.Module] = {}
+    positions: list[np.ndarray] = []
+    layer_names: list[str] = []
+    offsets = iter(canonical_offsets(spec))
+    w = iter(weights)
+    channels_first = False
+    for i, layer in enumerate(spec.layers):
+        name = f"layer{i}"
+        if isinstance(layer, Flatten):
+            modules[name] = _FlattenChannelsLast() if channels_first else torch.nn.Flatten()
+            channels_first = False
+            continue
+        kernel, bias = next(w), next(w)
+        k_off, b_off = next(offsets), next(offsets)
+        if isinstance(layer, Dense):
+            module = torch.nn.Linear(kernel.shape[0], kernel.shape[1])
+            torch_kernel, kernel_perm = kernel.T, (1, 0)
+        else:
+            assert isinstance(layer, Conv2D)
+            if not channels_first:
+                modules[f"{name}_to_nchw"] = _ToChannelsFirst()
+                channels_first = True
+            module = torch.nn.Conv2d(kernel.shape[2], kernel.shape[3], kernel.shape[0])
+            torch_kernel, kernel_perm = kernel.transpose(3, 2, 0, 1), (3, 2, 0, 1)
+        module = module.to(
+            torch_dtype
+        )  # before loading: float64 weights must not pass through float32
+        with torch.no_grad():
+            module.weight.copy_(torch.as_tensor(np.ascontiguousarray(torch_kernel)))
+            module.bias.copy_(torch.as_tensor(bias))
+        modules[name] = module
+        layer_names.append(name)
+        positions.append(
+            k_off + np.arange(kernel.size).reshape(kernel.shape).transpose(kernel_perm).ravel()
+        )
+        positions.append(b_off + np.arange(bias.size))
+        for j, act in enumerate(_activation(layer.activation)):
+            modules[f"{name}_act{j}"] = act
+    model = _sequential(modules)
+    model = model.to(torch_dtype).eval()
+
+    if spec.loss == "mse":
+        loss_fn, scalar_loss = _mse, torch.nn.MSELoss()
+    else:
+        loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
+        scalar_loss = torch.nn.CrossEntropyLoss()
+
+    def native_dataset(X: np.ndarray, y: np.ndarray, batch_size: int | None) -> Any:
+        data = TensorDataset(torch.as_tensor(X, dtype=torch_dtype), torch.as_tensor(y))
+        return (
+            data if batch_size is None else DataLoader(data, batch_size=batch_size, shuffle=False)
+        )
+
+    return ReferenceModel(
+        model=model,
+        loss_fn=loss_fn,
+        canonical_positions=np.concatenate(positions),
+        layer_names=layer_names,
+        native_dataset=native_dataset,
+        scalar_loss_fn=scalar_loss,
+    )
+
+
+def _sequential(modules: dict[str, torch.nn.Module]) -> torch.nn.Sequential:
+    from collections import OrderedDict
+
+    return torch.nn.Sequential(OrderedDict(modules))

@@ -1,0 +1,213 @@
+"""The autodiff protocol: the per-batch kernels a backend implements.
+
+A backend supplies one :class:`ModelKernels` per wrapped model. Kernels see one
+batch at a time and know nothing of datasets, estimators or error reporting:
+the core's :class:`~influence_core.model.InfluenceModel` streams batches
+through them, weights partial batches, checks for non-finite values and
+assembles Hessians, once for every backend.
+
+Conventions every kernel follows
+--------------------------------
+* θ is the *selected* parameters flattened to one vector of length ``d``:
+  the selected parameters in the order of :attr:`ModelKernels.parameter_names`,
+  each flattened in row-major (C) order of its native layout.
+* ``inputs`` is what the model is called with (one array, or a pytree of
+  arrays that share a leading batch dimension ``b``); ``targets`` has leading
+  dimension ``b``. Both are native arrays already converted by
+  :meth:`ModelKernels.as_native`.
+* ℓ(z, θ) is the per-sample loss returned by the user's loss function.
+  ``mean`` below is over the ``b`` samples of the batch: the kernels never sum.
+* Every returned array is a native array in the parameters' dtype and
+  on their device.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .namespace import ArrayNamespace
+
+__all__ = ["LastLayer", "ModelKernels", "UnsupportedByBackendError"]
+
+Array = Any
+
+
+class UnsupportedByBackendError(NotImplementedError):
+    """A backend (or this kind of model) lacks an optional capability an estimator needs."""
+
+
+@dataclass(frozen=True)
+class LastLayer:
+    """The model's final linear layer, Φ(x) = f(x) W + b, in the canonical orientation.
+
+    Attributes:
+        name: a parameter selector for the layer (``InfluenceModel(parameters=name)``).
+        weight: W, shape ``(p, c)``: p penultimate features to c outputs (a copy).
+        bias: b, shape ``(c,)``, or ``None`` when the layer has none.
+    """
+
+    name: str
+    weight: Array
+    bias: Array | None
+
+
+class ModelKernels(ABC):
+    """Per-batch autodiff kernels for one model, loss and parameter selection.
+
+    Implementations must be vectorised: no Python loop over samples, and
+    per-sample gradients never computed as the Jacobian of the per-sample loss
+    vector. A backend author implements the abstract members and runs the
+    conformance suite (:mod:`influence_conformance`) to prove them.
+    """
+
+    #: Name of the backend that built these kernels (``"torch"``, ``"tensorflow"`` …).
+    backend_name: str
+
+    # -- description of θ --------------------------------------------------------
+    @property
+    @abstractmethod
+    def xp(self) -> ArrayNamespace:
+        """The Array API namespace of this model's native arrays."""
+
+    @property
+    @abstractmethod
+    def all_parameter_names(self) -> tuple[str, ...]:
+        """Every trainable parameter of the model, in model order."""
+
+    @property
+    @abstractmethod
+    def parameter_names(self) -> tuple[str, ...]:
+        """The selected parameters making up θ, in flat order."""
+
+    @property
+    @abstractmethod
+    def parameter_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Native shape of each selected parameter, aligned with ``parameter_names``."""
+
+    @property
+    @abstractmethod
+    def name_separator(self) -> str:
+        """Separator between path components in parameter names (``"."`` or ``"/"``)."""
+
+    @property
+    @abstractmethod
+    def dtype(self) -> Any:
+        """Native floating dtype shared by the selected parameters."""
+
+    # -- θ itself ------------------------------------------------------------
+    @abstractmethod
+    def get_flat_parameters(self) -> Array:
+        """A copy of θ, shape ``(d,)``."""
+
+    @abstractmethod
+    def set_flat_parameters(self, flat: Array) -> None:
+        """Write θ (shape ``(d,)``) into the model's parameters, in place."""
+
+    # -- kernels on one batch -------------------------------------------------------
+    @abstractmethod
+    def per_sample_loss(self, inputs: Array, targets: Array) -> Array:
+        """ℓ(z_i, θ) for each sample of the batch: shape ``(b,)``.
+
+        Returns whatever the user's loss returns, unchecked; the core checks the shape.
+        """
+
+    @abstractmethod
+    def mean_loss_grad(self, inputs: Array, targets: Array) -> Array:
+        """∇_θ (1/b) Σ_i ℓ(z_i, θ): shape ``(d,)``."""
+
+    @abstractmethod
+    def per_sample_grads(self, inputs: Array, targets: Array) -> Array:
+        """∇_θ ℓ(z_i, θ) for each sample, row i for sample i: shape ``(b, d)``."""
+
+    @abstractmethod
+    def mean_loss_hvp(self, inputs: Array, targets: Array, vectors: Array) -> Array:
+        """H V with H = ∇²_θ (1/b) Σ_i ℓ(z_i, θ), for a block ``vectors`` of shape ``(d, k)``.
+
+        Returns shape ``(d, k)``; column j is H times column j. ``k`` may be 1.
+        """
+
+    # -- data -------------------------------------------------------------------
+    @abstractmethod
+    def as_native(self, array: Any, *, floating: bool | None = None) -> Array:
+        """Convert ``array`` (NumPy, list, or native) to a native array on the model's device.
+
+        Floating-point arrays are cast to :attr:`dtype`; integer arrays keep
+        their dtype. ``floating=True`` forces the cast (used for vectors in
+        parameter space).
+        """
+
+    @abstractmethod
+    def to_numpy(self, array: Array) -> Any:
+        """A NumPy copy of a native array, moved to host memory (for small host-side work)."""
+
+    @abstractmethod
+    def native_batches(self, data: Any, batch_size: int) -> Iterator[Any] | None:
+        """Iterate a framework-native dataset, or return ``None`` if ``data`` is not one.
+
+        For a PyTorch ``DataLoader`` / ``Dataset`` or a ``tf.data.Dataset``.
+        Yields the raw elements (the core checks they are ``(inputs, targets)``
+        pairs). Unbatched datasets are batched with ``batch_size``.
+        """
+
+    # -- optional capabilities ------------------------------------------------------
+    # TracIn needs checkpoints; representer points need the split "features → last
+    # linear layer". A backend without them still runs every other estimator: the
+    # defaults raise UnsupportedByBackendError naming the backend.
+    def _unsupported(self, what: str) -> UnsupportedByBackendError:
+        return UnsupportedByBackendError(
+            f"the {getattr(self, 'backend_name', type(self).__name__)} backend does not "
+            f"implement {what}"
+        )
+
+    def save_state(self) -> Any:
+        """An in-memory copy of *all* the model's weights, in a form :meth:`load_checkpoint` takes."""
+        raise self._unsupported("save_state (needed by TracIn)")
+
+    #: File name suffix :meth:`save_checkpoint` needs (``".pt"``, ``".weights.h5"`` …).
+    checkpoint_suffix: str = ""
+
+    def save_checkpoint(self, path: str) -> None:
+        """Write all the model's weights to ``path`` in the framework's usual format."""
+        raise self._unsupported("save_checkpoint")
+
+    def load_checkpoint(self, checkpoint: Any) -> None:
+        """Load a user checkpoint (the framework's usual forms, or a :meth:`save_state`) in place."""
+        raise self._unsupported("load_checkpoint (needed by TracIn)")
+
+    def last_layer(self) -> LastLayer:
+        """The final linear layer whose outputs are the model's outputs Φ(x)."""
+        raise self._unsupported("last_layer (needed by representer points)")
+
+    def penultimate_features(self, inputs: Array) -> Array:
+        """f(x), the input of :meth:`last_layer` for each sample: shape ``(b, p)``."""
+        raise self._unsupported("penultimate_features (needed by representer points)")
+
+    def outputs(self, inputs: Array) -> Array:
+        """Φ(x), the model's outputs (inference mode): shape ``(b, c)``."""
+        raise self._unsupported("outputs")
+
+    def output_loss_grads(self, outputs: Array, targets: Array) -> tuple[Array, Array]:
+        """ℓ at the given outputs and ∂ℓ/∂Φ per sample: shapes ``(b,)`` and ``(b, c)``."""
+        raise self._unsupported("output_loss_grads (needed by representer points)")
+
+    def output_loss_hessians(self, outputs: Array, targets: Array) -> Array:
+        """∂²ℓ/∂Φ² per sample: shape ``(b, c, c)``."""
+        raise self._unsupported("output_loss_hessians (needed by RepresenterPointL2)")
+
+    def per_sample_measurement_grads(
+        self, inputs: Array, targets: Array, measurement: Callable[[Array, Array], Array]
+    ) -> Array:
+        """∇_θ m(Φ(x_i), y_i) for each sample: shape ``(b, d)``, row i for sample i.
+
+        ``measurement(outputs, targets) -> (b,)`` is a function of the model's
+        outputs (inference mode) written with native operations; each value
+        depends only on its own sample, so it may be called on one sample at a
+        time (``b = 1``) inside ``vmap`` / ``vectorized_map``. The same function
+        object is passed on every call for one measurement: backends that trace
+        may cache by it. Needed for test-side measurements other than the loss
+        (:mod:`influence_core.measurements`) and by RepresenterPointLJE.
+        """
+        raise self._unsupported("per_sample_measurement_grads (needed by measurement=)")
