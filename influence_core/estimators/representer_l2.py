@@ -77,7 +77,7 @@ class RepresenterPointL2(RepresenterCalculator):
         return {**super().get_params(), "l2": self.l2, "tol": self.tol, "max_iter": self.max_iter}
 
     def _fit(self, train_data: Any) -> None:
-        from scipy.optimize import minimize  # lazily: scipy.optimize costs 0.3 s to import
+        from scipy.optimize import minimize  # lazily: keeps scipy out of import influence_core
 
         super()._fit(train_data)
         xp, kernels, model = self.xp, self.model.kernels, self.model

@@ -2,7 +2,7 @@
 
 * per-sample gradients: ``tf.vectorized_map`` of a one-example ``GradientTape``
   inside a ``tf.function`` that is reused across calls (eager ``vectorized_map``
-  re-traces on every call, about 50x slower). Each kernel keeps exact-shape
+  re-traces on every call: 50x slower, the figure in the project brief). Each kernel keeps exact-shape
   traces for its first four input shapes and one shape-relaxed trace for any
   other (:class:`ShapeSpecializedFunction`);
 * HVPs: reverse-over-reverse; for a block V the outer tape takes the Jacobian
@@ -66,7 +66,7 @@ class ShapeSpecializedFunction:
     """A ``tf.function`` with exact-shape traces for the first few shapes, then one relaxed trace.
 
     A graph traced for exact shapes runs faster than a shape-relaxed one
-    (``docs/benchmarks.md``, "Kernel design choices"), so the first
+    (``docs/benchmarks.md``, "What the numbers led to"), so the first
     ``max_exact`` distinct input shapes (typically the full batch, the partial
     last batch, and a few HVP block widths) each get their own trace; any
     further shape goes to a single shape-relaxed trace. At most

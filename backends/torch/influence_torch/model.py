@@ -3,7 +3,7 @@
 * gradients: ``vmap(grad(ℓ))`` over the batch with respect to the dict of
   selected parameters (``functional_call``), concatenated to ``(b, d)``: faster
   than differentiating with respect to views of one flat θ (``docs/benchmarks.md``,
-  "Kernel design choices");
+  "What the numbers led to");
 * HVPs: double backward, ``vjp`` of ``grad`` (one linearisation per batch),
   ``vmap``-ed over the ``k`` columns of the block;
 * checkpoints (TracIn): state dicts or files written by ``torch.save``, loaded
