@@ -169,3 +169,40 @@ def chunks(batches: Iterable[Batch], chunk_size: int) -> Iterator[list[Batch]]:
             chunk, size = [], 0
     if chunk:
         yield chunk
+
+
+def rebatched(batches: Iterable[Batch], batch_size: int, xp: Any) -> Iterator[tuple[Any, Any]]:
+    """``(inputs, targets)`` of exactly ``batch_size`` samples from a stream of batches of any size.
+
+    Samples are taken in order; a batch is cut where needed and its remainder
+    starts the next one, so over an endless (cycled) stream every batch is
+    full and every sample is used equally often.
+    """
+    pending: list[Batch] = []
+    held = 0
+    for batch in batches:
+        pending.append(batch)
+        held += batch.size
+        while held >= batch_size:
+            inputs = _concat_trees(xp, [b.inputs for b in pending])
+            targets = _concat_trees(xp, [b.targets for b in pending])
+            yield _cut(inputs, 0, batch_size), _cut(targets, 0, batch_size)
+            held -= batch_size
+            rest = _cut(targets, batch_size, batch_size + held)
+            pending = [Batch(_cut(inputs, batch_size, batch_size + held), rest, 0)] if held else []
+
+
+def _cut(tree: Any, start: int, stop: int) -> Any:
+    return tree_map(lambda leaf: leaf[start:stop], tree)
+
+
+def _concat_trees(xp: Any, trees: list[Any]) -> Any:
+    """The pytrees in ``trees`` (same structure) joined leaf by leaf along the batch axis."""
+    first = trees[0]
+    if len(trees) == 1:
+        return first
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat_trees(xp, list(parts)) for parts in zip(*trees, strict=True))
+    if isinstance(first, dict):
+        return {key: _concat_trees(xp, [t[key] for t in trees]) for key in first}
+    return xp.concat(trees, axis=0)

@@ -11,11 +11,14 @@ from collections.abc import Sequence
 
 __all__ = [
     "BackendNotFoundError",
+    "ChunkRecomputedWarning",
     "ConvergenceWarning",
     "DatasetFormatError",
     "DuplicateBackendError",
+    "EmptyDataError",
     "FingerprintMismatchError",
     "InvalidBackendSpecError",
+    "InvalidSampleError",
     "LissaDivergenceError",
     "NonFiniteGradientError",
     "NotFittedError",
@@ -24,6 +27,7 @@ __all__ = [
     "PluginLoadWarning",
     "PrecisionWarning",
     "ResultFileError",
+    "RunLockedError",
     "UnknownParameterError",
 ]
 
@@ -81,8 +85,16 @@ class UnknownParameterError(LookupError):
 class NonFiniteGradientError(FloatingPointError):
     """A gradient or Hessian-vector product contains NaN or infinity."""
 
-    def __init__(self, what: str, sample_indices: Sequence[int]):
+    def __init__(self, what: str, sample_indices: Sequence[int], *, outputs: bool = False):
         self.sample_indices = tuple(int(i) for i in sample_indices)
+        if outputs:
+            shown = list(self.sample_indices[:20])
+            more = "" if len(shown) == len(self.sample_indices) else " (and more)"
+            super().__init__(
+                f"non-finite {what}: the model's outputs for the sample(s) at index {shown}{more} "
+                "of the data passed in are NaN or infinite. Check those inputs for NaN/inf."
+            )
+            return
         if not self.sample_indices:
             super().__init__(
                 f"non-finite {what}, although every sample's gradient is finite: the second "
@@ -121,21 +133,70 @@ class ConvergenceWarning(UserWarning):
 
 
 class LissaDivergenceError(FloatingPointError):
-    """LiSSA's recursion diverged: its scale is below the Hessian's largest eigenvalue."""
+    """LiSSA's recursion diverged: its scale is below a (mini-batch) Hessian's largest eigenvalue."""
 
-    def __init__(self, scale: float, largest_eigenvalue: float, iteration: int):
+    def __init__(
+        self,
+        scale: float,
+        largest_eigenvalue: float,
+        iteration: int,
+        largest_batch_eigenvalue: float | None = None,
+    ):
         self.scale = float(scale)
         self.largest_eigenvalue = float(largest_eigenvalue)
-        suggestion = 2.0 * self.largest_eigenvalue
+        self.largest_batch_eigenvalue = (
+            None if largest_batch_eigenvalue is None else float(largest_batch_eigenvalue)
+        )
+        needed = max(self.largest_eigenvalue, self.largest_batch_eigenvalue or 0.0)
+        suggestion = 2.0 * needed
+        if self.largest_batch_eigenvalue is not None and self.scale > self.largest_eigenvalue:
+            reason = (
+                f"every step's damped mini-batch Hessian must have eigenvalues below the scale; "
+                f"the whole data's largest is {self.largest_eigenvalue:.3e} (below the scale), "
+                f"but a mini-batch's reaches {self.largest_batch_eigenvalue:.3e}"
+            )
+        else:
+            reason = (
+                "the scale must exceed the largest eigenvalue of the damped Hessian, estimated "
+                f"at {needed:.3e}"
+            )
         super().__init__(
-            f"LiSSA diverged at iteration {iteration}: scale={scale:g} must exceed the largest "
-            f"eigenvalue of the damped Hessian, estimated at {largest_eigenvalue:.3e}. Use "
-            f"scale={suggestion:.3g} or more (a larger scale needs more depth to converge)."
+            f"LiSSA diverged at iteration {iteration} with scale={scale:g}: {reason}. Use "
+            f"scale={suggestion:.3g} or more (a larger scale needs more depth), or larger "
+            "mini-batches (batch_size=)."
         )
 
 
 class DatasetFormatError(TypeError):
     """A dataset element is not an ``(inputs, targets)`` pair."""
+
+
+class EmptyDataError(ValueError):
+    """The data passed in holds no samples."""
+
+
+class InvalidSampleError(ValueError):
+    """The model or its loss fails on particular samples (e.g. labels outside the classes)."""
+
+    def __init__(self, sample_indices: Sequence[int], cause: BaseException):
+        self.sample_indices = tuple(int(i) for i in sample_indices)
+        shown = list(self.sample_indices[:20])
+        more = "" if len(self.sample_indices) <= 20 else f" (+{len(self.sample_indices) - 20} more)"
+        text = " ".join(str(cause).split())
+        text = text if len(text) <= 300 else text[:300] + " …"
+        super().__init__(
+            f"the model or its loss fails on the sample(s) at index {shown}{more} of the data "
+            f"passed in ({type(cause).__name__}: {text}). Check those samples' targets (a label "
+            "outside the model's classes?) and inputs (shape, dtype)."
+        )
+
+
+class RunLockedError(RuntimeError):
+    """Another live process is writing the same resumable run directory."""
+
+
+class ChunkRecomputedWarning(UserWarning):
+    """A saved chunk of a resumable run was damaged or inconsistent and is computed again."""
 
 
 class ResultFileError(ValueError):

@@ -42,6 +42,8 @@ __all__ = [
     "parameter_fingerprint",
     "read_npz",
     "save_result",
+    "sha256_file",
+    "weights_fingerprint",
 ]
 
 FORMAT = "influence_core.result/1"
@@ -69,6 +71,36 @@ def parameter_fingerprint(model: InfluenceModel) -> str:
     theta = np.ascontiguousarray(model.to_numpy(model.get_parameters()), dtype=np.float64)
     digest.update(theta.tobytes())
     return digest.hexdigest()
+
+
+def weights_fingerprint(model: InfluenceModel) -> str | None:
+    """SHA-256 of **all** the model's weights (not only θ), or ``None`` if the backend cannot list them.
+
+    Scores depend on every weight (a first layer changes the last layer's
+    gradients), so saved results and runs record this beside θ's fingerprint.
+    Uses the backend's optional ``save_state``.
+    """
+    from .plugin.protocol import UnsupportedByBackendError
+
+    try:
+        state = model.kernels.save_state()
+    except UnsupportedByBackendError:
+        return None
+    digest = hashlib.sha256()
+    if isinstance(state, dict):
+        for key in sorted(state, key=str):
+            digest.update(str(key).encode())
+            digest.update(_leaf_bytes(model, state[key]))
+    else:
+        for leaf in tree_leaves(state):
+            digest.update(_leaf_bytes(model, leaf))
+    return digest.hexdigest()
+
+
+def _leaf_bytes(model: InfluenceModel, leaf: Any) -> bytes:
+    array = leaf if isinstance(leaf, np.ndarray) else np.asarray(model.to_numpy(leaf))
+    array = np.ascontiguousarray(array)
+    return str((array.dtype.str, array.shape)).encode() + array.tobytes()
 
 
 def data_fingerprint(
@@ -133,7 +165,8 @@ def read_npz(path: Path) -> dict[str, np.ndarray] | None:
         return None
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -187,11 +220,12 @@ def save_result(
         "environment": _environment(model),
         "parameter_names": list(model.parameter_names),
         "parameter_fingerprint": parameter_fingerprint(model),
+        "weights_fingerprint": weights_fingerprint(model),
         "data": {
             name: data_fingerprint(model, value, batch_size) for name, value in (data or {}).items()
         },
         "arrays": {name: [list(a.shape), a.dtype.str] for name, a in host_arrays.items()},
-        "arrays_sha256": _sha256(directory / ARRAYS),
+        "arrays_sha256": sha256_file(directory / ARRAYS),
     }
     atomic_write_text(directory / METADATA, json.dumps(metadata, indent=2))
     return directory
@@ -222,7 +256,8 @@ def load_result(
         raise ResultFileError(f"{meta_path} is not valid JSON: {error}") from error
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise ResultFileError(f"{meta_path} is not an influence_core result (format {FORMAT})")
-    if _sha256(arrays_path) != metadata.get("arrays_sha256"):
+    _check_metadata(metadata, meta_path)
+    if sha256_file(arrays_path) != metadata.get("arrays_sha256"):
         raise ResultFileError(
             f"{arrays_path} does not match the checksum in {METADATA}: the file is corrupted or "
             "was changed after saving; recompute the result"
@@ -230,6 +265,12 @@ def load_result(
     arrays = read_npz(arrays_path)
     if arrays is None:
         raise ResultFileError(f"cannot read {arrays_path}")
+    recorded = {name: [list(a.shape), a.dtype.str] for name, a in arrays.items()}
+    if recorded != metadata["arrays"]:
+        raise ResultFileError(
+            f"the arrays in {arrays_path} ({recorded}) are not those {METADATA} records "
+            f"({metadata['arrays']}): one of the two was changed after saving; recompute the result"
+        )
     if method is not None and metadata.get("method") != method:
         raise ResultFileError(
             f"{directory} holds a result of {metadata.get('method')!r}, not of {method!r}"
@@ -248,8 +289,34 @@ def load_result(
     return SavedResult(arrays, metadata)
 
 
+#: The keys every metadata.json holds, and their JSON types.
+_REQUIRED = {
+    "method": str,
+    "parameters": dict,
+    "environment": dict,
+    "parameter_names": list,
+    "parameter_fingerprint": str,
+    "data": dict,
+    "arrays": dict,
+    "arrays_sha256": str,
+}
+
+
+def _check_metadata(metadata: dict[str, Any], where: Path) -> None:
+    problems = [
+        f"{key!r} ({'missing' if key not in metadata else 'not a ' + kind.__name__})"
+        for key, kind in _REQUIRED.items()
+        if not isinstance(metadata.get(key), kind)
+    ]
+    for name, record in (metadata.get("data") or {}).items():
+        if not (isinstance(record, dict) and {"sha256", "n"} <= set(record)):
+            problems.append(f"data record {name!r}")
+    if problems:
+        raise ResultFileError(f"{where} is damaged: {', '.join(problems)}; recompute the result")
+
+
 def check_model(metadata: dict[str, Any], model: InfluenceModel, where: str) -> None:
-    """Refuse (:class:`FingerprintMismatchError`) metadata written for other parameters θ."""
+    """Refuse (:class:`FingerprintMismatchError`) metadata written for other weights or θ."""
     if metadata.get("parameter_names") != list(model.parameter_names):
         raise FingerprintMismatchError(
             f"{where} was computed for parameters {metadata.get('parameter_names')}, "
@@ -258,4 +325,10 @@ def check_model(metadata: dict[str, Any], model: InfluenceModel, where: str) -> 
     if metadata.get("parameter_fingerprint") != parameter_fingerprint(model):
         raise FingerprintMismatchError(
             f"{where} was computed at other parameter values (fingerprint mismatch)"
+        )
+    recorded = metadata.get("weights_fingerprint")
+    if recorded is not None and recorded != weights_fingerprint(model):
+        raise FingerprintMismatchError(
+            f"{where} was computed with other weights outside θ (the selected parameters match, "
+            "but another layer differs; every weight changes the scores)"
         )

@@ -30,12 +30,20 @@ from typing import Any
 
 from .arrays import join
 from .data import Batch, is_array_pair, iter_batches, leading_dim
-from .errors import NonFiniteGradientError, PerSampleLossError, PrecisionWarning
+from .errors import (
+    DatasetFormatError,
+    EmptyDataError,
+    InvalidSampleError,
+    NonFiniteGradientError,
+    PerSampleLossError,
+    PrecisionWarning,
+)
 from .measurements import LOSS, Measurement
 from .plugin.namespace import ArrayNamespace
 from .plugin.protocol import LastLayer, ModelKernels
 from .plugin.registry import BackendRegistry, get_registry
 from .progress import progress
+from .tree import tree_map
 
 __all__ = ["DEFAULT_BATCH_SIZE", "MAX_HESSIAN_PARAMETERS", "InfluenceModel"]
 
@@ -80,6 +88,17 @@ class InfluenceModel:
     ) -> None:
         registry = registry or get_registry()
         spec = registry.by_name(backend) if backend is not None else registry.for_model(model)
+        if isinstance(loss_fn, str) or not callable(loss_fn):
+            raise TypeError(
+                f"loss_fn must be a callable returning one loss per sample, got "
+                f"{type(loss_fn).__name__} {loss_fn!r}. Build the loss object: "
+                "torch.nn.CrossEntropyLoss(reduction='none') in PyTorch, "
+                "keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None) "
+                "in Keras (a Keras loss name such as 'sparse_categorical_crossentropy' reduces "
+                "over the batch)."
+            )
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         self.backend: str = spec.name
         self.model = model
         self.loss_fn = loss_fn
@@ -131,6 +150,50 @@ class InfluenceModel:
             total += size
         return total
 
+    def to_canonical(self, flat: Any) -> Array:
+        """A flat vector (d,) or block (d, k) in this backend's θ order, in the canonical layout.
+
+        The canonical layout is framework-neutral (Keras': dense kernels
+        ``(in, out)``, conv kernels ``(kh, kw, in, out)``), so the same weights
+        give the same canonical vector in every framework.
+        """
+        return self._relayout(flat, to_canonical=True)
+
+    def from_canonical(self, flat: Any) -> Array:
+        """The inverse of :meth:`to_canonical`: a canonical (d,) or (d, k) in this backend's order."""
+        return self._relayout(flat, to_canonical=False)
+
+    def _relayout(self, flat: Any, *, to_canonical: bool) -> Array:
+        xp = self.xp
+        flat = self.kernels.as_native(flat, floating=True)
+        d = self.num_parameters
+        if len(flat.shape) not in (1, 2) or int(flat.shape[0]) != d:
+            raise ValueError(f"expected shape ({d},) or ({d}, k), got {tuple(flat.shape)}")
+        layouts = self.kernels.canonical_layouts()
+        if all(perm is None for perm in layouts):
+            return flat
+        trailing = tuple(int(s) for s in flat.shape[1:])
+        pieces, start = [], 0
+        for shape, perm in zip(self.kernels.parameter_shapes, layouts, strict=True):
+            size = 1
+            for s in shape:
+                size *= int(s)
+            piece = flat[start : start + size]
+            start += size
+            if perm is not None:
+                extra = tuple(range(len(shape), len(shape) + len(trailing)))
+                if to_canonical:
+                    block = xp.reshape(piece, (*shape, *trailing))
+                    piece = xp.permute_dims(block, (*perm, *extra))
+                else:
+                    canonical_shape = tuple(shape[i] for i in perm)
+                    inverse = tuple(perm.index(i) for i in range(len(perm)))
+                    block = xp.reshape(piece, (*canonical_shape, *trailing))
+                    piece = xp.permute_dims(block, (*inverse, *extra))
+                piece = xp.reshape(piece, (size, *trailing))
+            pieces.append(piece)
+        return join(xp, pieces)
+
     def get_parameters(self) -> Array:
         """A copy of θ, shape ``(d,)``."""
         return self.kernels.get_flat_parameters()
@@ -181,15 +244,32 @@ class InfluenceModel:
         ``data``: ``(X, y)`` arrays, a torch ``DataLoader``/``Dataset``, a
         ``tf.data.Dataset`` (batched or not), or an iterable of ``(x, y)`` batches.
         """
+        n = 0
         for batch in iter_batches(
             data,
             batch_size or self.batch_size,
             self.kernels.native_batches,
             self.kernels.as_native,
         ):
+            if batch.size == 0:  # an empty batch has nothing to say; kernels never see one
+                continue
             if not self._loss_checked:
-                self._check_per_sample_loss(batch)
+                self._guarded(batch, lambda b: self._check_per_sample_loss(b))
+            n += batch.size
             yield batch
+        if n == 0:
+            raise EmptyDataError(
+                f"the data holds no samples ({_describe_data(data)}); influence needs at least one"
+            )
+
+    def num_batches(self, data: Any, batch_size: int | None = None) -> int | None:
+        """How many batches :meth:`batches` yields, when known without a pass (for progress bars)."""
+        batch_size = batch_size or self.batch_size
+        if is_array_pair(data):
+            return -(-leading_dim(data[1]) // batch_size)
+        if isinstance(data, (list, tuple)):
+            return len(data)
+        return self.kernels.native_batch_count(data, batch_size)
 
     def count(self, data: Any, batch_size: int | None = None) -> int:
         """The number of samples in ``data`` (free for arrays; one pass over a dataset)."""
@@ -200,22 +280,78 @@ class InfluenceModel:
     def _check_per_sample_loss(self, batch: Batch) -> None:
         losses = self.kernels.per_sample_loss(batch.inputs, batch.targets)
         shape = tuple(getattr(losses, "shape", ()))
-        if shape != (batch.size,):
+        b = batch.size
+        if shape != (b,):
+            if shape == (b, 1):
+                advice = (
+                    "it returns one value per sample with a trailing axis of 1 (a (b, 1) "
+                    "output, e.g. BCEWithLogitsLoss on a one-unit head): squeeze it, "
+                    "e.g. loss_fn=lambda outputs, targets: loss(outputs, targets).reshape(-1), "
+                    "or give the targets and outputs shape (b,)"
+                )
+            elif len(shape) == 0:
+                advice = (
+                    "it reduces over the batch. Build it without reduction: "
+                    "torch.nn.CrossEntropyLoss(reduction='none') in PyTorch, "
+                    "keras.losses.SparseCategoricalCrossentropy(reduction=None) in Keras"
+                )
+            else:
+                advice = (
+                    f"reduce its other axes yourself (e.g. mean over all but the first), so it "
+                    f"returns shape ({b},)"
+                )
             raise PerSampleLossError(
-                f"the loss returned shape {shape} for a batch of {batch.size} samples; it must "
-                f"return one value per sample, shape ({batch.size},). Build it without "
-                "reduction: torch.nn.CrossEntropyLoss(reduction='none') in PyTorch, "
-                "keras.losses.SparseCategoricalCrossentropy(reduction=None) in Keras."
+                f"the loss returned shape {shape} for a batch of {b} samples; it must return "
+                f"one value per sample, shape ({b},): {advice}."
             )
-        if getattr(losses, "dtype", self.dtype) != self.dtype:
+        loss_bits = self._bits(losses)
+        parameter_bits = self._bits(self.xp.zeros((1,), dtype=self.dtype))
+        if loss_bits is not None and parameter_bits is not None and loss_bits < parameter_bits:
             warnings.warn(
                 f"the loss returns {losses.dtype} values but the parameters are {self.dtype}: "
                 "gradients lose precision. Keras losses compute in keras.config.floatx() unless "
                 "built with dtype='float64'.",
                 PrecisionWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
         self._loss_checked = True
+
+    def _bits(self, array: Any) -> int | None:
+        """Bits per value of a floating native array (via its host copy), else ``None``."""
+        try:
+            host = self.kernels.to_numpy(array)
+        except Exception:  # an exotic dtype: no precision comparison
+            return None
+        kind = getattr(getattr(host, "dtype", None), "kind", "")
+        return 8 * host.dtype.itemsize if kind == "f" else None
+
+    def _guarded(self, batch: Batch, compute: Callable[[Batch], Any]) -> Any:
+        """``compute(batch)``; if the framework raises, name the samples the loss fails on.
+
+        Only on failure: each sample's loss is taken alone to find the culprits
+        (a label outside the classes, a wrong shape), then the error is raised
+        as :class:`~influence_core.errors.InvalidSampleError` with their indices.
+        """
+        try:
+            return compute(batch)
+        except (PerSampleLossError, NonFiniteGradientError, DatasetFormatError):
+            raise
+        except Exception as error:
+            bad = []
+            for i in range(batch.size):
+
+                def one(a: Any, i: int = i) -> Any:
+                    return a[i : i + 1]
+
+                try:
+                    self.kernels.per_sample_loss(
+                        tree_map(one, batch.inputs), tree_map(one, batch.targets)
+                    )
+                except Exception:
+                    bad.append(batch.start + i)
+            if bad:
+                raise InvalidSampleError(bad, error) from error
+            raise
 
     def _single_batch(self, data: Any) -> Batch:
         batches = list(self.batches(data, batch_size=2**62))
@@ -230,7 +366,7 @@ class InfluenceModel:
     def per_sample_loss(self, data: Any, batch_size: int | None = None) -> Array:
         """ℓ(z_i, θ) for every sample of ``data``: shape ``(n,)``."""
         parts = [
-            self.kernels.per_sample_loss(b.inputs, b.targets)
+            self._guarded(b, lambda b: self.kernels.per_sample_loss(b.inputs, b.targets))
             for b in self.batches(data, batch_size)
         ]
         return join(self.xp, parts)
@@ -267,10 +403,14 @@ class InfluenceModel:
         loss-like form m = ∓f (:mod:`influence_core.measurements`).
         """
         if measurement.is_loss:
-            grads = self.kernels.per_sample_grads(batch.inputs, batch.targets)
+            grads = self._guarded(
+                batch, lambda b: self.kernels.per_sample_grads(b.inputs, b.targets)
+            )
         else:
-            grads = self.kernels.per_sample_measurement_grads(
-                batch.inputs, batch.targets, measurement.loss_like(self.xp)
+            function = measurement.loss_like(self.xp)
+            grads = self._guarded(
+                batch,
+                lambda b: self.kernels.per_sample_measurement_grads(b.inputs, b.targets, function),
             )
         if self.check_finite and not self._all_finite(grads):
             raise NonFiniteGradientError(
@@ -362,15 +502,17 @@ class InfluenceModel:
         first = total = None
         n = 0
         batches = self.batches(data, batch_size)
-        for batch in progress(batches, desc=what) if show_progress else batches:
-            result = compute(batch)
+        if show_progress:
+            batches = progress(batches, desc=what, total=self.num_batches(data, batch_size))
+        for batch in batches:
+            result = self._guarded(batch, compute)
             if first is None:
                 first = result
             else:
                 total = (first * n if total is None else total) + result * batch.size
             n += batch.size
-        if first is None:
-            raise ValueError("the data yielded no samples")
+        if first is None:  # pragma: no cover - batches() raises EmptyDataError first
+            raise EmptyDataError("the data yielded no samples")
         mean = first if total is None else total / n
         if self.check_finite and not self._all_finite(mean):
             self._raise_non_finite(data, batch_size, what)
@@ -400,3 +542,9 @@ class InfluenceModel:
             f"InfluenceModel(backend={self.backend!r}, d={self.num_parameters}, "
             f"parameters={list(self.parameter_names)})"
         )
+
+
+def _describe_data(data: Any) -> str:
+    if is_array_pair(data):
+        return f"arrays of leading dimension {leading_dim(data[1])}"
+    return f"a {type(data).__name__} that yielded no samples"

@@ -8,23 +8,40 @@ recomputing them. The assembled result is saved with
 :func:`~influence_core.io.save_result` and returned as native arrays.
 
 ``directory/run.json`` records what the run is: the function, the
-calculator and its settings (solver, damping, measurement …), the chunk
-size, the parameters' fingerprint and the fingerprints of the scored
-training data and the test data. A directory holding another run is refused
-with :class:`~influence_core.errors.FingerprintMismatchError` naming what differs.
+calculator and its settings (solver type and every setting, damping,
+measurement …), the chunk size, the fingerprints of θ and of **all** the
+model's weights, and the fingerprints of the scored training data and the
+test data (which depend only on the samples, not on batching or container).
+A directory holding another run is refused with
+:class:`~influence_core.errors.FingerprintMismatchError` naming what differs.
+
+Every chunk is verified before it is reused: ``chunk_N.json`` beside
+``chunk_N.npz`` records its start, its length and the SHA-256 of the file; a
+chunk whose file is unreadable, whose checksum or record does not match, or
+whose arrays have the wrong length is computed again, with a
+:class:`~influence_core.errors.ChunkRecomputedWarning` naming it.
+
+One process writes a run at a time: ``directory/run.lock`` holds the writer's
+process id, and a second writer is refused with
+:class:`~influence_core.errors.RunLockedError`. A lock left by a process that
+no longer runs (killed) is taken over.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+import socket
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .data import chunks
-from .errors import FingerprintMismatchError
+from .errors import ChunkRecomputedWarning, FingerprintMismatchError, RunLockedError
 from .estimators.base import InfluenceCalculator
 from .estimators.top_k import RunningTopK, TopK
 from .io import (
@@ -36,6 +53,8 @@ from .io import (
     parameter_fingerprint,
     read_npz,
     save_result,
+    sha256_file,
+    weights_fingerprint,
 )
 from .progress import progress
 
@@ -61,7 +80,12 @@ def run_influence(
     def compute(chunk: list[tuple[Any, Any]], start: int) -> dict[str, np.ndarray]:
         return {"scores": host(model, calculator.influence_from_prepared(prepared(), chunk))}
 
-    parts = _run(calculator, directory, "influence", compute, test_data, train_data, chunk_size)
+    def valid(arrays: dict[str, np.ndarray], start: int, length: int) -> bool:
+        return arrays["scores"].ndim == 2 and arrays["scores"].shape[1] == length
+
+    parts = _run(
+        calculator, directory, "influence", compute, valid, test_data, train_data, chunk_size
+    )
     scores = model.kernels.as_native(np.concatenate([p["scores"] for p in parts[0]], axis=1))
     _save(calculator, directory, {"influence": scores}, test_data, train_data, chunk_size, parts)
     return scores
@@ -80,7 +104,12 @@ def run_self_influence(
     def compute(chunk: list[tuple[Any, Any]], start: int) -> dict[str, np.ndarray]:
         return {"values": host(model, calculator.self_influence(chunk))}
 
-    parts = _run(calculator, directory, "self_influence", compute, None, train_data, chunk_size)
+    def valid(arrays: dict[str, np.ndarray], start: int, length: int) -> bool:
+        return arrays["values"].shape == (length,)
+
+    parts = _run(
+        calculator, directory, "self_influence", compute, valid, None, train_data, chunk_size
+    )
     values = model.kernels.as_native(np.concatenate([p["values"] for p in parts[0]]))
     _save(calculator, directory, {"self_influence": values}, None, train_data, chunk_size, parts)
     return values
@@ -107,8 +136,22 @@ def run_top_k(
         arrays["opponents"] += start
         return arrays
 
+    def valid(arrays: dict[str, np.ndarray], start: int, length: int) -> bool:
+        indices = np.concatenate([arrays["proponents"], arrays["opponents"]], axis=1)
+        return indices.shape[1] == 2 * min(int(k), length) and bool(
+            np.all((indices >= start) & (indices < start + length))
+        )
+
     parts = _run(
-        calculator, directory, "top_k", compute, test_data, train_data, chunk_size, k=int(k)
+        calculator,
+        directory,
+        "top_k",
+        compute,
+        valid,
+        test_data,
+        train_data,
+        chunk_size,
+        k=int(k),
     )
     merged = []
     for name, largest in (("proponent", True), ("opponent", False)):
@@ -156,6 +199,7 @@ def _manifest(
         "k": k,
         "parameter_names": list(model.parameter_names),
         "parameter_fingerprint": parameter_fingerprint(model),
+        "weights_fingerprint": weights_fingerprint(model),
         "train": data_fingerprint(model, train, calculator.batch_size),
         "test": None if test_data is None else data_fingerprint(model, test_data),
     }
@@ -166,6 +210,7 @@ def _run(
     directory: str | Path,
     what: str,
     compute: ChunkCompute,
+    valid: Callable[[dict[str, np.ndarray], int, int], bool],
     test_data: Any,
     train_data: Any,
     chunk_size: int,
@@ -181,39 +226,163 @@ def _run(
     train = calculator.training_data(train_data)
     directory = Path(directory)
     chunks_dir = directory / "chunks"
-    manifest = _manifest(calculator, what, test_data, train, chunk_size, k)
-    manifest_path = directory / "run.json"
-    if manifest_path.exists():
-        try:
-            previous = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError:
-            previous = {}
-        if previous != manifest:
-            different = sorted(
-                key
-                for key in manifest
-                if not isinstance(previous, dict) or previous.get(key) != manifest[key]
+    with _locked(directory):
+        manifest = _manifest(calculator, what, test_data, train, chunk_size, k)
+        _check_manifest(directory, manifest)
+        parts, computed = [], 0
+        stream = chunks(model.batches(train, calculator.batch_size), chunk_size)
+        for index, chunk in enumerate(
+            progress(
+                stream,
+                desc=what,
+                total=_chunk_total(model, train, calculator.batch_size, chunk_size),
             )
-            raise FingerprintMismatchError(
-                f"{directory} holds another run (different {', '.join(different)}); "
-                "use a new directory, or delete this one to start over"
-            )
-    else:
-        atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
-
-    parts, computed = [], 0
-    stream = chunks(model.batches(train, calculator.batch_size), chunk_size)
-    for index, chunk in enumerate(progress(stream, desc=what)):
-        path = chunks_dir / f"chunk_{index:06d}.npz"
-        stored = read_npz(path)
-        if stored is None or "start" not in stored:
-            start = chunk[0].start
-            stored = compute([(b.inputs, b.targets) for b in chunk], start)
-            stored["start"] = np.array(start)
-            atomic_savez(path, stored)
-            computed += 1
-        parts.append(stored)
+        ):
+            start, length = chunk[0].start, sum(b.size for b in chunk)
+            path = chunks_dir / f"chunk_{index:06d}.npz"
+            stored, problem = _verified(path, start, length, valid)
+            if stored is None:
+                if problem is not None:
+                    warnings.warn(
+                        f"chunk {index} of {directory} ({path.name}, samples {start} to "
+                        f"{start + length - 1}) {problem}: computing it again",
+                        ChunkRecomputedWarning,
+                        stacklevel=3,
+                    )
+                stored = compute([(b.inputs, b.targets) for b in chunk], start)
+                stored["start"] = np.array(start)
+                atomic_savez(path, stored)
+                record = {"start": start, "length": length, "sha256": sha256_file(path)}
+                atomic_write_text(path.with_suffix(".json"), json.dumps(record))
+                computed += 1
+            parts.append(stored)
     return parts, computed
+
+
+def _chunk_total(model: Any, train: Any, batch_size: int | None, chunk_size: int) -> int | None:
+    """Chunks of an ``(X, y)`` pair (each closes at ``chunk_size`` samples or more)."""
+    batches = model.num_batches(train, batch_size)
+    if batches is None or not isinstance(train, tuple):
+        return None
+    per_chunk = -(-chunk_size // (batch_size or model.batch_size))
+    return -(-batches // per_chunk)
+
+
+def _check_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    manifest_path = directory / "run.json"
+    if not manifest_path.exists():
+        atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
+        return
+    try:
+        previous = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError:
+        previous = {}
+    if not isinstance(previous, dict):
+        previous = {}
+    if previous != manifest:
+        different = sorted(key for key in manifest if previous.get(key) != manifest[key])
+        detail = ""
+        if "settings" in different:
+            old, new = _flat(previous.get("settings") or {}), _flat(manifest["settings"])
+            detail = "; settings " + ", ".join(
+                f"{key}: {old.get(key)!r} → {new.get(key)!r}"
+                for key in sorted(set(old) | set(new))
+                if old.get(key) != new.get(key)
+            )
+        raise FingerprintMismatchError(
+            f"{directory} holds another run (different {', '.join(different)}{detail}); "
+            "use a new directory, or delete this one to start over"
+        )
+
+
+def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as ``{"ihvp.damping": 0.01, …}``."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _verified(
+    path: Path, start: int, length: int, valid: Callable[[dict[str, np.ndarray], int, int], bool]
+) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """(the chunk's arrays, None) if it checks out; (None, what is wrong) if not; (None, None) if absent."""
+    record_path = path.with_suffix(".json")
+    if not path.exists():
+        return None, None
+    if not record_path.exists():  # killed between the two writes: nothing damaged, just redo
+        return None, None
+    try:
+        record = json.loads(record_path.read_text())
+    except json.JSONDecodeError:
+        return None, "has an unreadable record"
+    if not isinstance(record, dict) or record.get("sha256") != sha256_file(path):
+        return None, "does not match its checksum (damaged or edited)"
+    if record.get("start") != start or record.get("length") != length:
+        return None, (
+            f"was written for samples {record.get('start')} + {record.get('length')}, "
+            f"not {start} + {length}"
+        )
+    stored = read_npz(path)
+    if stored is None:
+        return None, "cannot be read"
+    try:
+        ok = int(stored["start"]) == start and valid(stored, start, length)
+    except (KeyError, ValueError, IndexError):
+        ok = False
+    if not ok:
+        return None, "holds arrays of the wrong length"
+    return stored, None
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Hold ``directory/run.lock`` for the run; refuse if a live process holds it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / "run.lock"
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None:
+                raise RunLockedError(
+                    f"{directory} is being written by another process (pid {holder['pid']} on "
+                    f"{holder['host']}); wait for it to finish, or use another directory"
+                ) from None
+            lock.unlink(missing_ok=True)  # a stale lock: its process is gone
+            continue
+        with os.fdopen(handle, "w") as out:
+            json.dump(me, out)
+        break
+    else:  # pragma: no cover - another process won the race twice
+        raise RunLockedError(f"{directory} is being written by another process")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _lock_holder(lock: Path) -> dict[str, Any] | None:
+    """The live holder of a lock file, or ``None`` if the lock is stale."""
+    try:
+        holder = json.loads(lock.read_text())
+        pid, host = int(holder["pid"]), str(holder["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host != socket.gethostname():
+        return {"pid": pid, "host": host}  # cannot tell from here: assume it is alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return {"pid": pid, "host": host}
 
 
 def _save(

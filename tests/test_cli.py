@@ -36,6 +36,17 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     # The exact self-influence finds flipped labels far above chance (AUC printed per method).
     exact_row = next(line for line in out.splitlines() if line.startswith("| influence, exact"))
     assert float(exact_row.split("|")[5]) > 0.9
+    # The counterfactual: four retrainings, one row each, saved.
+    rows = {
+        line.split("|")[1].strip(): float(line.split("|")[2])
+        for line in out.splitlines()
+        if line.startswith("| ") and line.count("|") == 5 and "removed" not in line
+    }
+    control = next(v for k, v in rows.items() if k.startswith("none (control"))
+    influence = next(v for k, v in rows.items() if "opponents (influence)" in k)
+    assert influence < control  # removing the opponents lowers the test loss, even at 40 steps
+    saved = load_result(root / "results" / "counterfactual")
+    assert saved.arrays["removed"].shape == (3, 20)
 
 
 def test_compare_reports_agreement(capsys: pytest.CaptureFixture[str]) -> None:
@@ -70,3 +81,53 @@ def test_compare_without_a_mapping_skips_layout_dependent_rows() -> None:
 def test_usage(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "demo" in capsys.readouterr().out
+
+
+def test_fault11_conventional_cli_behaviour(capsys: pytest.CaptureFixture[str]) -> None:
+    from influence_core import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bogus"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and __version__ in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--max-iter", "-5"])
+    assert exit_info.value.code == 2
+    assert "expected a positive integer, got -5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "(default: 300)" in capsys.readouterr().out
+    # An expected error is one line, no traceback, exit status 1.
+    assert main(["demo", "--backend", "jax", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "no backend named 'jax'" in err and "Traceback" not in err
+
+
+def test_fault11_quiet_silences_tensorflow_start_up_logs() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "from influence_core.app.cli import quiet_frameworks\n"
+        "quiet_frameworks(['tensorflow'])\n"
+        "import tensorflow as tf\n"
+        "tf.constant(1.0) + 1\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TF_CPP")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "oneDNN" not in result.stderr and "I0000" not in result.stderr, result.stderr
+
+
+def test_fault14_the_hard_setting_flips_to_similar_classes() -> None:
+    from influence_core.app.demo import SIMILAR, load_digits_with_flips
+
+    data = load_digits_with_flips(similar=True)
+    flipped = data["flipped"]
+    clean, noisy = data["y_train_clean"][flipped], data["y_train"][flipped]
+    assert flipped.sum() == 120
+    assert all(SIMILAR[int(a)] == int(b) for a, b in zip(clean, noisy, strict=True))
+    assert np.all(data["y_train"][~flipped] == data["y_train_clean"][~flipped])

@@ -12,6 +12,7 @@ import pytest
 
 from influence_conformance.cases import build_case, registered_builder
 from influence_conformance.measurement_checks import MeasurementChecks
+from influence_conformance.suite import BackendConformance
 from influence_core import InfluenceModel
 from influence_torch.model import TorchKernels
 
@@ -39,8 +40,17 @@ class BatchMeanTargets(TorchKernels):
         )
 
 
-def checks_on(mutant: type[TorchKernels]) -> MeasurementChecks:
-    class OnMutant(MeasurementChecks):
+class NativeLayouts(TorchKernels):
+    """Claims the native layout is canonical (forgets that Linear.weight is (out, in))."""
+
+    def canonical_layouts(self):
+        return (None,) * len(self.parameter_names)
+
+
+def checks_on(mutant: type[TorchKernels], base: type = MeasurementChecks):
+    class OnMutant(base):
+        backend = "torch"
+
         def build_case(self, spec_name: str, dtype: str):
             case = build_case("torch", spec_name, dtype, registered_builder("torch"))
             model = InfluenceModel(case.reference.model, case.reference.loss_fn, batch_size=4)
@@ -62,3 +72,12 @@ def test_the_measurement_check_passes_the_real_kernel() -> None:
     checks_on(TorchKernels).test_measurement_gradients_match_finite_differences(
         "mlp_tanh", "margin", "float64"
     )
+
+
+def test_the_layout_check_catches_a_wrong_canonical_layout() -> None:
+    checks = checks_on(NativeLayouts, BackendConformance)
+    with pytest.raises(AssertionError, match="to_canonical"):
+        checks.test_canonical_layouts_map_theta_to_the_canonical_weights("mlp_tanh")
+    checks_on(
+        TorchKernels, BackendConformance
+    ).test_canonical_layouts_map_theta_to_the_canonical_weights("mlp_tanh")

@@ -35,3 +35,12 @@ def test_quickstart_runs(page: str) -> None:
     assert len(block.strip().splitlines()) <= 20
     result = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_fault13_the_readme_use_snippets_run_verbatim() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert len(blocks) >= 2
+    result = subprocess.run(
+        [sys.executable, "-c", "\n".join(blocks)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -33,3 +33,26 @@ def test_progress_switch_and_environment(monkeypatch, capsys) -> None:
         set_progress(None)
     assert "self-influence" in capsys.readouterr().err  # the bar was drawn
     assert values.shape == (300,) and np.all(values > 0)
+
+
+def test_fault12_bars_carry_a_total_and_an_eta_over_data_of_known_size(capsys) -> None:
+    import torch
+
+    p = problem()
+    model = digits_model("torch", batch_size=100)
+    train = (p["X"][:300], p["y"][:300])
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.tensor(train[0]), torch.tensor(train[1])),
+        batch_size=75,
+    )
+    assert model.num_batches(train) == 3 and model.num_batches(loader) == 4
+    set_progress(True)
+    try:
+        model.hessian(train)
+        calc = FirstOrderInfluenceCalculator(model, ExactIHVP(damping=MU)).fit(train)
+        calc.self_influence(loader)
+    finally:
+        set_progress(None)
+    err = capsys.readouterr().err
+    assert "Hessian:   0%" in err and "| 0/3 [" in err  # a total: a percentage and an ETA
+    assert "self-influence:   0%" in err and "| 0/4 [" in err

@@ -101,8 +101,12 @@ class IHVPChecks:
             seed=3,
         )
         V = self._rhs(case)
-        first = solve_canonical(case, LissaIHVP(**kwargs).fit(case.model, case.data), V)
-        again = solve_canonical(case, LissaIHVP(**kwargs).fit(case.model, case.data), V)
+        solver = LissaIHVP(**kwargs).fit(case.model, case.data)
+        with warnings.catch_warnings():  # its residual check rightly reports mini-batch noise
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            first = solve_canonical(case, solver, V)
+            again = solve_canonical(case, LissaIHVP(**kwargs).fit(case.model, case.data), V)
+        assert 0.1 < float(solver.residuals_.max()) < 0.5  # it says it is about 10-30 % off
         np.testing.assert_array_equal(first, again)
         assert_close(first, np.linalg.solve(A, V), 0.15, "mini-batch LiSSA")
 
@@ -161,7 +165,7 @@ class IHVPChecks:
         assert info.value.largest_eigenvalue == pytest.approx(largest, rel=0.05)
         assert info.value.scale == pytest.approx(0.2 * largest)
         with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            LissaIHVP(damping=DAMPING, scale=2 * largest, depth=50).fit(
+            warnings.simplefilter("error")  # no divergence (the residual check is off: depth 50)
+            LissaIHVP(damping=DAMPING, scale=2 * largest, depth=50, tol=None).fit(
                 case.model, case.data
             ).solve(self._rhs(case))

@@ -87,6 +87,17 @@ class BackendConformance(IHVPChecks, InfluenceChecks, HeadChecks, MeasurementChe
         assert_close(flat, ref.flatten_weights(case.weights), 0.0, "θ in canonical order")
         assert case.model.num_parameters == case.spec.num_parameters
 
+    @spec_names
+    def test_canonical_layouts_map_theta_to_the_canonical_weights(self, spec_name: str) -> None:
+        """``InfluenceModel.to_canonical`` (the backend's ``canonical_layouts``) is the canonical θ."""
+        case = self.build_case(spec_name, "float64")
+        model, host = case.model, case.model.to_numpy
+        canonical = ref.flatten_weights(case.weights)
+        assert_close(model.to_canonical(model.get_parameters()), canonical, 0.0, "to_canonical(θ)")
+        assert_close(model.from_canonical(canonical), host(model.get_parameters()), 0.0, "back")
+        block = np.stack([canonical, 2 * canonical], axis=1)  # a (d, k) block, column by column
+        assert_close(model.to_canonical(model.from_canonical(block)), block, 0.0, "round trip")
+
     # -- first order --------------------------------------------------------------
     @spec_names
     @dtypes

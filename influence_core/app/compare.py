@@ -185,20 +185,34 @@ def format_table(rows: list[Disagreement], names: tuple[str, str] = ("a", "b")) 
     return "\n".join(lines)
 
 
+SUMMARY = "run every estimator on the same weights in every backend and report the disagreement"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import positive_int
+
+    parser.add_argument(
+        "--max-iter",
+        type=positive_int,
+        default=100,
+        help="L-BFGS iterations for the shared weights",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``influence-core compare`` with these arguments (see ``influence-core compare --help``)."""
+    from .cli import main as cli
+
+    return cli(["compare", *(argv or [])])
+
+
+def run(args: argparse.Namespace) -> int:
     from influence_conformance.specs import make_weights
 
     from ..plugin import get_registry
     from .demo import SPEC, build, fit, load_digits_with_flips
 
-    parser = argparse.ArgumentParser(
-        prog="influence-core compare", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument(
-        "--max-iter", type=int, default=100, help="L-BFGS iterations for the shared weights"
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
     set_progress(False if args.quiet else None)
     start = time.perf_counter()
     backends = [b for b in get_registry().names() if get_registry().by_name(b).reference_models]

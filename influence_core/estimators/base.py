@@ -136,10 +136,15 @@ class InfluenceCalculator(ABC):
         """:meth:`influence` from :meth:`prepare_test` output: one pass over the training data."""
         return self._collect(prepared, train_data, None)
 
+    def _batch_total(self, data: Any) -> int | None:
+        """Training batches of ``data`` (progress-bar totals), when known without a pass."""
+        return self.model.num_batches(data, self.batch_size)
+
     def _collect(self, prepared: Any, train_data: Any, desc: str | None) -> Array:
-        stream = self._scores_from_prepared(prepared, self.training_data(train_data))
+        train = self.training_data(train_data)
+        stream = self._scores_from_prepared(prepared, train)
         if desc is not None:
-            stream = progress(stream, desc=desc)
+            stream = progress(stream, desc=desc, total=self._batch_total(train))
         return self._stack((scores for _, scores in stream), axis=1)
 
     def influence_and_self_influence(
@@ -165,8 +170,11 @@ class InfluenceCalculator(ABC):
         """:meth:`top_k` from :meth:`prepare_test` output."""
         proponents = RunningTopK(self.xp, k, largest=True)
         opponents = RunningTopK(self.xp, k, largest=False)
-        stream = self._scores_from_prepared(prepared, self.training_data(train_data))
-        for start, scores in progress(stream, desc=desc) if desc else stream:
+        train = self.training_data(train_data)
+        stream = self._scores_from_prepared(prepared, train)
+        if desc:
+            stream = progress(stream, desc=desc, total=self._batch_total(train))
+        for start, scores in stream:
             proponents.update(scores, start)
             opponents.update(scores, start)
         return TopK(proponents.indices, proponents.values, opponents.indices, opponents.values)

@@ -120,7 +120,10 @@ class FirstOrderInfluenceCalculator(InfluenceCalculator):
         CG and LiSSA solve each batch's gradients as one block (costlier: a solve
         per batch). High self-influence flags mislabelled or atypical points.
         """
-        stream = progress(self._gradients(self.training_data(train_data)), desc="self-influence")
+        train = self.training_data(train_data)
+        stream = progress(
+            self._gradients(train), desc="self-influence", total=self._batch_total(train)
+        )
         return self._stack(self._self_of(g, self._norms(g)) for _, g in stream)
 
     def influence_and_self_influence(
@@ -133,8 +136,13 @@ class FirstOrderInfluenceCalculator(InfluenceCalculator):
         """
         solved = self.prepare_test(test_data)
         blocks, parts = [], []
-        stream = self._gradients(self.training_data(train_data))
-        for _, g in progress(stream, desc="influence and self-influence"):
+        train = self.training_data(train_data)
+        stream = progress(
+            self._gradients(train),
+            desc="influence and self-influence",
+            total=self._batch_total(train),
+        )
+        for _, g in stream:
             norms = self._norms(g)
             blocks.append(self._scores_of(solved, g, norms))
             parts.append(self._self_of(g, norms))

@@ -67,8 +67,8 @@ class RepresenterPointL2(RepresenterCalculator):
         batch_size: int | None = None,
     ) -> None:
         super().__init__(model, target=target, batch_size=batch_size)
-        if not l2 > 0:
-            raise ValueError(f"the L2 penalty must be positive, got {l2}")
+        if not (np.isfinite(l2) and l2 > 0):
+            raise ValueError(f"the L2 penalty must be a finite number > 0, got {l2}")
         self.l2 = float(l2)
         self.tol = float(tol)
         self.max_iter = int(max_iter)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from ..data import Batch
 from ..ihvp import ExactIHVP, InverseHessianVectorProduct
 from ..measurements import Measurement, logit
@@ -67,6 +69,8 @@ class RepresenterPointLJE(RepresenterCalculator):
     ) -> None:
         super().__init__(model, target=target, batch_size=batch_size)
         self.ihvp = ihvp if ihvp is not None else ExactIHVP()
+        if not np.isfinite(step):
+            raise ValueError(f"step must be a finite number, got {step}")
         self.step = float(step)
         self._logit = logit()
 

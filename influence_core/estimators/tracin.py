@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -34,7 +35,8 @@ class TracIn(InfluenceCalculator):
     in Keras a ``get_weights()`` list or a ``.weights.h5`` path.
 
     **Random projection** (``projection_dim=m``): gradients are multiplied by a
-    seeded Gaussian matrix P (d × m, entries N(0, 1/m)), so each dot product
+    seeded Gaussian matrix P (d × m, entries N(0, 1/m), rows drawn in the canonical
+    layout so the same seed gives the same projection in every framework), so each dot product
     becomes (Pᵀa)·(Pᵀb), unbiased with standard deviation at most
     √(2/m)·‖a‖‖b‖ (Johnson-Lindenstrauss). P takes d·m floats; use it when d is
     large and many test points are kept.
@@ -85,6 +87,12 @@ class TracIn(InfluenceCalculator):
                 f"got {len(rates)} learning rates for {len(checkpoints)} checkpoints; "
                 "give one per checkpoint, or a single rate for all"
             )
+        bad = [r for r in rates if not (math.isfinite(r) and r > 0)]
+        if bad:
+            raise ValueError(
+                f"learning rates must be finite and positive (η_k > 0, the step the optimiser "
+                f"took after checkpoint k), got {bad}"
+            )
         if projection_dim is not None and int(projection_dim) < 1:
             raise ValueError(f"projection_dim must be a positive integer, got {projection_dim}")
         self.checkpoints = checkpoints
@@ -114,7 +122,8 @@ class TracIn(InfluenceCalculator):
                 scale=1.0 / np.sqrt(self.projection_dim),
                 size=(self.model.num_parameters, self.projection_dim),
             )
-            self.projection_ = self.model.kernels.as_native(matrix, floating=True)
+            # Drawn in the canonical layout: the same seed projects the same way everywhere.
+            self.projection_ = self.model.from_canonical(matrix)
 
     # -- building blocks ---------------------------------------------------------------
     def _project(self, grads: Array) -> Array:

@@ -20,7 +20,9 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
     ``data`` per step) from a start vector seeded by ``seed`` builds an
     orthonormal Krylov basis Q of ``iterations`` vectors and the projection
     T = Qᵀ H Q; on breakdown (an invariant subspace, as a repeated or zero
-    eigenvalue causes) it restarts from a fresh seeded direction, so at
+    eigenvalue causes) it restarts from a fresh seeded direction (every random
+    direction drawn in the canonical layout, :meth:`InfluenceModel.to_canonical`,
+    so one seed gives the same eigenpairs in every framework), so at
     ``rank = iterations = d`` the result is exact. The eigenpairs of T with the **largest** eigenvalues give
     λ_j and u_j = Q w_j; the ``rank`` largest are kept. (Influenciae keeps the
     smallest; the directions that matter for influence are the large ones.)
@@ -50,9 +52,13 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         seed: int = 0,
     ) -> None:
         super().__init__(damping=damping, batch_size=batch_size)
-        if int(rank) < 1 or (iterations is not None and int(iterations) < int(rank)):
+        if (
+            int(rank) != rank
+            or rank < 1
+            or (iterations is not None and (int(iterations) != iterations or iterations < rank))
+        ):
             raise ValueError(
-                f"need 1 ≤ rank ≤ iterations; got rank={rank}, iterations={iterations}"
+                f"need integers 1 ≤ rank ≤ iterations; got rank={rank}, iterations={iterations}"
             )
         self.rank = int(rank)
         self.iterations = None if iterations is None else int(iterations)
@@ -106,8 +112,10 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
                 total = total + kernels.to_numpy(coefficients)[:, 0]
             return w, total
 
+        # Random directions are drawn in the canonical (framework-neutral) layout, so the
+        # same seed spans the same Krylov space in every backend.
         start = rng.normal(size=(d, 1))
-        basis = [kernels.as_native(start / np.linalg.norm(start), floating=True)]
+        basis = [model.from_canonical(start / np.linalg.norm(start))]
         projection = np.zeros((m, m))
         for j in progress(range(m), desc="Arnoldi"):
             w, coefficients = orthogonalise(
@@ -124,9 +132,7 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
             # Breakdown: the Krylov space is invariant under H (a repeated or zero
             # eigenvalue). Restart from a fresh random direction orthogonal to it, so
             # a multi-dimensional eigenspace (e.g. softmax's null space) is spanned too.
-            fresh, _ = orthogonalise(
-                kernels.as_native(rng.normal(size=(d, 1)), floating=True), basis
-            )
+            fresh, _ = orthogonalise(model.from_canonical(rng.normal(size=(d, 1))), basis)
             basis.append(fresh / xp.linalg.vector_norm(fresh))
         T = 0.5 * (projection + projection.T)  # symmetric H: tridiagonal up to rounding
         values, vectors = np.linalg.eigh(T)

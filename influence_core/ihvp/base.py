@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import FingerprintMismatchError, NotFittedError
-from ..io import data_fingerprint, load_result, parameter_fingerprint, save_result
+from ..io import (
+    data_fingerprint,
+    load_result,
+    parameter_fingerprint,
+    save_result,
+    weights_fingerprint,
+)
 from ..model import InfluenceModel
 from ..plugin.namespace import ArrayNamespace
 
@@ -69,6 +75,7 @@ class InverseHessianVectorProduct(ABC):
         self.model_ = model
         self.data_ = data
         self.parameter_fingerprint_ = parameter_fingerprint(model)
+        self.weights_fingerprint_ = weights_fingerprint(model)
         self._data_fingerprint: dict[str, Any] | None = None
         self._fit(model, data)
         return self
@@ -124,6 +131,15 @@ class InverseHessianVectorProduct(ABC):
                 f"{where} was fitted at other parameter values (fingerprint mismatch); pass an "
                 "unfitted solver and the calculator fits it"
             )
+        current = weights_fingerprint(model)
+        if (
+            None not in (current, self.weights_fingerprint_)
+            and current != self.weights_fingerprint_
+        ):
+            raise FingerprintMismatchError(
+                f"{where} was fitted with other weights outside θ (another layer differs, and "
+                "H depends on every weight); pass an unfitted solver and the calculator fits it"
+            )
         if (
             data is not self.data_
             and data_fingerprint(model, data, self.batch_size) != self.data_fingerprint_()
@@ -177,6 +193,7 @@ class InverseHessianVectorProduct(ABC):
         solver.model_ = model
         solver.data_ = data
         solver.parameter_fingerprint_ = saved.metadata["parameter_fingerprint"]
+        solver.weights_fingerprint_ = saved.metadata.get("weights_fingerprint")
         solver._data_fingerprint = saved.metadata["data"].get("train")
         native = model.kernels.as_native
         solver._restore({name: native(value) for name, value in saved.arrays.items()})

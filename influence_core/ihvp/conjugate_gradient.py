@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -46,6 +47,13 @@ class ConjugateGradientIHVP(InverseHessianVectorProduct):
         maxiter: int = 100,
     ) -> None:
         super().__init__(damping=damping, batch_size=batch_size)
+        if int(maxiter) != maxiter or maxiter < 1:
+            raise ValueError(
+                f"maxiter must be an integer ≥ 1, got {maxiter}: CG with no iteration returns "
+                "zeros. A few tens of iterations is typical; raise it if CG warns."
+            )
+        if not (math.isfinite(float(tol)) and tol >= 0):
+            raise ValueError(f"tol must be a finite number ≥ 0, got {tol}")
         self.tol = float(tol)
         self.maxiter = int(maxiter)
 

@@ -44,6 +44,8 @@ class ExactIHVP(InverseHessianVectorProduct):
         max_parameters: int = MAX_EXACT_PARAMETERS,
     ) -> None:
         super().__init__(damping=damping, batch_size=batch_size)
+        if int(max_parameters) < 1:
+            raise ValueError(f"max_parameters must be ≥ 1, got {max_parameters}")
         self.max_parameters = int(max_parameters)
 
     def get_params(self) -> dict[str, Any]:

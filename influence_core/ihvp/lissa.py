@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from ..data import is_array_pair, leading_dim, take_samples
-from ..errors import LissaDivergenceError
+from ..data import Batch, is_array_pair, leading_dim, rebatched, take_samples
+from ..errors import ConvergenceWarning, LissaDivergenceError
 from ..progress import progress
 from ..tree import tree_map
 from .base import DEFAULT_DAMPING, Array, InverseHessianVectorProduct
@@ -42,15 +43,37 @@ class LissaIHVP(InverseHessianVectorProduct):
     x₀ = v,  x_{j+1} = v + (I − (H_{B_j} + λI)/s) x_j
     over mini-batches B_j (HVPs of the batch-mean loss) converges to
     s (H + λI)⁻¹ v; the result is x_J / s averaged over ``repetitions``
-    independent runs. Mini-batches of ``(X, y)`` arrays are drawn without
-    replacement from a permutation seeded by ``seed`` (reproducible); other
-    datasets are cycled in their own order.
+    independent runs. Every mini-batch holds exactly ``batch_size`` samples,
+    so every step's H_B is an unbiased estimate of H: mini-batches of ``(X, y)``
+    arrays are drawn without replacement from a permutation seeded by ``seed``
+    (reproducible); any other dataset (a ``DataLoader``, a ``tf.data.Dataset``,
+    a list of batches) is cycled in its own order and re-cut into batches of
+    ``batch_size``, a partial last batch continuing into the next pass.
 
     Error after J steps ≈ (1 − λ_min/s)^J plus the sampling noise: a small
-    scale converges faster but must stay above λ_max, which is checked: the
-    iterates are bounded by s‖v‖/λ_min, and leaving that bound (or becoming
-    non-finite) raises :class:`~influence_core.errors.LissaDivergenceError`
-    with a power-iteration estimate of λ_max and a scale that works.
+    scale converges faster but must stay above the largest eigenvalue of every
+    mini-batch's damped Hessian, which is checked: the iterates are bounded by
+    s‖v‖/λ, and leaving that bound (or becoming non-finite) raises
+    :class:`~influence_core.errors.LissaDivergenceError` with power-iteration
+    estimates of λ_max (whole data and mini-batches) and a scale that works.
+
+    **The solver checks its own answer.** After each solve it measures the
+    relative residual ‖(H + λI)x − v‖ / ‖v‖ of every column with one HVP pass
+    over up to ``check_samples`` training points (all of them when the data is
+    that small; a seeded subset of arrays, or the first samples of a dataset,
+    otherwise), keeps it in ``residuals_``, and warns with
+    :class:`~influence_core.errors.ConvergenceWarning` when the largest exceeds
+    ``tol`` (default 0.1, i.e. 10 %). ``tol=None`` skips the check.
+
+    Args:
+        damping: λ.
+        batch_size: samples per mini-batch (each step's HVP).
+        scale: s, above every mini-batch's largest damped eigenvalue.
+        depth: J, recursion steps per repetition.
+        repetitions: independent runs averaged.
+        seed: seeds the mini-batch order of arrays.
+        tol: the largest relative residual accepted without a warning.
+        check_samples: training points the residual check uses at most.
     """
 
     def __init__(
@@ -62,14 +85,23 @@ class LissaIHVP(InverseHessianVectorProduct):
         depth: int = 1000,
         repetitions: int = 1,
         seed: int = 0,
+        tol: float | None = 0.1,
+        check_samples: int = 4096,
     ) -> None:
         super().__init__(damping=damping, batch_size=batch_size)
-        if not scale > 0 or depth < 1 or repetitions < 1:
-            raise ValueError("LiSSA needs scale > 0, depth ≥ 1 and repetitions ≥ 1")
+        if not (math.isfinite(float(scale)) and scale > 0):
+            raise ValueError(f"LiSSA needs a finite scale > 0, got scale={scale}")
+        for name, value in (("depth", depth), ("repetitions", repetitions)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"LiSSA needs an integer {name} ≥ 1, got {name}={value}")
+        if tol is not None and not (math.isfinite(float(tol)) and tol > 0):
+            raise ValueError(f"tol must be a finite number > 0 (or None), got {tol}")
         self.scale = float(scale)
         self.depth = int(depth)
         self.repetitions = int(repetitions)
         self.seed = int(seed)
+        self.tol = None if tol is None else float(tol)
+        self.check_samples = int(check_samples)
 
     def get_params(self) -> dict[str, Any]:
         return {
@@ -78,6 +110,8 @@ class LissaIHVP(InverseHessianVectorProduct):
             "depth": self.depth,
             "repetitions": self.repetitions,
             "seed": self.seed,
+            "tol": self.tol,
+            "check_samples": self.check_samples,
         }
 
     def _minibatches(self, rng: np.random.Generator) -> Iterator[tuple[Any, Any]]:
@@ -93,9 +127,46 @@ class LissaIHVP(InverseHessianVectorProduct):
                     index = order[start : start + batch_size]
                     yield take_samples(inputs, index), take_samples(targets, index)
         else:
-            while True:
-                for batch in self.model_.batches(self.data_, batch_size):
-                    yield batch.inputs, batch.targets
+
+            def cycled() -> Iterator[Batch]:
+                while True:
+                    yield from self.model_.batches(self.data_, batch_size)
+
+            yield from rebatched(cycled(), batch_size, self.model_.xp)
+
+    def _check_data(self) -> Any:
+        """The data the residual is measured on: all of it, or ``check_samples`` of it."""
+        limit = self.check_samples
+        if is_array_pair(self.data_):
+            n = leading_dim(self.data_[1])
+            if n <= limit:
+                return self.data_
+            index = np.sort(np.random.default_rng([self.seed, 7]).choice(n, limit, replace=False))
+            return take_samples(self.data_, index)
+        taken, total = [], 0
+        for batch in self.model_.batches(self.data_, self.batch_size):
+            taken.append((batch.inputs, batch.targets))
+            total += batch.size
+            if total >= limit:
+                break
+        return taken
+
+    def _batch_eigenvalue(self) -> float:
+        """The largest λ_max(H_B + λI) over a few mini-batches (power iteration; failure path)."""
+        xp, kernels = self.xp, self.model_.kernels
+        rng = np.random.default_rng(self.seed)
+        largest = 0.0
+        batches = self._minibatches(np.random.default_rng(self.seed))
+        for _ in range(5):
+            inputs, targets = next(batches)
+            v = kernels.as_native(rng.normal(size=(self.model_.num_parameters, 1)), floating=True)
+            for _ in range(20):
+                v = v / xp.linalg.vector_norm(v)
+                hv = kernels.mean_loss_hvp(inputs, targets, v) + self.damping * v
+                value = abs(float(xp.sum(v * hv)))
+                v = hv
+            largest = max(largest, value)
+        return largest
 
     def _solve_block(self, vectors: Array) -> Array:
         xp = self.xp
@@ -117,6 +188,39 @@ class LissaIHVP(InverseHessianVectorProduct):
                 if step % 10 == 9 or step == self.depth - 1:
                     norm = float(xp.max(xp.sqrt(xp.sum(x * x, axis=0))))
                     if not math.isfinite(norm) or norm > bound:
-                        raise LissaDivergenceError(self.scale, largest_eigenvalue(self), step + 1)
+                        raise LissaDivergenceError(
+                            self.scale,
+                            largest_eigenvalue(self),
+                            step + 1,
+                            largest_batch_eigenvalue=self._batch_eigenvalue(),
+                        )
             total = x if total is None else total + x
-        return total / (self.scale * self.repetitions)
+        solution = total / (self.scale * self.repetitions)
+        if self.tol is not None:
+            self._check_residual(vectors, solution)
+        return solution
+
+    def _check_residual(self, vectors: Array, solution: Array) -> None:
+        xp = self.xp
+        check = self._check_data()
+        residual = (
+            self.model_.hvp(check, solution, batch_size=self.batch_size)
+            + self.damping * solution
+            - vectors
+        )
+        norms = xp.sqrt(xp.sum(vectors * vectors, axis=0))
+        norms = xp.where(norms > 0, norms, xp.ones_like(norms))
+        #: Relative residual ‖(H + λI)x − v‖/‖v‖ of each column of the last solve.
+        self.residuals_ = np.asarray(
+            self.model_.to_numpy(xp.sqrt(xp.sum(residual * residual, axis=0)) / norms), dtype=float
+        )
+        worst = float(self.residuals_.max())
+        if worst > self.tol:
+            warnings.warn(
+                f"LiSSA's answer is off: its relative residual ‖(H + λI)x − v‖/‖v‖ is "
+                f"{worst:.2g} > tol={self.tol:g}. Raise depth (now {self.depth}) or repetitions, "
+                f"lower the scale towards the largest eigenvalue (now scale={self.scale:g}), or "
+                "use ConjugateGradientIHVP or ExactIHVP",
+                ConvergenceWarning,
+                stacklevel=4,
+            )

@@ -153,6 +153,24 @@ class ModelKernels(ABC):
         """
 
     # -- optional capabilities ------------------------------------------------------
+    def native_batch_count(self, data: Any, batch_size: int) -> int | None:
+        """How many batches :meth:`native_batches` yields for ``data``, if known without a pass.
+
+        Used for progress-bar totals only; the default (``None``) is always safe.
+        """
+        return None
+
+    def canonical_layouts(self) -> tuple[tuple[int, ...] | None, ...]:
+        """Per selected parameter, the axis permutation from its native layout to the canonical one.
+
+        The canonical layout is Keras': a dense kernel ``(in, out)``, a conv kernel
+        ``(kh, kw, in, out)``. ``permute_dims(native, perm)`` must give the
+        canonical array; ``None`` means the native layout is canonical (the
+        default, for every parameter). Seeded random vectors are drawn in this
+        layout, so the same seed gives the same numbers in every framework.
+        """
+        return (None,) * len(self.parameter_names)
+
     # TracIn needs checkpoints; representer points need the split "features → last
     # linear layer". A backend without them still runs every other estimator: the
     # defaults raise UnsupportedByBackendError naming the backend.

@@ -254,8 +254,9 @@ def _with_distribution(spec: BackendSpec, distribution: str) -> BackendSpec:
 
 
 _INSTALL_ADVICE = (
-    "Install a backend with its framework: pip install 'influence-core[torch]' "
-    "(torch==2.13.0) or pip install 'influence-core[tensorflow]' (tensorflow-cpu), "
+    "Install a backend distribution with its framework: pip install influence-core-torch "
+    "(backends/torch; pins torch==2.13.0) or pip install influence-core-tensorflow "
+    "(backends/tensorflow; tensorflow-cpu), "
     "or a third-party backend plugin."
 )
 

@@ -24,6 +24,16 @@ def is_batched(dataset: tf.data.Dataset) -> bool:
     )
 
 
+def native_batch_count(data: Any, batch_size: int) -> int | None:
+    """Batches a ``tf.data.Dataset`` yields, from its cardinality (``None`` when unknown)."""
+    if not isinstance(data, tf.data.Dataset):
+        return None
+    cardinality = int(data.cardinality())
+    if cardinality < 0:  # unknown or infinite
+        return None
+    return cardinality if is_batched(data) else -(-cardinality // batch_size)
+
+
 def native_batches(data: Any, batch_size: int) -> Iterator[Any] | None:
     if not isinstance(data, tf.data.Dataset):
         return None

@@ -25,9 +25,10 @@ from typing import Any
 
 import tensorflow as tf
 
+from influence_core.errors import NonFiniteGradientError
 from influence_core.plugin import LastLayer, ModelKernels, select_parameters
 
-from .data import native_batches
+from .data import native_batch_count, native_batches
 from .namespace import namespace
 
 
@@ -248,6 +249,9 @@ class TensorFlowKernels(ModelKernels):
     def native_batches(self, data: Any, batch_size: int) -> Iterator[Any] | None:
         return native_batches(data, batch_size)
 
+    def native_batch_count(self, data: Any, batch_size: int) -> int | None:
+        return native_batch_count(data, batch_size)
+
     # -- checkpoints --------------------------------------------------------------
     def _weights(self) -> list[Any]:
         return list(self.model.weights) if self._keras else list(self.model.variables)
@@ -339,6 +343,13 @@ class TensorFlowKernels(ModelKernels):
     def penultimate_features(self, inputs: Any) -> tf.Tensor:
         _, dense, extractor = self._last_dense()
         features = extractor(inputs, training=False)
+        outputs = self._call(inputs)
+        finite = tf.reduce_all(
+            tf.math.is_finite(tf.reshape(outputs, [tf.shape(outputs)[0], -1])), 1
+        )
+        if not bool(tf.reduce_all(finite)):
+            bad = tf.reshape(tf.where(tf.logical_not(finite)), [-1]).numpy().tolist()
+            raise NonFiniteGradientError("model outputs", bad, outputs=True)
         if features.shape.rank != 2:
             raise ValueError(
                 f"the last Dense layer '{dense.name}' sees inputs of shape {features.shape}; "
@@ -347,7 +358,6 @@ class TensorFlowKernels(ModelKernels):
         head = tf.matmul(features, dense.kernel)
         if dense.use_bias:
             head = head + dense.bias
-        outputs = self._call(inputs)
         scale = 1.0 + tf.reduce_max(tf.abs(outputs))
         if head.shape != outputs.shape or float(tf.reduce_max(tf.abs(head - outputs))) > (
             1e-5 * float(scale)

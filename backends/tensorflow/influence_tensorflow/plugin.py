@@ -23,7 +23,7 @@ def influence_core_backends() -> list[BackendSpec]:
             ),
             kernels="influence_tensorflow.model:TensorFlowKernels",
             namespace="influence_tensorflow.namespace:namespace",
-            install_hint="pip install 'influence-core[tensorflow]'  (tensorflow-cpu)",
+            install_hint="pip install influence-core-tensorflow  (backends/tensorflow; installs tensorflow-cpu)",
             reference_models="influence_tensorflow.reference_models:build",
         )
     ]

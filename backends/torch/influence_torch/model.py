@@ -11,23 +11,50 @@
 * the last linear layer (representer points): the last ``nn.Linear`` among the
   modules, its input captured by a forward hook.
 
-The model is called as ``model(inputs)`` in whatever mode the user left it:
-call ``model.eval()`` first if it has dropout or batch norm.
+Every kernel calls the model as ``model(inputs)`` in inference mode, as
+Keras' ``training=False`` does: a model left in ``train()`` mode (dropout,
+batch norm) is switched to ``eval()`` for the call and the user's mode is
+restored afterwards, so per-sample gradients average to the batch gradient.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import torch
 from torch.func import functional_call, grad, hessian, vjp, vmap
 
+from influence_core.errors import NonFiniteGradientError
 from influence_core.plugin import LastLayer, ModelKernels, select_parameters, tree_map
 
-from .data import native_batches
+from .data import native_batch_count, native_batches
 from .namespace import namespace
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def in_inference_mode(method: F) -> F:
+    """Run a kernel with the model in ``eval()`` mode, restoring the user's mode afterwards."""
+
+    @functools.wraps(method)
+    def wrapper(self: TorchKernels, *args: Any, **kwargs: Any) -> Any:
+        with self.inference_mode():
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+#: Native layout → canonical (Keras) layout of the weights of these modules.
+_WEIGHT_LAYOUTS: dict[type, tuple[int, ...]] = {
+    torch.nn.Linear: (1, 0),  # (out, in) → (in, out)
+    torch.nn.Conv1d: (2, 1, 0),  # (out, in, k) → (k, in, out)
+    torch.nn.Conv2d: (2, 3, 1, 0),  # (out, in, kh, kw) → (kh, kw, in, out)
+    torch.nn.Conv3d: (2, 3, 4, 1, 0),
+}
 
 
 class TorchKernels(ModelKernels):
@@ -65,6 +92,21 @@ class TorchKernels(ModelKernels):
         self._mean_grad_dict = grad(self._mean_loss)
         self._mean_grad_flat = grad(lambda flat, x, y: self._mean_loss(self._unflatten(flat), x, y))
         self._last: tuple[str, torch.nn.Linear] | None = None
+
+    @contextmanager
+    def inference_mode(self) -> Iterator[None]:
+        """Every module in ``eval()`` mode inside the block; the user's modes restored after it."""
+        if not self.module.training:
+            yield
+            return
+        training = [m for m in self.module.modules() if m.training]
+        for m in training:
+            m.training = False
+        try:
+            yield
+        finally:
+            for m in training:
+                m.training = True
 
     # -- description --------------------------------------------------------------
     @property
@@ -131,6 +173,7 @@ class TorchKernels(ModelKernels):
         return self._losses(params, inputs, targets).mean()
 
     # -- kernels ------------------------------------------------------------------
+    @in_inference_mode
     def per_sample_loss(self, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.loss_fn(self.module(inputs), targets)
@@ -138,15 +181,18 @@ class TorchKernels(ModelKernels):
     # The kernels run under no_grad: torch.func transforms ignore it, but it stops
     # ordinary autograd from recording (and keeping alive) a graph through the
     # model's *unselected* parameters, which still have requires_grad=True.
+    @in_inference_mode
     @torch.no_grad()
     def mean_loss_grad(self, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
         return self._concat(self._mean_grad_dict(self._detached(), inputs, targets))
 
+    @in_inference_mode
     @torch.no_grad()
     def per_sample_grads(self, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
         grads = self._per_sample_grads(self._detached(), inputs, targets)
         return self._concat(grads, leading=(next(iter(grads.values())).shape[0],))
 
+    @in_inference_mode
     @torch.no_grad()
     def mean_loss_hvp(
         self, inputs: Any, targets: torch.Tensor, vectors: torch.Tensor
@@ -167,10 +213,25 @@ class TorchKernels(ModelKernels):
         return tensor
 
     def to_numpy(self, array: torch.Tensor) -> Any:
-        return array.detach().cpu().numpy()
+        array = array.detach().cpu()
+        if array.dtype == torch.bfloat16:  # NumPy has no bfloat16: widen, losslessly
+            array = array.float()
+        return array.numpy()
 
     def native_batches(self, data: Any, batch_size: int) -> Iterator[Any] | None:
         return native_batches(data, batch_size)
+
+    def native_batch_count(self, data: Any, batch_size: int) -> int | None:
+        return native_batch_count(data, batch_size)
+
+    def canonical_layouts(self) -> tuple[tuple[int, ...] | None, ...]:
+        owners = {}
+        for module in self.module.modules():
+            layout = _WEIGHT_LAYOUTS.get(type(module))
+            weight = getattr(module, "weight", None)
+            if layout is not None and isinstance(weight, torch.nn.Parameter):
+                owners[id(weight)] = layout
+        return tuple(owners.get(id(p)) for p in self._params)
 
     # -- checkpoints --------------------------------------------------------------
     def save_state(self) -> dict[str, torch.Tensor]:
@@ -218,6 +279,7 @@ class TorchKernels(ModelKernels):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return LastLayer(name or "", linear.weight.detach().T.clone(), bias)
 
+    @in_inference_mode
     @torch.no_grad()
     def penultimate_features(self, inputs: Any) -> torch.Tensor:
         name, linear = self._last_linear()
@@ -231,6 +293,11 @@ class TorchKernels(ModelKernels):
             outputs = self.module(inputs)
         finally:
             handle.remove()
+        finite = torch.isfinite(outputs.reshape(outputs.shape[0], -1)).all(dim=1)
+        if not bool(finite.all()):
+            raise NonFiniteGradientError(
+                "model outputs", torch.nonzero(~finite).reshape(-1).tolist(), outputs=True
+            )
         if (
             "features" not in captured
             or captured["outputs"].shape != outputs.shape
@@ -249,6 +316,7 @@ class TorchKernels(ModelKernels):
             )
         return features
 
+    @in_inference_mode
     @torch.no_grad()
     def outputs(self, inputs: Any) -> torch.Tensor:
         return self.module(inputs)
@@ -273,6 +341,7 @@ class TorchKernels(ModelKernels):
 
         return vmap(hessian(sample_loss))(outputs.detach(), targets)
 
+    @in_inference_mode
     @torch.no_grad()
     def per_sample_measurement_grads(
         self, inputs: Any, targets: torch.Tensor, measurement: Any

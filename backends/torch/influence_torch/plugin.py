@@ -14,7 +14,7 @@ def influence_core_backends() -> list[BackendSpec]:
             array_types=("torch.Tensor",),
             kernels="influence_torch.model:TorchKernels",
             namespace="influence_torch.namespace:namespace",
-            install_hint="pip install 'influence-core[torch]'  (pins torch==2.13.0)",
+            install_hint="pip install influence-core-torch  (backends/torch; pins torch==2.13.0)",
             reference_models="influence_torch.reference_models:build",
         )
     ]
