@@ -198,11 +198,6 @@ def _cut(tree: Any, start: int, stop: int) -> Any:
 
 def _concat_trees(xp: Any, trees: list[Any]) -> Any:
     """The pytrees in ``trees`` (same structure) joined leaf by leaf along the batch axis."""
-    first = trees[0]
     if len(trees) == 1:
-        return first
-    if isinstance(first, (tuple, list)):
-        return type(first)(_concat_trees(xp, list(parts)) for parts in zip(*trees, strict=True))
-    if isinstance(first, dict):
-        return {key: _concat_trees(xp, [t[key] for t in trees]) for key in first}
-    return xp.concat(trees, axis=0)
+        return trees[0]
+    return tree_map(lambda *leaves: xp.concat(list(leaves), axis=0), *trees)

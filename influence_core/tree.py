@@ -15,13 +15,18 @@ from typing import Any
 __all__ = ["tree_leaves", "tree_map"]
 
 
-def tree_map(fn: Callable[[Any], Any], tree: Any) -> Any:
-    """``tree`` with every leaf replaced by ``fn(leaf)``; containers keep their type."""
+def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+    """``tree`` with every leaf replaced by ``fn(leaf, *matching leaves of rest)``.
+
+    Containers keep their type; the trees in ``rest`` must share ``tree``'s structure.
+    """
     if isinstance(tree, (tuple, list)):
-        return type(tree)(tree_map(fn, item) for item in tree)
+        return type(tree)(
+            tree_map(fn, item, *others) for item, *others in zip(tree, *rest, strict=True)
+        )
     if isinstance(tree, dict):
-        return {key: tree_map(fn, value) for key, value in tree.items()}
-    return fn(tree)
+        return {key: tree_map(fn, tree[key], *(r[key] for r in rest)) for key in tree}
+    return fn(tree, *rest)
 
 
 def tree_leaves(tree: Any) -> Iterator[Any]:

@@ -47,6 +47,18 @@ def keras_model(dtype="float64"):
 
 
 CE = torch.nn.CrossEntropyLoss(reduction="none")
+
+
+def model_of(backend: str, **settings) -> InfluenceModel:
+    """A float64 4-8-3 MLP classifier in ``backend``, with its per-sample cross-entropy."""
+    if backend == "torch":
+        return InfluenceModel(torch_model(), CE, **settings)
+    loss = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction=None, dtype="float64"
+    )
+    return InfluenceModel(keras_model(), loss, **settings)
+
+
 X = np.random.default_rng(0).normal(size=(12, 4))
 Y = np.arange(12) % 3
 
@@ -54,13 +66,7 @@ Y = np.arange(12) % 3
 # -- fault 6: empty data ------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["torch", "tensorflow"])
 def test_fault6_empty_data_is_an_error_not_zeros(backend: str) -> None:
-    if backend == "torch":
-        model = InfluenceModel(torch_model(), CE)
-    else:
-        loss = keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, reduction=None, dtype="float64"
-        )
-        model = InfluenceModel(keras_model(), loss)
+    model = model_of(backend)
     empty = (X[:0], Y[:0])
     for call in (model.loss_grad, model.hessian, model.per_sample_grads, model.per_sample_loss):
         with pytest.raises(EmptyDataError, match="no samples"):
@@ -123,13 +129,7 @@ def test_fault8_torch_kernels_run_in_inference_mode_and_restore_the_users_mode()
 def test_fault9_nan_inputs_to_representers_name_the_sample(backend: str) -> None:
     bad = X.copy()
     bad[5, 2] = np.nan
-    if backend == "torch":
-        model = InfluenceModel(torch_model(), CE)
-    else:
-        loss = keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, reduction=None, dtype="float64"
-        )
-        model = InfluenceModel(keras_model(), loss)
+    model = model_of(backend)
     with pytest.raises(NonFiniteGradientError, match=r"outputs for the sample\(s\) at index \[5\]"):
         RepresenterPointL2(model).fit((bad, Y))
 
@@ -162,13 +162,7 @@ def test_fault9_a_loss_given_by_name_is_refused_with_advice() -> None:
 def test_fault9_an_out_of_range_label_names_the_sample(backend: str) -> None:
     labels = Y.copy()
     labels[9] = 7  # three classes
-    if backend == "torch":
-        model = InfluenceModel(torch_model(), CE, batch_size=4)
-    else:
-        loss = keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, reduction=None, dtype="float64"
-        )
-        model = InfluenceModel(keras_model(), loss, batch_size=4)
+    model = model_of(backend, batch_size=4)
     with pytest.raises(InvalidSampleError, match=r"index \[9\]"):
         model.loss_grad((X, labels))
     with pytest.raises(InvalidSampleError, match=r"index \[9\]"):
