@@ -31,7 +31,6 @@ from typing import Any
 from .arrays import join
 from .data import Batch, is_array_pair, iter_batches, leading_dim
 from .errors import (
-    DatasetFormatError,
     EmptyDataError,
     InvalidSampleError,
     NonFiniteGradientError,
@@ -334,9 +333,9 @@ class InfluenceModel:
         """
         try:
             return compute(batch)
-        except (PerSampleLossError, NonFiniteGradientError, DatasetFormatError):
-            raise
         except Exception as error:
+            if type(error).__module__.startswith("influence_core"):
+                raise  # our own diagnosis already (or a missing capability): no sample to blame
             bad = []
             for i in range(batch.size):
 

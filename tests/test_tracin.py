@@ -12,7 +12,7 @@ from functools import cache
 
 import numpy as np
 import pytest
-from digits_problem import SPEC, loss_at, problem
+from digits_problem import SPEC, digits_model, loss_at, problem
 from scipy.stats import pearsonr
 
 from influence_core import InfluenceModel, TracIn, get_registry
@@ -183,3 +183,32 @@ def test_tracin_argument_errors() -> None:
         TracIn(model, [{}], [0.1, 0.2]).fit(None)
     with pytest.raises(TypeError, match="state dict"):
         TracIn(model, [42], 0.1).fit(None).self_influence((problem()["X"][:2], problem()["y"][:2]))
+
+
+def test_tracin_explains_a_measurement_with_the_library_sign() -> None:
+    """measurement="logit": score = Σ_k η_k (−∇Φ_y(z_test)) · g(z_train); positive raises the logit."""
+    from influence_core.measurements import resolve_measurement
+
+    p = problem()
+    model = digits_model("torch", batch_size=100)
+    train, test = (p["X"][:200], p["y"][:200]), (p["X_test"], p["y_test"])
+    tracin = TracIn(model, [model.kernels.save_state()], 0.5, measurement="logit").fit(train)
+    G = model.to_numpy(model.per_sample_grads(train))
+    T = np.concatenate(
+        [
+            model.to_numpy(g)
+            for _, g in model.iter_measurement_grads(test, resolve_measurement("logit"))
+        ]
+    )
+    np.testing.assert_allclose(model.to_numpy(tracin.influence(test)), 0.5 * T @ G.T, rtol=1e-12)
+    # A step of SGD on the strongest proponent raises the test logit.
+    score = model.to_numpy(tracin.influence(test))
+    t, i = np.unravel_index(np.argmax(score), score.shape)
+    theta = model.to_numpy(model.get_parameters())
+
+    def logit_at(flat):
+        with model.parameters_set_to(flat):
+            out = model.to_numpy(model.kernels.outputs(model.kernels.as_native(test[0])))
+        return out[t, test[1][t]]
+
+    assert logit_at(theta - 1e-3 * G[i]) > logit_at(theta)
