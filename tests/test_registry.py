@@ -131,3 +131,21 @@ def test_model_lookup_imports_no_framework() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_backend_whose_framework_is_missing_is_unavailable_with_its_install_hint() -> None:
+    registry = BackendRegistry(load_entry_points=False)
+    missing = fake_spec(
+        "ghost",
+        requires=("no_such_framework_for_influence_core",),
+        install_hint="pip install ghost",
+    )
+    registry.register(Plugin(missing, fake_spec("healthy", requires=("numpy",))), distribution="d")
+    assert registry.names() == ["healthy"]
+    assert registry.unavailable() == {
+        "ghost": "missing no_such_framework_for_influence_core; pip install ghost"
+    }
+    with pytest.raises(BackendNotFoundError, match=r"registered but cannot run.*pip install ghost"):
+        registry.by_name("ghost")
+    with pytest.raises(InvalidBackendSpecError, match="requires"):
+        fake_spec(requires="torch")

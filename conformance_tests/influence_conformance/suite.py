@@ -10,7 +10,7 @@ Subclass and name your backend (the fsspec ``tests/abstract`` pattern)::
 
 The suite needs a *reference builder*, ``build(spec, weights, dtype) ->
 ReferenceModel``, which turns each framework-neutral
-:class:`~influence_core.specs.ModelSpec` into a native model with the given
+:class:`~influence_conformance.specs.ModelSpec` into a native model with the given
 canonical weights. By default it is the one your
 :class:`~influence_core.BackendSpec` names in ``reference_models``; override
 :meth:`BackendConformance.reference_builder` to supply another. Or, with no
@@ -309,11 +309,20 @@ class CrossBackendConformance:
     backends: tuple[str, ...] = ()
 
     def _backends(self) -> list[str]:
-        names = list(self.backends) or [
-            s.name for s in get_registry().specs.values() if s.reference_models is not None
-        ]
+        """The named (or all) backends that can run here; absent frameworks are skipped."""
+        registry = get_registry()
+        installed = [n for n in registry.names() if registry.by_name(n).reference_models]
+        names = [n for n in self.backends if n in installed] if self.backends else installed
         if len(names) < 2:
-            pytest.skip(f"cross-backend checks need two backends, found {names}")
+            missing = sorted(set(self.backends) - set(installed))
+            pytest.skip(
+                f"cross-backend checks need two installed backends, found {names}"
+                + (
+                    f" ({', '.join(missing)} not installed: {registry.unavailable()})"
+                    if missing
+                    else ""
+                )
+            )
         return names
 
     @spec_names

@@ -73,7 +73,10 @@ class BackendSpec:
             ``"module:attribute"`` string naming it (imported on first use).
         namespace: the Array API namespace of the native arrays (a module or
             object, or a ``"module:attribute"`` string naming it, imported on first use).
-        install_hint: how a user installs this backend's framework.
+        install_hint: how a user installs this backend's framework (shown when it is missing).
+        requires: top-level modules the backend needs (``("torch",)``); checked
+            with ``importlib.util.find_spec``, so nothing is imported. A backend
+            whose requirement is missing is registered but unavailable.
         reference_models: optional ``"module:attribute"`` naming the builder the
             conformance suite uses (see :mod:`influence_conformance`).
         distribution: filled in by the loader: the distribution that provided it.
@@ -86,6 +89,7 @@ class BackendSpec:
     namespace: Any
     install_hint: str = ""
     reference_models: Callable[..., Any] | str | None = None
+    requires: tuple[str, ...] = ()
     distribution: str = field(default="<runtime>", compare=False)
 
     def __post_init__(self) -> None:
@@ -107,8 +111,22 @@ class BackendSpec:
                     f"such as 'torch.nn.modules.module.Module'; got {list(value)}"
                 )
             object.__setattr__(self, attr, value)
+        if isinstance(self.requires, str) or not all(
+            isinstance(r, str) and r for r in self.requires
+        ):
+            raise InvalidBackendSpecError(
+                f"backend {self.name!r}: requires must be a tuple of module names, got "
+                f"{self.requires!r}"
+            )
+        object.__setattr__(self, "requires", tuple(self.requires))
         _check_reference(self.kernels, "kernels", self.name)
         _check_reference(self.reference_models, "reference_models", self.name, optional=True)
+
+    def missing_requirements(self) -> list[str]:
+        """The modules in ``requires`` that are not installed (found without importing them)."""
+        import importlib.util
+
+        return [name for name in self.requires if importlib.util.find_spec(name) is None]
 
     def handles_model(self, model: Any) -> bool:
         return _mro_matches(type(model), self.model_types)
@@ -212,19 +230,34 @@ class BackendRegistry:
 
     # -- lookup -------------------------------------------------------------------
     def names(self) -> list[str]:
-        return sorted(self.specs)
+        """The backends that can run here: registered, with their frameworks installed."""
+        return sorted(name for name, spec in self.specs.items() if not spec.missing_requirements())
+
+    def unavailable(self) -> dict[str, str]:
+        """Registered backends whose frameworks are missing: name → what to install."""
+        return {
+            name: f"missing {', '.join(missing)}; {spec.install_hint or 'install it'}"
+            for name, spec in sorted(self.specs.items())
+            if (missing := spec.missing_requirements())
+        }
 
     def by_name(self, name: str) -> BackendSpec:
-        try:
-            return self.specs[name]
-        except KeyError:
+        spec = self.specs.get(name)
+        if spec is not None and not spec.missing_requirements():
+            return spec
+        if spec is not None:
             raise BackendNotFoundError(
-                f"no backend named {name!r}; installed backends: {self.names() or 'none'}. "
-                + _INSTALL_ADVICE
-            ) from None
+                f"the backend {name!r} (from {spec.distribution!r}) is registered but cannot run "
+                f"here: {self.unavailable()[name]}"
+            )
+        raise BackendNotFoundError(
+            f"no backend named {name!r}; installed backends: {self.names() or 'none'}. "
+            + _INSTALL_ADVICE
+        )
 
     def for_model(self, model: Any) -> BackendSpec:
-        for spec in self.specs.values():
+        for name in self.names():
+            spec = self.specs[name]
             if spec.handles_model(model):
                 return spec
         raise BackendNotFoundError(
@@ -234,7 +267,8 @@ class BackendRegistry:
         )
 
     def for_array(self, array: Any) -> BackendSpec | None:
-        for spec in self.specs.values():
+        for name in self.names():
+            spec = self.specs[name]
             if spec.handles_array(array):
                 return spec
         return None

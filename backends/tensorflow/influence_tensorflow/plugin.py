@@ -25,5 +25,6 @@ def influence_core_backends() -> list[BackendSpec]:
             namespace="influence_tensorflow.namespace:namespace",
             install_hint="pip install influence-core-tensorflow  (backends/tensorflow; installs tensorflow-cpu)",
             reference_models="influence_tensorflow.reference_models:build",
+            requires=("tensorflow",),
         )
     ]

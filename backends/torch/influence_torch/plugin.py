@@ -16,5 +16,6 @@ def influence_core_backends() -> list[BackendSpec]:
             namespace="influence_torch.namespace:namespace",
             install_hint="pip install influence-core-torch  (backends/torch; pins torch==2.13.0)",
             reference_models="influence_torch.reference_models:build",
+            requires=("torch",),
         )
     ]
