@@ -12,8 +12,10 @@ import pytest
 
 from influence_conformance.cases import build_case, registered_builder
 from influence_conformance.measurement_checks import MeasurementChecks
+from influence_conformance.selection_checks import SelectionChecks
 from influence_conformance.suite import BackendConformance
 from influence_core import InfluenceModel
+from influence_core.plugin import ModelKernels
 from influence_torch.model import TorchKernels
 
 
@@ -81,3 +83,80 @@ def test_the_layout_check_catches_a_wrong_canonical_layout() -> None:
     checks_on(
         TorchKernels, BackendConformance
     ).test_canonical_layouts_map_theta_to_the_canonical_weights("mlp_tanh")
+
+
+class StaleUnselected(TorchKernels):
+    """Captures the unselected weights once, at construction (the common functional-port bug)."""
+
+    def __init__(self, model, loss_fn, parameters):
+        super().__init__(model, loss_fn, parameters)
+        self._stale = {
+            n: p.detach().clone() for n, p in model.named_parameters() if n not in self._names
+        }
+
+    def _losses(self, params, inputs, targets):
+        return super()._losses({**self._stale, **params}, inputs, targets)
+
+
+def selection_checks_on(mutant: type[TorchKernels]) -> SelectionChecks:
+    class OnMutant(SelectionChecks):
+        backend = "torch"
+
+        def build_case(self, spec_name: str, dtype: str):
+            return build_case("torch", spec_name, dtype, registered_builder("torch"))
+
+        def head_model(self, case, names):
+            model = InfluenceModel(case.reference.model, case.reference.loss_fn, parameters=names)
+            model.kernels = mutant(case.reference.model, case.reference.loss_fn, names)
+            return model
+
+    return OnMutant()
+
+
+def test_the_selection_checks_catch_stale_unselected_weights() -> None:
+    checks = selection_checks_on(StaleUnselected)
+    with pytest.raises(AssertionError, match="per-sample grads of θ, after another model changed"):
+        checks.test_a_sub_selection_sees_the_other_weights_change("mlp_tanh")
+    with pytest.raises(AssertionError, match="TracIn over checkpoints of every weight"):
+        checks.test_tracin_on_a_sub_selection_follows_checkpoints_of_every_weight("mlp_tanh")
+    real = selection_checks_on(TorchKernels)
+    real.test_a_sub_selection_sees_the_other_weights_change("mlp_tanh")
+    real.test_tracin_on_a_sub_selection_follows_checkpoints_of_every_weight("mlp_tanh")
+
+
+class OnlyTheAbstractMembers(TorchKernels):
+    """A backend that implements the abstract members and none of the optional capabilities."""
+
+
+OPTIONAL = (
+    "save_state",
+    "load_checkpoint",
+    "save_checkpoint",
+    "last_layer",
+    "penultimate_features",
+    "outputs",
+    "output_loss_grads",
+    "output_loss_hessians",
+    "per_sample_measurement_grads",
+)
+for _name in OPTIONAL:  # the protocol's defaults: raise UnsupportedByBackendError
+    setattr(OnlyTheAbstractMembers, _name, getattr(ModelKernels, _name))
+
+
+def test_optional_checks_skip_with_a_reason_instead_of_failing(tmp_path) -> None:
+    checks = checks_on(OnlyTheAbstractMembers, BackendConformance)
+    optional_checks = [
+        lambda: checks.test_last_layer_features_and_outputs("mlp_tanh", "float64"),
+        lambda: checks.test_output_grads_of_the_last_layer("mlp_tanh"),
+        lambda: checks.test_checkpoints_round_trip_and_restore("mlp_tanh"),
+        lambda: checks.test_checkpoint_files_round_trip(tmp_path),
+        lambda: checks.test_measurement_gradients_match_finite_differences(
+            "mlp_tanh", "margin", "float64"
+        ),
+        lambda: checks.test_measurement_scores_match_the_definition("margin"),
+    ]
+    for check in optional_checks:
+        with pytest.raises(pytest.skip.Exception, match="optional capability not implemented"):
+            check()
+    # and a required check still runs (and passes) on the same backend
+    checks.test_per_sample_loss_matches_reference("mlp_tanh", "float64")

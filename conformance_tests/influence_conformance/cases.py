@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import numpy as np
+import pytest
 
-from influence_core import InfluenceModel, get_registry
+from influence_core import InfluenceModel, UnsupportedByBackendError, get_registry
 
 from . import numpy_reference as ref
 from .reference_specs import SPECS, make_data
@@ -40,6 +43,23 @@ class Case:
     @property
     def rtol(self) -> float:
         return RTOL[self.dtype]
+
+
+def optional(check: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a check of an optional capability: it is skipped, with the reason, when unsupported.
+
+    A backend that implements only the abstract members of ``ModelKernels``
+    passes every required check and skips these, never failing them.
+    """
+
+    @functools.wraps(check)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return check(*args, **kwargs)
+        except UnsupportedByBackendError as error:
+            pytest.skip(f"optional capability not implemented: {error}")
+
+    return run
 
 
 def to_numpy(array: object) -> np.ndarray:

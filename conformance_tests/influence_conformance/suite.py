@@ -54,6 +54,7 @@ from .ihvp_checks import IHVPChecks
 from .influence_checks import InfluenceChecks
 from .measurement_checks import MeasurementChecks
 from .reference_specs import SPECS
+from .selection_checks import SelectionChecks
 
 ALL_SPECS = list(SPECS)
 CLOSED_FORM = [s for s in SPECS if SPECS[s].reference == "closed_form"]
@@ -64,7 +65,9 @@ spec_names = pytest.mark.parametrize("spec_name", ALL_SPECS)
 dtypes = pytest.mark.parametrize("dtype", DTYPES)
 
 
-class BackendConformance(IHVPChecks, InfluenceChecks, HeadChecks, MeasurementChecks):
+class BackendConformance(
+    IHVPChecks, InfluenceChecks, HeadChecks, MeasurementChecks, SelectionChecks
+):
     """Numerical and behavioural checks of one backend: its kernels, and the solvers on them."""
 
     #: The registered name of the backend under test.
