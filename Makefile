@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # The core and the three distributions beside it (each backend, the conformance suite).
-DISTRIBUTIONS := backends/torch backends/tensorflow conformance_tests
+DISTRIBUTIONS := backends/torch backends/tensorflow conformance_tests plugins/influence-jax
 PYPROJECTS := pyproject.toml $(addsuffix /pyproject.toml,$(DISTRIBUTIONS))
 STAMP := $(VENV)/.installed-$(shell cat $(PYPROJECTS) | cksum | cut -d' ' -f1)
 
@@ -32,6 +32,7 @@ test: lint
 conformance: $(STAMP)
 	$(PY) -m influence_conformance --backend torch
 	$(PY) -m influence_conformance --backend tensorflow
+	JAX_ENABLE_X64=1 $(PY) -m influence_conformance --backend jax
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py

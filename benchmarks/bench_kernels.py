@@ -59,8 +59,13 @@ def timing_rows(
     bare_psg: Callable[[], object],
     bare_hvp: Callable[[object], object],
     repeats: int,
+    sync: Callable[[object], object] = lambda result: result,
 ) -> list[tuple[str, str, float, float, float]]:
-    """Per-sample grads, one HVP and a block of HVPs: bare, ours, ours without the NaN check."""
+    """Per-sample grads, one HVP and a block of HVPs: bare, ours, ours without the NaN check.
+
+    ``sync`` waits for a result (JAX dispatches asynchronously: without it a
+    call would be timed before its work is done).
+    """
     ours, fast = models
     v1 = V[:, :1]
     workloads = {
@@ -74,7 +79,12 @@ def timing_rows(
     rows = []
     for workload, (bare, call) in workloads.items():
         t = median_times(
-            {"bare": bare, "ours": lambda c=call: c(ours), "fast": lambda c=call: c(fast)}, repeats
+            {
+                "bare": bare,
+                "ours": lambda c=call: sync(c(ours)),
+                "fast": lambda c=call: sync(c(fast)),
+            },
+            repeats,
         )
         rows.append((backend, workload, t["bare"], t["ours"], t["fast"]))
     return rows
@@ -247,13 +257,82 @@ def tensorflow_model_rows(
     )
 
 
+# -- JAX (the plugin) ---------------------------------------------------------------
+def jax_cases(repeats: int) -> list[tuple[str, str, float, float, float]]:
+    """The MLP as a flax.nnx module, float32 and float64, against bare ``jit(vmap(grad))``."""
+    try:
+        import jax
+        import jax.flatten_util
+    except ImportError:  # the plugin is optional
+        return []
+    jax.config.update("jax_enable_x64", True)  # only JAX's setting; float32 stays float32
+    import jax.numpy as jnp
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, dtype):
+            self.layer0 = nnx.Linear(64, 128, param_dtype=dtype, dtype=dtype, rngs=nnx.Rngs(0))
+            self.layer1 = nnx.Linear(128, 10, param_dtype=dtype, dtype=dtype, rngs=nnx.Rngs(1))
+
+        def __call__(self, x):
+            return self.layer1(jnp.tanh(self.layer0(x)))
+
+    def loss(outputs, targets):
+        return -jnp.take_along_axis(jax.nn.log_softmax(outputs), targets[:, None], axis=1)[:, 0]
+
+    def rows_for(dtype: str) -> list[tuple[str, str, float, float, float]]:
+        model = MLP(dtype)
+        X = jnp.asarray(np.random.default_rng(0).normal(size=(BATCH, 64)), dtype)
+        Y = jnp.asarray(np.random.default_rng(1).integers(0, 10, BATCH))
+        im = InfluenceModel(model, loss)
+        fast = InfluenceModel(model, loss, check_finite=False)
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def sample_loss(p, x, y):
+            return loss(nnx.merge(graphdef, p)(x[None]), y[None]).sum()
+
+        @jax.jit
+        def bare_psg_fn(p, x, y):
+            grads = jax.vmap(jax.grad(sample_loss), in_axes=(None, 0, 0))(p, x, y)
+            leaves = jax.tree_util.tree_leaves(grads)
+            return jnp.concatenate([g.reshape(BATCH, -1) for g in leaves], axis=1)
+
+        flat0, unravel = jax.flatten_util.ravel_pytree(params)
+
+        @jax.jit
+        def bare_hvp_fn(flat, x, y, V):
+            def gradient(f):
+                mean = lambda q: loss(nnx.merge(graphdef, unravel(q))(x), y).mean()  # noqa: E731
+                return jax.grad(mean)(f)
+
+            return jax.vmap(lambda v: jax.jvp(gradient, (flat,), (v,))[1], 1, 1)(V)
+
+        V = jnp.asarray(np.random.default_rng(2).normal(size=(im.num_parameters, BLOCK)), dtype)
+        return timing_rows(
+            "jax",
+            f"mlp 64-128-10 {dtype}",
+            (X, Y),
+            V,
+            (im, fast),
+            lambda: bare_psg_fn(params, X, Y).block_until_ready(),
+            lambda vectors: bare_hvp_fn(flat0, X, Y, vectors).block_until_ready(),
+            repeats,
+            sync=lambda result: result.block_until_ready(),
+        )
+
+    rows = []
+    for dtype in ("float32", "float64"):
+        rows += rows_for(dtype)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
-    rows = torch_cases(args.repeats) + tensorflow_cases(args.repeats)
+    rows = torch_cases(args.repeats) + tensorflow_cases(args.repeats) + jax_cases(args.repeats)
     lines = [
-        f"Batch {BATCH}, float32, all parameters, CPU ({os.cpu_count()} cores); "
+        f"Batch {BATCH}, float32 (JAX: both), all parameters, CPU ({os.cpu_count()} cores); "
         f"median of {args.repeats} interleaved repeats.",
         "",
         "| backend | workload | bare kernel (ms) | influence_core (ms) | ratio "

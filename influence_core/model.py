@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
+
 from .arrays import join
 from .data import Batch, is_array_pair, iter_batches, leading_dim
 from .errors import (
@@ -169,29 +171,35 @@ class InfluenceModel:
         if len(flat.shape) not in (1, 2) or int(flat.shape[0]) != d:
             raise ValueError(f"expected shape ({d},) or ({d}, k), got {tuple(flat.shape)}")
         layouts = self.kernels.canonical_layouts()
-        if all(perm is None for perm in layouts):
+        order = tuple(self.kernels.canonical_order())
+        if order == tuple(range(len(order))) and all(perm is None for perm in layouts):
             return flat
         trailing = tuple(int(s) for s in flat.shape[1:])
-        pieces, start = [], 0
-        for shape, perm in zip(self.kernels.parameter_shapes, layouts, strict=True):
-            size = 1
-            for s in shape:
-                size *= int(s)
-            piece = flat[start : start + size]
-            start += size
+        shapes = [tuple(int(s) for s in shape) for shape in self.kernels.parameter_shapes]
+        sizes = [int(np.prod(shape)) for shape in shapes]
+        # Where each parameter sits in the input: backend order, or canonical order.
+        sequence = list(range(len(shapes))) if to_canonical else list(order)
+        offsets, start = {}, 0
+        for i in sequence:
+            offsets[i] = start
+            start += sizes[i]
+        pieces = {}
+        for i, (shape, perm) in enumerate(zip(shapes, layouts, strict=True)):
+            piece = flat[offsets[i] : offsets[i] + sizes[i]]
             if perm is not None:
                 extra = tuple(range(len(shape), len(shape) + len(trailing)))
                 if to_canonical:
                     block = xp.reshape(piece, (*shape, *trailing))
                     piece = xp.permute_dims(block, (*perm, *extra))
                 else:
-                    canonical_shape = tuple(shape[i] for i in perm)
-                    inverse = tuple(perm.index(i) for i in range(len(perm)))
+                    canonical_shape = tuple(shape[p] for p in perm)
+                    inverse = tuple(perm.index(j) for j in range(len(perm)))
                     block = xp.reshape(piece, (*canonical_shape, *trailing))
                     piece = xp.permute_dims(block, (*inverse, *extra))
-                piece = xp.reshape(piece, (size, *trailing))
-            pieces.append(piece)
-        return join(xp, pieces)
+                piece = xp.reshape(piece, (sizes[i], *trailing))
+            pieces[i] = piece
+        output = list(order) if to_canonical else list(range(len(shapes)))
+        return join(xp, [pieces[i] for i in output])
 
     def get_parameters(self) -> Array:
         """A copy of θ, shape ``(d,)``."""

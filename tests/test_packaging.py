@@ -9,7 +9,12 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Each backend and the conformance suite are distributions of their own beside the core.
-DISTRIBUTIONS = ["backends/torch", "backends/tensorflow", "conformance_tests"]
+DISTRIBUTIONS = [
+    "backends/torch",
+    "backends/tensorflow",
+    "conformance_tests",
+    "plugins/influence-jax",
+]
 
 
 def python_package_dirs(root: Path, top: str) -> set[str]:

@@ -110,8 +110,8 @@ def test_unknown_model_type_lists_backends_and_how_to_install() -> None:
     assert "builtins.object" in message
     assert "torch" in message and "tensorflow" in message
     assert "pip install" in message
-    with pytest.raises(BackendNotFoundError, match="no backend named 'jax'"):
-        influence_core.InfluenceModel(object(), loss_fn=None, backend="jax")
+    with pytest.raises(BackendNotFoundError, match="no backend named 'mxnet'"):
+        influence_core.InfluenceModel(object(), loss_fn=None, backend="mxnet")
 
 
 def test_a_namespace_named_by_string_is_imported_on_first_use() -> None:

@@ -111,7 +111,8 @@ class ReferenceModel:
             canonical θ.
         layer_names: the backend's name for each parametric layer, in order.
         native_dataset: ``(X, y, batch_size) -> dataset``; a batched native
-            dataset for an int, an unbatched one for ``None``.
+            dataset for an int, an unbatched one for ``None``; ``None`` for a
+            framework without a dataset type (its dataset checks are skipped).
         scalar_loss_fn: the same loss with mean reduction (for error checks).
     """
 
@@ -119,7 +120,7 @@ class ReferenceModel:
     loss_fn: Callable[..., Any]
     canonical_positions: np.ndarray
     layer_names: list[str]
-    native_dataset: Callable[[np.ndarray, np.ndarray, int | None], Any]
+    native_dataset: Callable[[np.ndarray, np.ndarray, int | None], Any] | None
     scalar_loss_fn: Callable[..., Any]
     extras: dict[str, Any] = field(default_factory=dict)
 

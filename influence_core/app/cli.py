@@ -88,6 +88,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The demo and compare compute in float64; JAX needs x64 for that, set before it loads.
+    os.environ.setdefault("JAX_ENABLE_X64", "1")
     top = parser()
     args = top.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command is None:
@@ -95,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if getattr(args, "quiet", False):
         backend = getattr(args, "backend", None)
-        quiet_frameworks(None if backend is None else [backend])
+        quiet_frameworks(
+            None if backend is None else [backend] if isinstance(backend, str) else backend
+        )
     try:
         return int(args.run(args))
     except (BackendNotFoundError, EmptyDataError, FingerprintMismatchError) as error:

@@ -44,6 +44,7 @@ from .. import (
     RepresenterPointLJE,
     SecondOrderInfluenceCalculator,
     TracIn,
+    UnsupportedByBackendError,
     set_progress,
 )
 from ..progress import progress
@@ -68,10 +69,10 @@ def _relative(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _quantities(
-    model: InfluenceModel, train: Any, test: Any, damping: float, k: int
+    model: InfluenceModel, train: Any, test: Any, damping: float, k: int, head_name: str | None
 ) -> dict[str, Callable[[], Any]]:
     """Layout-free quantities of one model, each as a thunk returning a native array."""
-    head = model.with_parameters(model.last_layer().name)
+    head = model.with_parameters(head_name if head_name is not None else model.last_layer().name)
     n_group = max(2, model.count(train) // 10)
     group = [(b.inputs, b.targets) for b in model.batches(train, n_group)][0:1]
 
@@ -134,12 +135,15 @@ def compare_models(
     to_b: Callable[[np.ndarray], np.ndarray] | None = None,
     damping: float = 1e-3,
     k: int = 5,
+    heads: tuple[str | None, str | None] = (None, None),
 ) -> list[Disagreement]:
     """Run every estimator on both models and return the disagreement per quantity.
 
     ``train_data`` / ``test_data`` are ``(X, y)`` NumPy arrays (each model
     converts them). Top-k rows report the fraction of test points whose k
-    proponents differ, not a relative error.
+    proponents differ, not a relative error. ``heads`` names each model's last
+    layer (default: the backend's ``last_layer``). A quantity a backend does not
+    support is reported as skipped.
     """
     rows: list[Disagreement] = []
     host_a, host_b = model_a.to_numpy, model_b.to_numpy
@@ -158,12 +162,16 @@ def compare_models(
         hvp_a = host_a(model_a.hvp(train_data, v))
         hvp_b = host_b(model_b.hvp(train_data, to_b(v)))
         rows.append(Disagreement("HVP (training set, random v)", _relative(to_b(hvp_a), hvp_b)))
-    quantities_a = _quantities(model_a, train_data, test_data, damping, k)
-    quantities_b = _quantities(model_b, train_data, test_data, damping, k)
+    quantities_a = _quantities(model_a, train_data, test_data, damping, k, heads[0])
+    quantities_b = _quantities(model_b, train_data, test_data, damping, k, heads[1])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         for name in progress(list(quantities_a), desc="compare"):
-            a, b = host_a(quantities_a[name]()), host_b(quantities_b[name]())
+            try:
+                a, b = host_a(quantities_a[name]()), host_b(quantities_b[name]())
+            except UnsupportedByBackendError as error:
+                rows.append(Disagreement(name, None, f"skipped: {error}"))
+                continue
             if name.startswith("top-"):
                 differ = float(np.mean(np.any(np.sort(a, axis=1) != np.sort(b, axis=1), axis=1)))
                 rows.append(
@@ -197,6 +205,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=100,
         help="L-BFGS iterations for the shared weights",
     )
+    parser.add_argument(
+        "--backend",
+        action="append",
+        help="a backend to compare (repeat it); default: every installed one with reference models",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -215,7 +228,9 @@ def run(args: argparse.Namespace) -> int:
 
     set_progress(False if args.quiet else None)
     start = time.perf_counter()
-    backends = [b for b in get_registry().names() if get_registry().by_name(b).reference_models]
+    backends = args.backend or [
+        b for b in get_registry().names() if get_registry().by_name(b).reference_models
+    ]
     backends.sort(key=lambda name: name != "torch")  # torch first when installed
     if len(backends) < 2:
         print(f"compare needs two backends with reference models; installed: {backends}")
@@ -240,7 +255,14 @@ def run(args: argparse.Namespace) -> int:
         def to_other(flat: np.ndarray, reference: Any = reference) -> np.ndarray:
             return reference.from_canonical(first.to_canonical(flat))
 
-        rows = compare_models(model_first, model_other, train, test, to_b=to_other)
+        rows = compare_models(
+            model_first,
+            model_other,
+            train,
+            test,
+            to_b=to_other,
+            heads=(first.layer_names[-1], reference.layer_names[-1]),
+        )
         print(format_table(rows, (backends[0], other)))
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0

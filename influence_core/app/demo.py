@@ -49,6 +49,7 @@ from .. import (
     RepresenterPointL2,
     RepresenterPointLJE,
     TracIn,
+    UnsupportedByBackendError,
     save_result,
     set_progress,
 )
@@ -162,9 +163,10 @@ def detection_methods(
     model: InfluenceModel,
     train: tuple[np.ndarray, np.ndarray],
     checkpoints: list[str],
+    head_name: str,
 ) -> dict[str, Callable[[], Any]]:
     """Self-influence of every training point, per method (native arrays)."""
-    last = model.with_parameters(model.last_layer().name)
+    last = model.with_parameters(head_name)
 
     def exact() -> Any:
         ihvp = ExactIHVP(damping=L2)
@@ -248,7 +250,7 @@ def run_hard(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     data = load_digits_with_flips(similar=True)
     train = (data["X_train"], data["y_train"])
-    _, model = build(args.backend, make_weights(SPEC, seed=SEED))
+    reference, model = build(args.backend, make_weights(SPEC, seed=SEED))
     print(
         f"digits, the hard setting: {data['flipped'].sum()} of {len(train[1])} training labels "
         f"flipped to a similar class (seed {SEED}); MLP 64-32-10, L2 {HARD_L2:g}, "
@@ -258,7 +260,7 @@ def run_hard(args: argparse.Namespace) -> int:
     model.kernels.set_flat_parameters(model.kernels.as_native(theta, floating=True))
     losses = model.to_numpy(model.per_sample_loss(train))
     print(f"trained: objective {result.fun:.4f}, mean training loss {losses.mean():.4f}")
-    last = model.with_parameters(model.last_layer().name)
+    last = model.with_parameters(reference.layer_names[-1])
     rows = []
     for name, normalize in (
         ("influence, exact (last layer)", False),
@@ -329,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
     data = load_digits_with_flips()
     train = (data["X_train"], data["y_train"])
     test = (data["X_test"], data["y_test"])
-    _, model = build(args.backend, make_weights(SPEC, seed=SEED))
+    reference, model = build(args.backend, make_weights(SPEC, seed=SEED))
     print(
         f"digits: {len(train[1])} training samples, {data['flipped'].sum()} labels flipped "
         f"(seed {SEED}); {len(test[1])} test samples; backend {args.backend}, "
@@ -368,9 +370,14 @@ def run(args: argparse.Namespace) -> int:
     # -- self-influence per method ---------------------------------------------------------
     flipped = data["flipped"]
     rows, scores = [], {}
-    for name, compute in detection_methods(model, train, checkpoints).items():
+    methods = detection_methods(model, train, checkpoints, reference.layer_names[-1])
+    for name, compute in methods.items():
         t = time.perf_counter()
-        values = compute()
+        try:
+            values = compute()
+        except UnsupportedByBackendError as error:
+            print(f"({name}: skipped, {error})")
+            continue
         seconds = time.perf_counter() - t
         scores[name] = model.to_numpy(values)
         save_result(
@@ -393,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
     # -- one misclassified test digit: its proponents and opponents -----------------------
     wrong = np.flatnonzero(predictions != test[1])
     index = int(wrong[0]) if len(wrong) else 0
-    last = model.with_parameters(model.last_layer().name)
+    last = model.with_parameters(reference.layer_names[-1])
     calculator = FirstOrderInfluenceCalculator(last, ExactIHVP(damping=L2)).fit(train)
     top = calculator.top_k((test[0][index : index + 1], test[1][index : index + 1]), k=6)
     top_host = {name: model.to_numpy(value) for name, value in top._asdict().items()}

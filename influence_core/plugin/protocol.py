@@ -171,6 +171,17 @@ class ModelKernels(ABC):
         """
         return (None,) * len(self.parameter_names)
 
+    def canonical_order(self) -> tuple[int, ...]:
+        """The selected parameters in canonical order: layer by layer, kernel before bias.
+
+        Entry j is the index (in :attr:`parameter_names`) of the j-th parameter
+        in canonical order. The default, the identity, fits frameworks that list
+        parameters in layer order with the kernel first (PyTorch, Keras); a
+        framework that sorts names (flax ``nnx``: ``bias`` before ``kernel``)
+        says so here.
+        """
+        return tuple(range(len(self.parameter_names)))
+
     # TracIn needs checkpoints; representer points need the split "features → last
     # linear layer". A backend without them still runs every other estimator: the
     # defaults raise UnsupportedByBackendError naming the backend.

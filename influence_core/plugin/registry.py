@@ -126,7 +126,13 @@ class BackendSpec:
         """The modules in ``requires`` that are not installed (found without importing them)."""
         import importlib.util
 
-        return [name for name in self.requires if importlib.util.find_spec(name) is None]
+        def found(name: str) -> bool:
+            try:
+                return importlib.util.find_spec(name) is not None
+            except (ImportError, ValueError):  # e.g. a module blocked in sys.modules
+                return False
+
+        return [name for name in self.requires if not found(name)]
 
     def handles_model(self, model: Any) -> bool:
         return _mro_matches(type(model), self.model_types)

@@ -1,0 +1,335 @@
+"""JAX kernels of the autodiff protocol: ``jit(vmap(grad))`` per-sample gradients, forward-over-reverse HVPs.
+
+The parameters are read **live** on every kernel call (``nnx.split`` of the
+module, or the ``params`` of a :class:`Functional`), never captured when the
+kernels are built: another view of the same model, or a checkpoint, changing
+the unselected weights is seen at once. θ is written back functionally
+(``nnx.update`` of the module's variables, or a new ``params`` pytree); no
+array is mutated. An ``nnx`` module is always called in inference mode: the
+kernels use the graph of an ``eval()``-mode clone (dropout off, batch norm on
+its running statistics) with the module's live state, and the user's module
+keeps its own mode.
+
+Each kernel is one ``jax.jit``-compiled function, traced once per input shape.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from influence_core.plugin import LastLayer, ModelKernels, select_parameters
+
+__all__ = ["Functional", "JaxKernels"]
+
+
+@dataclass
+class Functional:
+    """A pure JAX model: ``apply_fn(params, inputs) -> outputs`` and its ``params`` pytree.
+
+    Writing θ (``InfluenceModel.parameters_set_to``, checkpoints) replaces
+    ``params`` with a new pytree and restores the old one afterwards.
+    """
+
+    apply_fn: Callable[[Any, Any], Any]
+    params: Any
+
+
+def _key_name(key: Any) -> str | None:
+    for attribute in ("key", "idx", "name"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def _path_name(path: Sequence[Any]) -> str:
+    parts = [_key_name(k) for k in path]
+    if len(parts) > 1 and parts[-1] == "value":  # an nnx Variable's array
+        parts = parts[:-1]
+    return "/".join(p for p in parts if p)
+
+
+def _natural(text: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+class JaxKernels(ModelKernels):
+    """Kernels for a ``flax.nnx.Module`` or a :class:`Functional`, loss ``loss_fn(outputs, targets)``."""
+
+    backend_name = "jax"
+    checkpoint_suffix = ".npz"
+
+    def __init__(self, model: Any, loss_fn: Any, parameters: str | Sequence[str] | None) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self._functional = isinstance(model, Functional)
+        if not self._functional:
+            from flax import nnx
+
+            if not isinstance(model, nnx.Module):
+                raise TypeError(
+                    f"the jax backend needs a flax.nnx.Module or influence_jax.Functional, got "
+                    f"{type(model).__name__}"
+                )
+            inference = nnx.clone(model)
+            inference.eval()  # static flags (dropout, batch norm) live in the graph definition
+            self._graphdef = nnx.split(inference, nnx.Param, ...)[0]
+        params, _ = self._live()
+        flat, self._treedef = jax.tree_util.tree_flatten_with_path(params)
+        if not flat:
+            raise ValueError("the model has no parameters")
+        self._all_names = tuple(_path_name(path) for path, _ in flat)
+        if len(set(self._all_names)) != len(self._all_names):
+            raise ValueError(f"parameter names are not unique: {self._all_names}")
+        self._selected = select_parameters(self._all_names, parameters, "/")
+        leaves = [leaf for _, leaf in flat]
+        chosen = [leaves[i] for i in self._selected]
+        dtypes = {jnp.dtype(leaf.dtype) for leaf in chosen}
+        if len(dtypes) != 1 or not jnp.issubdtype(next(iter(dtypes)), jnp.floating):
+            raise TypeError(
+                f"the selected parameters must share one floating dtype, got {sorted(map(str, dtypes))}"
+            )
+        self._dtype = next(iter(dtypes))
+        self._shapes = tuple(tuple(int(s) for s in leaf.shape) for leaf in chosen)
+        self._sizes = [int(np.prod(shape)) for shape in self._shapes]
+        self._build()
+
+    # -- the live parameters ----------------------------------------------------------
+    def _live(self) -> tuple[Any, Any]:
+        """(the parameters pytree, the rest of the state) as the model holds them now."""
+        if self._functional:
+            return self.model.params, None
+        from flax import nnx
+
+        _, params, rest = nnx.split(self.model, nnx.Param, ...)
+        return params, rest
+
+    def _write(self, leaves: list[Any]) -> None:
+        params = jax.tree_util.tree_unflatten(self._treedef, leaves)
+        if self._functional:
+            self.model.params = params
+        else:
+            from flax import nnx
+
+            nnx.update(self.model, params)
+
+    def _apply(self, params: Any, rest: Any, inputs: Any) -> Any:
+        if self._functional:
+            return self.model.apply_fn(params, inputs)
+        from flax import nnx
+
+        return nnx.merge(self._graphdef, params, rest)(inputs)
+
+    # -- the compiled kernels ------------------------------------------------------------
+    def _build(self) -> None:
+        selected, treedef = self._selected, self._treedef
+
+        def full(theta: list[Any], leaves: list[Any]) -> Any:
+            leaves = list(leaves)
+            for i, value in zip(selected, theta, strict=True):
+                leaves[i] = value
+            return jax.tree_util.tree_unflatten(treedef, leaves)
+
+        def losses(theta, leaves, rest, x, y):
+            return self.loss_fn(self._apply(full(theta, leaves), rest, x), y)
+
+        def one(x: Any) -> Any:
+            return jax.tree_util.tree_map(lambda t: t[None], x)
+
+        def mean_loss(theta, leaves, rest, x, y):
+            return jnp.mean(losses(theta, leaves, rest, x, y))
+
+        def sample_loss(theta, leaves, rest, x, y):
+            return jnp.sum(losses(theta, leaves, rest, one(x), one(y)))
+
+        def flatten(grads: list[Any], leading: tuple[int, ...] = ()) -> Any:
+            return jnp.concatenate([g.reshape(*leading, -1) for g in grads], axis=len(leading))
+
+        def unflatten(flat: Any) -> list[Any]:
+            pieces = jnp.split(flat, np.cumsum(self._sizes)[:-1])
+            return [p.reshape(s) for p, s in zip(pieces, self._shapes, strict=True)]
+
+        def per_sample_grads(theta, leaves, rest, x, y):
+            grads = jax.vmap(jax.grad(sample_loss), in_axes=(None, None, None, 0, 0))(
+                theta, leaves, rest, x, y
+            )
+            return flatten(grads, (jax.tree_util.tree_leaves(y)[0].shape[0],))
+
+        def mean_loss_grad(theta, leaves, rest, x, y):
+            return flatten(jax.grad(mean_loss)(theta, leaves, rest, x, y))
+
+        def hvp(flat, leaves, rest, x, y, vectors):
+            def gradient(f: Any) -> Any:
+                return flatten(jax.grad(mean_loss)(unflatten(f), leaves, rest, x, y))
+
+            def column(v: Any) -> Any:
+                return jax.jvp(gradient, (flat,), (v,))[1]
+
+            return jax.vmap(column, in_axes=1, out_axes=1)(vectors)
+
+        self._losses = jax.jit(losses)
+        self._per_sample_grads = jax.jit(per_sample_grads)
+        self._mean_loss_grad = jax.jit(mean_loss_grad)
+        self._hvp = jax.jit(hvp)
+        self._outputs = jax.jit(
+            lambda leaves, rest, x: self._apply(
+                jax.tree_util.tree_unflatten(treedef, leaves), rest, x
+            )
+        )
+        self._flatten, self._one = flatten, one
+        self._sample_full = full
+        self._measurement_fns: dict[int, tuple[Any, Any]] = {}
+
+    def _state(self) -> tuple[list[Any], list[Any], Any]:
+        """(θ as leaves, every parameter leaf, the rest of the state), read live."""
+        params, rest = self._live()
+        leaves = jax.tree_util.tree_leaves(params)
+        return [leaves[i] for i in self._selected], leaves, rest
+
+    # -- description ---------------------------------------------------------------------
+    @property
+    def xp(self) -> Any:
+        return jnp
+
+    @property
+    def all_parameter_names(self) -> tuple[str, ...]:
+        return self._all_names
+
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        return tuple(self._all_names[i] for i in self._selected)
+
+    @property
+    def parameter_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return self._shapes
+
+    @property
+    def name_separator(self) -> str:
+        return "/"
+
+    @property
+    def dtype(self) -> Any:
+        return self._dtype
+
+    def canonical_order(self) -> tuple[int, ...]:
+        """Layers in (natural) name order, each layer's kernel before its bias."""
+        names = self.parameter_names
+
+        def key(i: int) -> tuple[Any, ...]:
+            layer, _, leaf = names[i].rpartition("/")
+            return (_natural(layer), 0 if leaf in ("kernel", "embedding") else 1, leaf)
+
+        return tuple(sorted(range(len(names)), key=key))
+
+    # -- θ -------------------------------------------------------------------------------
+    def get_flat_parameters(self) -> Any:
+        theta, _, _ = self._state()
+        return jnp.concatenate([t.reshape(-1) for t in theta])
+
+    def set_flat_parameters(self, flat: Any) -> None:
+        _, leaves, _ = self._state()
+        pieces = jnp.split(jnp.asarray(flat, self._dtype), np.cumsum(self._sizes)[:-1])
+        for i, piece, shape in zip(self._selected, pieces, self._shapes, strict=True):
+            leaves[i] = piece.reshape(shape)
+        self._write(leaves)
+
+    # -- kernels on one batch --------------------------------------------------------------
+    def per_sample_loss(self, inputs: Any, targets: Any) -> Any:
+        theta, leaves, rest = self._state()
+        return self._losses(theta, leaves, rest, inputs, targets)
+
+    def mean_loss_grad(self, inputs: Any, targets: Any) -> Any:
+        theta, leaves, rest = self._state()
+        return self._mean_loss_grad(theta, leaves, rest, inputs, targets)
+
+    def per_sample_grads(self, inputs: Any, targets: Any) -> Any:
+        theta, leaves, rest = self._state()
+        return self._per_sample_grads(theta, leaves, rest, inputs, targets)
+
+    def mean_loss_hvp(self, inputs: Any, targets: Any, vectors: Any) -> Any:
+        theta, leaves, rest = self._state()
+        flat = jnp.concatenate([t.reshape(-1) for t in theta])
+        return self._hvp(flat, leaves, rest, inputs, targets, vectors)
+
+    def per_sample_measurement_grads(self, inputs: Any, targets: Any, measurement: Any) -> Any:
+        key = id(measurement)
+        if key not in self._measurement_fns:
+            full, one, flatten = self._sample_full, self._one, self._flatten
+
+            def sample(theta, leaves, rest, x, y):
+                outputs = self._apply(full(theta, leaves), rest, one(x))
+                return jnp.sum(measurement(outputs, one(y)))
+
+            def grads(theta, leaves, rest, x, y):
+                g = jax.vmap(jax.grad(sample), in_axes=(None, None, None, 0, 0))(
+                    theta, leaves, rest, x, y
+                )
+                return flatten(g, (jax.tree_util.tree_leaves(y)[0].shape[0],))
+
+            self._measurement_fns[key] = (measurement, jax.jit(grads))
+        theta, leaves, rest = self._state()
+        return self._measurement_fns[key][1](theta, leaves, rest, inputs, targets)
+
+    def outputs(self, inputs: Any) -> Any:
+        _, leaves, rest = self._state()
+        return self._outputs(leaves, rest, inputs)
+
+    # -- data ----------------------------------------------------------------------------
+    def as_native(self, array: Any, *, floating: bool | None = None) -> Any:
+        value = jnp.asarray(array)
+        wants_float = floating or (floating is None and jnp.issubdtype(value.dtype, jnp.floating))
+        if wants_float and value.dtype != self._dtype:
+            value = value.astype(self._dtype)
+        return value
+
+    def to_numpy(self, array: Any) -> Any:
+        return np.asarray(array)
+
+    def native_batches(self, data: Any, batch_size: int) -> Iterator[Any] | None:
+        return None  # JAX has no dataset type: arrays, lists of batches, any iterable
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def save_state(self) -> dict[str, Any]:
+        params, _ = self._live()
+        flat = jax.tree_util.tree_flatten_with_path(params)[0]
+        return {_path_name(path): leaf for path, leaf in flat}  # arrays are immutable: a copy
+
+    def save_checkpoint(self, path: str) -> None:
+        with open(os.fspath(path), "wb") as handle:
+            np.savez(handle, **{k: np.asarray(v) for k, v in self.save_state().items()})
+
+    def load_checkpoint(self, checkpoint: Any) -> None:
+        """A :meth:`save_state` dict, a ``.npz`` file of it, or a parameters pytree of the model's structure."""
+        if isinstance(checkpoint, str | os.PathLike):
+            with np.load(os.fspath(checkpoint), allow_pickle=False) as stored:
+                checkpoint = {name: stored[name] for name in stored.files}
+        if isinstance(checkpoint, dict) and set(checkpoint) == set(self._all_names):
+            leaves = [jnp.asarray(checkpoint[name]) for name in self._all_names]
+        else:
+            leaves = jax.tree_util.tree_leaves(checkpoint)
+            if len(leaves) != len(self._all_names):
+                raise TypeError(
+                    "a JAX checkpoint is a save_state() dict (names "
+                    f"{list(self._all_names)}), a .npz of it, or a parameters pytree"
+                )
+        current = jax.tree_util.tree_leaves(self._live()[0])
+        for name, new, old in zip(self._all_names, leaves, current, strict=True):
+            if tuple(new.shape) != tuple(old.shape):
+                raise ValueError(
+                    f"checkpoint array of shape {tuple(new.shape)} for {name} of shape "
+                    f"{tuple(old.shape)}"
+                )
+        self._write([jnp.asarray(new, old.dtype) for new, old in zip(leaves, current, strict=True)])
+
+    def last_layer(self) -> LastLayer:
+        raise self._unsupported(
+            "last_layer (representer points): the layer order of an nnx module is not its "
+            "call order"
+        )

@@ -1,0 +1,143 @@
+"""Builds the conformance suite's reference models as flax.nnx modules (and as pure models).
+
+nnx's ``Linear`` kernel is ``(in, out)`` and ``Conv`` kernel ``(kh, kw, in,
+out)`` with NHWC inputs: the specs' canonical layout. Only the parameter
+order differs (nnx sorts names: ``bias`` before ``kernel``), which the
+canonical positions record.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from influence_conformance.specs import (
+    Conv2D,
+    Dense,
+    Flatten,
+    ModelSpec,
+    ReferenceModel,
+    canonical_offsets,
+)
+
+from .model import Functional
+
+ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu, None: lambda a: a}
+
+
+def require_x64(dtype: str) -> None:
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        raise RuntimeError(
+            "float64 in JAX needs x64: call jax.config.update('jax_enable_x64', True) before "
+            "creating any array (or set JAX_ENABLE_X64=1)"
+        )
+
+
+class Reference(nnx.Module):
+    """A spec's layers as ``layer0``, ``layer1`` … (a flatten layer holds no parameters)."""
+
+    def __init__(self, spec: ModelSpec, weights: list[np.ndarray], dtype: str) -> None:
+        activations: list[str | None] = []
+        shape, kernels = spec.input_shape, iter(zip(weights[::2], weights[1::2], strict=True))
+        for i, layer in enumerate(spec.layers):
+            if isinstance(layer, Flatten):
+                activations.append("flatten")
+                shape = (int(np.prod(shape)),)
+                continue
+            kernel, bias = next(kernels)
+            rngs = nnx.Rngs(0)
+            if isinstance(layer, Dense):
+                module = nnx.Linear(
+                    kernel.shape[0], layer.units, dtype=dtype, param_dtype=dtype, rngs=rngs
+                )
+                shape = (layer.units,)
+            else:
+                assert isinstance(layer, Conv2D)
+                k = layer.kernel_size
+                module = nnx.Conv(
+                    kernel.shape[2],
+                    layer.filters,
+                    kernel_size=(k, k),
+                    padding="VALID",
+                    dtype=dtype,
+                    param_dtype=dtype,
+                    rngs=rngs,
+                )
+                shape = (shape[0] - k + 1, shape[1] - k + 1, layer.filters)
+            module.kernel[...] = jnp.asarray(kernel, dtype)
+            module.bias[...] = jnp.asarray(bias, dtype)
+            setattr(self, f"layer{i}", module)
+            activations.append(layer.activation)
+        self.activations = tuple(activations)  # static: part of the graph definition
+
+    def __call__(self, x: Any) -> Any:
+        for i, activation in enumerate(self.activations):
+            if activation == "flatten":
+                x = x.reshape(x.shape[0], -1)
+            else:
+                x = ACTIVATIONS[activation](getattr(self, f"layer{i}")(x))
+        return x
+
+
+def loss_for(spec: ModelSpec) -> Any:
+    """The per-sample loss, ``loss(outputs, targets) -> (b,)``, as optax orders its arguments."""
+    if spec.loss == "mse":
+        return lambda outputs, targets: jnp.mean((outputs - targets) ** 2, axis=-1)
+
+    def cross_entropy(outputs: Any, targets: Any) -> Any:
+        log_p = jax.nn.log_softmax(outputs, axis=-1)
+        return -jnp.take_along_axis(log_p, targets[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+    return cross_entropy
+
+
+def positions(spec: ModelSpec, names: list[str]) -> np.ndarray:
+    """Canonical position of every entry of the backend's flat θ (nnx order: names sorted)."""
+    offsets = canonical_offsets(spec)
+    parametric = [i for i, layer in enumerate(spec.layers) if not isinstance(layer, Flatten)]
+    sizes = [int(np.prod(s)) for pair in spec.parameter_shapes() for s in pair]
+    out = []
+    for name in names:
+        layer, _, leaf = name.rpartition("/")
+        j = 2 * parametric.index(int(layer.removeprefix("layer"))) + (0 if leaf == "kernel" else 1)
+        out.append(np.arange(offsets[j], offsets[j] + sizes[j]))
+    return np.concatenate(out)
+
+
+def build(spec: ModelSpec, weights: list[np.ndarray], dtype: str) -> ReferenceModel:
+    require_x64(dtype)
+    model = Reference(spec, weights, dtype)
+    names = [
+        "/".join(str(getattr(k, "key", k)) for k in path[:-1])
+        for path, _ in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+    ]
+    loss = loss_for(spec)
+    return ReferenceModel(
+        model=model,
+        loss_fn=loss,
+        canonical_positions=positions(spec, names),
+        layer_names=[
+            f"layer{i}" for i, layer in enumerate(spec.layers) if not isinstance(layer, Flatten)
+        ],
+        native_dataset=None,
+        scalar_loss_fn=lambda outputs, targets: jnp.mean(loss(outputs, targets)),
+    )
+
+
+def build_functional(spec: ModelSpec, weights: list[np.ndarray], dtype: str) -> ReferenceModel:
+    """The same spec as a pure model: ``Functional(apply_fn, params)`` over a nested dict."""
+    reference = build(spec, weights, dtype)
+    graphdef, params = nnx.split(reference.model, nnx.Param)
+    pure = nnx.to_pure_dict(params)
+
+    def apply_fn(p: Any, x: Any) -> Any:
+        state = jax.tree_util.tree_map(lambda a: a, params)
+        nnx.replace_by_pure_dict(state, p)
+        return nnx.merge(graphdef, state)(x)
+
+    reference.model = Functional(apply_fn, pure)
+    return reference
