@@ -7,14 +7,16 @@ guards it is run against the mutant and must turn red.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import pytest
 
+from influence_conformance.calculator_checks import CalculatorChecks
 from influence_conformance.cases import build_case, registered_builder
 from influence_conformance.measurement_checks import MeasurementChecks
 from influence_conformance.selection_checks import SelectionChecks
 from influence_conformance.suite import BackendConformance
-from influence_core import InfluenceModel
+from influence_core import ExactIHVP, FirstOrderInfluenceCalculator, InfluenceModel
 from influence_core.plugin import ModelKernels
 from influence_torch.model import TorchKernels
 
@@ -160,3 +162,31 @@ def test_optional_checks_skip_with_a_reason_instead_of_failing(tmp_path) -> None
             check()
     # and a required check still runs (and passes) on the same backend
     checks.test_per_sample_loss_matches_reference("mlp_tanh", "float64")
+
+
+class FusedDrift(FirstOrderInfluenceCalculator):
+    """Its fused call forgets RelatIF-style consistency: the scores come back 1 % off."""
+
+    def influence_and_self_influence(self, test_data, train_data=None):
+        scores, values = super().influence_and_self_influence(test_data, train_data)
+        return scores * 1.01, values
+
+
+class UnstableTopK(FirstOrderInfluenceCalculator):
+    """Keeps the top-k of each training batch by a reversed order (ties and all)."""
+
+    def top_k_from_prepared(self, prepared, train_data=None, k=5, desc=None):
+        top = super().top_k_from_prepared(prepared, train_data, k + 1, desc)
+        return type(top)(*(a[:, 1:] for a in top))
+
+
+@pytest.mark.parametrize("broken", [FusedDrift, UnstableTopK])
+def test_the_calculator_contract_catches_a_broken_calculator(broken, tmp_path) -> None:
+    class OnBroken(CalculatorChecks):
+        calculators: ClassVar = {"broken": lambda m: broken(m, ExactIHVP(damping=1e-2))}
+
+        def build_case(self, spec_name, dtype):
+            return build_case("torch", spec_name, dtype, registered_builder("torch"))
+
+    with pytest.raises(AssertionError):
+        OnBroken().test_every_calculator_keeps_its_contract("broken", tmp_path)

@@ -38,6 +38,7 @@ from influence_core import (
 )
 
 from . import numpy_reference as ref
+from .calculator_checks import CalculatorChecks
 from .cases import (
     BATCH_SIZE,
     RTOL,
@@ -66,7 +67,7 @@ dtypes = pytest.mark.parametrize("dtype", DTYPES)
 
 
 class BackendConformance(
-    IHVPChecks, InfluenceChecks, HeadChecks, MeasurementChecks, SelectionChecks
+    IHVPChecks, InfluenceChecks, HeadChecks, MeasurementChecks, SelectionChecks, CalculatorChecks
 ):
     """Numerical and behavioural checks of one backend: its kernels, and the solvers on them."""
 

@@ -1,14 +1,15 @@
 """JAX kernels of the autodiff protocol: ``jit(vmap(grad))`` per-sample gradients, forward-over-reverse HVPs.
 
-The parameters are read **live** on every kernel call (``nnx.split`` of the
-module, or the ``params`` of a :class:`Functional`), never captured when the
-kernels are built: another view of the same model, or a checkpoint, changing
+The parameters are read **live** on every kernel call (the current values of
+the module's own ``nnx.Variable`` objects, or the ``params`` of a
+:class:`Functional`), never captured when the kernels are built: another view of the same model, or a checkpoint, changing
 the unselected weights is seen at once. θ is written back functionally
 (``nnx.update`` of the module's variables, or a new ``params`` pytree); no
 array is mutated. An ``nnx`` module is always called in inference mode: the
 kernels use the graph of an ``eval()``-mode clone (dropout off, batch norm on
 its running statistics) with the module's live state, and the user's module
-keeps its own mode.
+keeps its own mode. (Replacing a layer *object* of an nnx module after
+wrapping it is not seen: wrap the model again.)
 
 Each kernel is one ``jax.jit``-compiled function, traced once per input shape.
 """
@@ -81,6 +82,26 @@ class JaxKernels(ModelKernels):
             inference = nnx.clone(model)
             inference.eval()  # static flags (dropout, batch norm) live in the graph definition
             self._graphdef = nnx.split(inference, nnx.Param, ...)[0]
+            # The module's own Variable objects, in the order of its state's leaves: reading
+            # their values at each call is live (nnx.update writes into them) and about 5x
+            # cheaper than nnx.split.
+            _, params, rest = nnx.split(model, nnx.Param, ...)
+            variables = {
+                tuple(path): node
+                for path, node in nnx.iter_graph(model)
+                if isinstance(node, nnx.Variable)
+            }
+
+            def in_order(state: Any) -> tuple[list[Any], Any]:
+                flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+                keys = [
+                    tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path[:-1])
+                    for path, _ in flat
+                ]
+                return [variables[key] for key in keys], treedef
+
+            self._param_variables, self._param_treedef = in_order(params)
+            self._rest_variables, self._rest_treedef = in_order(rest)
         params, _ = self._live()
         flat, self._treedef = jax.tree_util.tree_flatten_with_path(params)
         if not flat:
@@ -106,9 +127,12 @@ class JaxKernels(ModelKernels):
         """(the parameters pytree, the rest of the state) as the model holds them now."""
         if self._functional:
             return self.model.params, None
-        from flax import nnx
-
-        _, params, rest = nnx.split(self.model, nnx.Param, ...)
+        params = jax.tree_util.tree_unflatten(
+            self._param_treedef, [v.get_value() for v in self._param_variables]
+        )
+        rest = jax.tree_util.tree_unflatten(
+            self._rest_treedef, [v.get_value() for v in self._rest_variables]
+        )
         return params, rest
 
     def _write(self, leaves: list[Any]) -> None:
