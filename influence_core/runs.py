@@ -132,8 +132,8 @@ def run_top_k(
     def compute(chunk: list[tuple[Any, Any]], start: int) -> dict[str, np.ndarray]:
         top = calculator.top_k_from_prepared(prepared(), chunk, k)
         arrays = {name: host(model, value) for name, value in zip(TopK._fields, top, strict=True)}
-        arrays["proponents"] += start  # indices into the whole training data
-        arrays["opponents"] += start
+        for name in ("proponents", "opponents"):  # indices into the whole training data
+            arrays[name] = arrays[name] + start  # (a host copy may be read-only: JAX)
         return arrays
 
     def valid(arrays: dict[str, np.ndarray], start: int, length: int) -> bool:
