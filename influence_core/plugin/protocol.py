@@ -74,11 +74,6 @@ class ModelKernels(ABC):
 
     @property
     @abstractmethod
-    def all_parameter_names(self) -> tuple[str, ...]:
-        """Every trainable parameter of the model, in model order."""
-
-    @property
-    @abstractmethod
     def parameter_names(self) -> tuple[str, ...]:
         """The selected parameters making up θ, in flat order."""
 
@@ -86,11 +81,6 @@ class ModelKernels(ABC):
     @abstractmethod
     def parameter_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Native shape of each selected parameter, aligned with ``parameter_names``."""
-
-    @property
-    @abstractmethod
-    def name_separator(self) -> str:
-        """Separator between path components in parameter names (``"."`` or ``"/"``)."""
 
     @property
     @abstractmethod

@@ -114,20 +114,12 @@ class TorchKernels(ModelKernels):
         return namespace
 
     @property
-    def all_parameter_names(self) -> tuple[str, ...]:
-        return self._all_names
-
-    @property
     def parameter_names(self) -> tuple[str, ...]:
         return self._names
 
     @property
     def parameter_shapes(self) -> tuple[tuple[int, ...], ...]:
         return self._shapes
-
-    @property
-    def name_separator(self) -> str:
-        return "."
 
     @property
     def dtype(self) -> torch.dtype:

@@ -223,20 +223,12 @@ class JaxKernels(ModelKernels):
         return jnp
 
     @property
-    def all_parameter_names(self) -> tuple[str, ...]:
-        return self._all_names
-
-    @property
     def parameter_names(self) -> tuple[str, ...]:
         return tuple(self._all_names[i] for i in self._selected)
 
     @property
     def parameter_shapes(self) -> tuple[tuple[int, ...], ...]:
         return self._shapes
-
-    @property
-    def name_separator(self) -> str:
-        return "/"
 
     @property
     def dtype(self) -> Any:
