@@ -124,11 +124,11 @@ def iter_batches(
             return
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-
-            def cut(leaf: Any, start: int = start, stop: int = stop) -> Any:
-                return as_native(leaf[start:stop])
-
-            yield Batch(tree_map(cut, inputs), tree_map(cut, targets), start)
+            yield Batch(
+                tree_map(as_native, _cut(inputs, start, stop)),
+                tree_map(as_native, _cut(targets, start, stop)),
+                start,
+            )
         return
     elements: Iterable[Any] | None = native_batches(data, batch_size)
     if elements is None:

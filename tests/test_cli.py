@@ -129,6 +129,7 @@ def test_fault11_quiet_silences_tensorflow_start_up_logs() -> None:
         "quiet_frameworks(['tensorflow'])\n"
         "import tensorflow as tf\n"
         "tf.constant(1.0) + 1\n"
+        "assert tf.get_logger().level == 40, tf.get_logger().level  # retracing warnings off\n"
     )
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TF_CPP")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

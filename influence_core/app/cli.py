@@ -9,6 +9,7 @@ installed, say): one line on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -45,25 +46,24 @@ def stderr_silenced() -> Iterator[None]:
 
 
 def quiet_frameworks(backends: list[str] | None = None) -> None:
-    """Silence the frameworks' start-up and retracing logs (``--quiet``).
+    """Silence the frameworks' start-up and retracing logs (``--quiet``), naming no framework.
 
-    TensorFlow's C++ start-up lines (oneDNN, absl) are printed while it is
-    imported, whatever ``TF_CPP_MIN_LOG_LEVEL`` says, so each backend's
-    framework is imported here with stderr silenced; its Python logger is
-    then set to errors only.
+    Some frameworks print C++ start-up lines while they are imported (TensorFlow's
+    oneDNN and absl lines, whatever ``TF_CPP_MIN_LOG_LEVEL`` says), so each
+    backend's kernels module, and with it its framework, is loaded here with
+    stderr silenced; the Python loggers named after the modules a backend
+    ``requires`` are then set to errors only (TensorFlow's retracing warnings).
     """
     from ..plugin import get_registry
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     registry = get_registry()
     for name in registry.names() if backends is None else backends:
         if name in registry.names():
+            spec = registry.by_name(name)
             with stderr_silenced():
-                registry.by_name(name).load_kernels()
-    if "tensorflow" in sys.modules:
-        import tensorflow as tf
-
-        tf.get_logger().setLevel("ERROR")
+                spec.load_kernels()
+            for module in spec.requires:
+                logging.getLogger(module).setLevel(logging.ERROR)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ suite (``influence_conformance``). Users never need this module: their API is
 :mod:`influence_core`.
 """
 
+from ..errors import NonFiniteGradientError
 from ..tree import tree_leaves, tree_map
 from .hookspecs import ENTRY_POINT_GROUP, hookimpl
 from .namespace import ArrayNamespace, numpy_namespace
@@ -23,6 +24,7 @@ __all__ = [
     "BackendSpec",
     "LastLayer",
     "ModelKernels",
+    "NonFiniteGradientError",
     "UnsupportedByBackendError",
     "get_registry",
     "hookimpl",

@@ -25,8 +25,12 @@ from typing import Any
 
 import tensorflow as tf
 
-from influence_core.errors import NonFiniteGradientError
-from influence_core.plugin import LastLayer, ModelKernels, select_parameters
+from influence_core.plugin import (
+    LastLayer,
+    ModelKernels,
+    NonFiniteGradientError,
+    select_parameters,
+)
 
 from .data import native_batch_count, native_batches
 from .namespace import namespace

@@ -28,8 +28,13 @@ from typing import Any, TypeVar
 import torch
 from torch.func import functional_call, grad, hessian, vjp, vmap
 
-from influence_core.errors import NonFiniteGradientError
-from influence_core.plugin import LastLayer, ModelKernels, select_parameters, tree_map
+from influence_core.plugin import (
+    LastLayer,
+    ModelKernels,
+    NonFiniteGradientError,
+    select_parameters,
+    tree_map,
+)
 
 from .data import native_batch_count, native_batches
 from .namespace import namespace
