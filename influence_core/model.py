@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
-
-import numpy as np
 
 from .arrays import join
 from .data import Batch, is_array_pair, iter_batches, leading_dim
@@ -41,7 +39,7 @@ from .errors import (
 )
 from .measurements import LOSS, Measurement
 from .plugin.namespace import ArrayNamespace
-from .plugin.protocol import LastLayer, ModelKernels
+from .plugin.protocol import LastLayer, ModelKernels, ParameterLayout
 from .plugin.registry import BackendRegistry, get_registry
 from .progress import progress
 from .tree import tree_map
@@ -70,10 +68,20 @@ class InfluenceModel:
             chosen from the model's type.
         batch_size: batch size for ``(X, y)`` arrays and unbatched datasets.
         check_finite: check every gradient, HVP and Hessian for NaN/inf and name
-            the offending samples. Costs one reduction per result (its cost is
-            measured by ``make bench``, ``benchmarks/bench_kernels.py``; table in
-            ``docs/benchmarks.md``).
+            the offending samples. Costs one reduction per result, or less where
+            the backend folds it into the kernel (measured by ``make bench``,
+            ``benchmarks/bench_kernels.py``; table in ``docs/benchmarks.md``).
+        options: backend options, passed to the backend's kernels as keyword
+            arguments (each backend documents its own, e.g. ``call_kwargs``
+            forwarded to every model call); an unknown one is an error.
         registry: the backend registry (tests use their own).
+
+    θ in the model: an in-place backend (PyTorch, Keras) writes θ into the
+    user's model inside :meth:`parameters_set_to` and :meth:`checkpoint_loaded`
+    and restores it afterwards. A functional backend (JAX) never writes into
+    the model: inside the block this ``InfluenceModel`` (and the views
+    :meth:`with_parameters` makes from it) compute at the new weights, and
+    the user's model is untouched.
     """
 
     def __init__(
@@ -85,6 +93,7 @@ class InfluenceModel:
         backend: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         check_finite: bool = True,
+        options: Mapping[str, Any] | None = None,
         registry: BackendRegistry | None = None,
     ) -> None:
         registry = registry or get_registry()
@@ -105,21 +114,32 @@ class InfluenceModel:
         self.loss_fn = loss_fn
         self.batch_size = int(batch_size)
         self.check_finite = bool(check_finite)
-        self.kernels: ModelKernels = spec.load_kernels()(model, loss_fn, parameters)
+        self.options: dict[str, Any] = dict(options or {})
+        self.kernels: ModelKernels = spec.load_kernels()(model, loss_fn, parameters, **self.options)
+        _check_writes_theta(self.kernels)
         self._loss_checked = False
         self._registry = registry
 
     def with_parameters(self, parameters: str | Sequence[str] | None) -> InfluenceModel:
-        """The same model, loss and settings with another selection θ (e.g. the last layer)."""
-        return InfluenceModel(
+        """The same model, loss and settings with another selection θ (e.g. the last layer).
+
+        Made inside :meth:`parameters_set_to` or :meth:`checkpoint_loaded` of a
+        functional backend, the view computes at the weights of that block.
+        """
+        view = InfluenceModel(
             self.model,
             self.loss_fn,
             parameters=parameters,
             backend=self.backend,
             batch_size=self.batch_size,
             check_finite=self.check_finite,
+            options=self.options,
             registry=self._registry,
         )
+        if self._bound:
+            view.kernels = view.kernels.with_checkpoint(self.kernels.save_state())
+            view._bound = True
+        return view
 
     def last_layer(self) -> LastLayer:
         """The final linear layer (Φ(x) = f(x) W + b); its ``name`` selects its parameters."""
@@ -132,24 +152,23 @@ class InfluenceModel:
         return self.kernels.xp
 
     @property
+    def layout(self) -> ParameterLayout:
+        """θ's parameters: names, shapes, dtype and canonical placement."""
+        return self.kernels.layout
+
+    @property
     def dtype(self) -> Any:
-        return self.kernels.dtype
+        return self.kernels.layout.dtype
 
     @property
     def parameter_names(self) -> tuple[str, ...]:
         """The selected parameters making up θ, in flat order."""
-        return self.kernels.parameter_names
+        return self.kernels.layout.names
 
     @property
     def num_parameters(self) -> int:
         """d, the length of θ."""
-        total = 0
-        for shape in self.kernels.parameter_shapes:
-            size = 1
-            for s in shape:
-                size *= int(s)
-            total += size
-        return total
+        return self.kernels.layout.size
 
     def to_canonical(self, flat: Any) -> Array:
         """A flat vector (d,) or block (d, k) in this backend's θ order, in the canonical layout.
@@ -170,13 +189,12 @@ class InfluenceModel:
         d = self.num_parameters
         if len(flat.shape) not in (1, 2) or int(flat.shape[0]) != d:
             raise ValueError(f"expected shape ({d},) or ({d}, k), got {tuple(flat.shape)}")
-        layouts = self.kernels.canonical_layouts()
-        order = tuple(self.kernels.canonical_order())
-        if order == tuple(range(len(order))) and all(perm is None for perm in layouts):
+        layout = self.kernels.layout
+        if layout.is_canonical:
             return flat
+        layouts, order = layout.canonical_permutations, layout.canonical_order
         trailing = tuple(int(s) for s in flat.shape[1:])
-        shapes = [tuple(int(s) for s in shape) for shape in self.kernels.parameter_shapes]
-        sizes = [int(np.prod(shape)) for shape in shapes]
+        shapes, sizes = layout.shapes, layout.sizes
         # Where each parameter sits in the input: backend order, or canonical order.
         sequence = list(range(len(shapes))) if to_canonical else list(order)
         offsets, start = {}, 0
@@ -207,10 +225,12 @@ class InfluenceModel:
 
     @contextmanager
     def parameters_set_to(self, flat: Any) -> Iterator[None]:
-        """Temporarily load θ = ``flat`` (shape ``(d,)``) into the model.
+        """Compute at θ = ``flat`` (shape ``(d,)``) inside the ``with`` block.
 
-        The previous values are restored on exit, also after an exception, so
-        the user's model is untouched outside the ``with`` block.
+        In-place backends load it into the model and restore the previous
+        values on exit, also after an exception; functional ones bind new
+        kernels and never touch the model. Either way the user's model is as
+        before outside the block.
         """
         flat = self.kernels.as_native(flat, floating=True)
         if tuple(flat.shape) != (self.num_parameters,):
@@ -218,6 +238,10 @@ class InfluenceModel:
                 f"expected a flat parameter vector of shape ({self.num_parameters},), "
                 f"got {tuple(flat.shape)}"
             )
+        if self.kernels.functional:
+            with self._bound_to(self.kernels.with_parameters(flat)):
+                yield
+            return
         saved = self.kernels.get_flat_parameters()
         self.kernels.set_flat_parameters(flat)
         try:
@@ -227,18 +251,35 @@ class InfluenceModel:
 
     @contextmanager
     def checkpoint_loaded(self, checkpoint: Any) -> Iterator[None]:
-        """Temporarily load a user checkpoint (all weights) into the model; restored on exit.
+        """Compute at every weight of a user checkpoint inside the ``with`` block.
 
-        Accepts what the backend's ``load_checkpoint`` does: a state dict or a
-        ``torch.save`` file in PyTorch, a ``get_weights()`` list or a
-        ``load_weights`` file in Keras. One checkpoint is in memory at a time.
+        Accepts what the backend's ``load_checkpoint`` (``with_checkpoint`` for
+        a functional backend) does: a state dict or a ``torch.save`` file in
+        PyTorch, a ``get_weights()`` list or a ``load_weights`` file in Keras,
+        a ``save_state()`` dict or ``.npz`` file in JAX. In-place backends
+        restore the previous weights on exit. One checkpoint is in memory at a time.
         """
+        if self.kernels.functional:
+            with self._bound_to(self.kernels.with_checkpoint(checkpoint)):
+                yield
+            return
         saved = self.kernels.save_state()
         try:
             self.kernels.load_checkpoint(checkpoint)
             yield
         finally:
             self.kernels.load_checkpoint(saved)
+
+    _bound = False  # True while a functional backend's kernels are at other weights
+
+    @contextmanager
+    def _bound_to(self, kernels: ModelKernels) -> Iterator[None]:
+        saved, was_bound = self.kernels, self._bound
+        self.kernels, self._bound = kernels, True
+        try:
+            yield
+        finally:
+            self.kernels, self._bound = saved, was_bound
 
     def to_numpy(self, array: Any) -> Any:
         """A NumPy copy (on the host) of one of this model's native arrays."""
@@ -409,6 +450,15 @@ class InfluenceModel:
         With a ``measurement`` other than the loss, the gradients of its
         loss-like form m = ∓f (:mod:`influence_core.measurements`).
         """
+        if measurement.is_loss and self.check_finite:
+            grads, finite = self._guarded(
+                batch, lambda b: self.kernels.per_sample_grads_and_finite(b.inputs, b.targets)
+            )
+            if not finite:
+                raise NonFiniteGradientError(
+                    "per-sample gradients", self._bad_rows(grads, batch.start)
+                )
+            return grads
         if measurement.is_loss:
             grads = self._guarded(
                 batch, lambda b: self.kernels.per_sample_grads(b.inputs, b.targets)
@@ -549,6 +599,24 @@ class InfluenceModel:
             f"InfluenceModel(backend={self.backend!r}, d={self.num_parameters}, "
             f"parameters={list(self.parameter_names)})"
         )
+
+
+def _check_writes_theta(kernels: ModelKernels) -> None:
+    """A backend implements one way of computing at other θ: in place, or functionally."""
+    kind = type(kernels)
+    if kernels.functional:
+        needed = ("with_parameters",)
+    else:
+        needed = ("set_flat_parameters",)
+    missing = [m for m in needed if getattr(kind, m) is getattr(ModelKernels, m)]
+    if missing:
+        how = (
+            "a functional backend (functional = True) returns kernels at other weights"
+            if kernels.functional
+            else "an in-place backend writes θ into the model (or declares functional = True "
+            "and implements with_parameters)"
+        )
+        raise TypeError(f"{kind.__qualname__} does not implement {', '.join(missing)}: {how}")
 
 
 def _describe_data(data: Any) -> str:

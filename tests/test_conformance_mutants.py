@@ -47,8 +47,9 @@ class BatchMeanTargets(TorchKernels):
 class NativeLayouts(TorchKernels):
     """Claims the native layout is canonical (forgets that Linear.weight is (out, in))."""
 
-    def canonical_layouts(self):
-        return (None,) * len(self.parameter_names)
+    @property
+    def layout(self):
+        return dataclasses.replace(super().layout, canonical_permutations=None)
 
 
 def checks_on(mutant: type[TorchKernels], base: type = MeasurementChecks):
@@ -117,7 +118,7 @@ def selection_checks_on(mutant: type[TorchKernels]) -> SelectionChecks:
 
 def test_the_selection_checks_catch_stale_unselected_weights() -> None:
     checks = selection_checks_on(StaleUnselected)
-    with pytest.raises(AssertionError, match="per-sample grads of θ, after another model changed"):
+    with pytest.raises(AssertionError, match="first layer changed"):
         checks.test_a_sub_selection_sees_the_other_weights_change("mlp_tanh")
     with pytest.raises(AssertionError, match="TracIn over checkpoints of every weight"):
         checks.test_tracin_on_a_sub_selection_follows_checkpoints_of_every_weight("mlp_tanh")
@@ -190,3 +191,64 @@ def test_the_calculator_contract_catches_a_broken_calculator(broken, tmp_path) -
 
     with pytest.raises(AssertionError):
         OnBroken().test_every_calculator_keeps_its_contract("broken", tmp_path)
+
+
+class OutputGradsOfTheMean(TorchKernels):
+    """∂ℓ/∂Φ of the batch *mean* loss (each row 1/b too small): a reduction left on."""
+
+    def output_loss_grads(self, outputs, targets):
+        losses, grads = super().output_loss_grads(outputs, targets)
+        return losses, grads / outputs.shape[0]
+
+
+def test_the_named_last_layer_check_catches_output_grads_of_the_mean() -> None:
+    checks = checks_on(OutputGradsOfTheMean, BackendConformance)
+    with pytest.raises(AssertionError, match="∂ℓ/∂Φ"):
+        checks.test_a_named_last_layer_gives_the_features_and_output_derivatives("mlp_tanh")
+    checks_on(
+        TorchKernels, BackendConformance
+    ).test_a_named_last_layer_gives_the_features_and_output_derivatives("mlp_tanh")
+
+
+class NoWrites(TorchKernels):
+    """Neither writes θ in place nor declares itself functional."""
+
+    set_flat_parameters = ModelKernels.set_flat_parameters
+
+
+class FunctionalWithoutBinding(TorchKernels):
+    """Declares functional = True but cannot return kernels at other weights."""
+
+    functional = True
+
+
+@pytest.mark.parametrize(
+    ("kernels", "message"),
+    [
+        ("NoWrites", "does not implement set_flat_parameters"),
+        ("FunctionalWithoutBinding", "does not implement with_parameters"),
+    ],
+)
+def test_a_backend_that_cannot_compute_at_other_weights_is_refused(kernels, message) -> None:
+    import torch
+
+    from influence_core.plugin import BackendRegistry, BackendSpec, hookimpl
+
+    class Plugin:
+        @hookimpl
+        def influence_core_backends(self):
+            return [
+                BackendSpec(
+                    name="mutant",
+                    model_types=("torch.nn.modules.module.Module",),
+                    array_types=("torch.Tensor",),
+                    kernels=f"test_conformance_mutants:{kernels}",
+                    namespace="array_api_compat:torch",
+                )
+            ]
+
+    registry = BackendRegistry(load_entry_points=False)
+    registry.register(Plugin(), distribution="mutant-dist")
+    model, loss = torch.nn.Linear(2, 2), torch.nn.MSELoss(reduction="none")
+    with pytest.raises(TypeError, match=message):
+        InfluenceModel(model, loss, backend="mutant", registry=registry)

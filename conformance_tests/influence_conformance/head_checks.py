@@ -47,6 +47,43 @@ class HeadChecks:
 
     @pytest.mark.parametrize("spec_name", ALL_SPECS)
     @optional
+    def test_a_named_last_layer_gives_the_features_and_output_derivatives(
+        self, spec_name: str
+    ) -> None:
+        """``last_layer=`` (the representers on a backend with no ``last_layer()``), against NumPy.
+
+        The core reads W and b from the named parameters and f(x) from
+        ∂Φ_0/∂W[:, 0]; the backend supplies only outputs, measurement gradients
+        and the loss's derivatives at the outputs, all checked here.
+        """
+        from influence_core.estimators.representer import (
+            features_of_named_layer,
+            named_linear_layer,
+        )
+
+        from .selection_checks import last_layer_names
+
+        case = self.build_case(spec_name, "float64")
+        kernels, names = case.model.kernels, last_layer_names(case)
+        head = case.model.with_parameters(names)
+        layer = named_linear_layer(head, names)
+        assert_close(layer.weight, case.weights[-2], 0.0, "named last-layer kernel (p, c)")
+        assert_close(layer.bias, case.weights[-1], 0.0, "named last-layer bias")
+        X = kernels.as_native(case.X)
+        features = ref.penultimate_features(case.spec, case.weights, case.X)
+        got = features_of_named_layer(head, layer, X)
+        assert_close(got, features, 1e-10, "features as ∂Φ_0/∂W[:, 0]")
+        outputs = features @ case.weights[-2] + case.weights[-1]
+        native = kernels.as_native(outputs)
+        losses, grads = kernels.output_loss_grads(native, kernels.as_native(case.y))
+        expected_loss = ref.per_sample_loss(case.spec, case.weights, case.X, case.y)
+        assert_close(losses, expected_loss, 1e-10, "loss at the outputs")
+        assert_close(grads, ref.output_loss_grads(case.spec, outputs, case.y), 1e-10, "∂ℓ/∂Φ")
+        hessians = kernels.output_loss_hessians(native, kernels.as_native(case.y))
+        assert_close(hessians, ref.output_loss_hessians(case.spec, outputs), 1e-10, "∂²ℓ/∂Φ²")
+
+    @pytest.mark.parametrize("spec_name", ALL_SPECS)
+    @optional
     def test_output_grads_of_the_last_layer(self, spec_name: str) -> None:
         """∇_(W,b) Φ_k(x) = (f(x) ⊗ e_k, e_k), in the backend's own layout."""
         case = self.build_case(spec_name, "float64")
@@ -84,8 +121,8 @@ class HeadChecks:
         with model.checkpoint_loaded(other):
             assert_close(model.get_parameters(), theta + 1.0, 0.0, "θ inside checkpoint_loaded")
         assert_close(model.get_parameters(), theta, 0.0, "θ restored after checkpoint_loaded")
-        model.kernels.load_checkpoint(state)
-        assert_close(model.get_parameters(), theta, 0.0, "θ after loading its own state")
+        with model.checkpoint_loaded(other), model.checkpoint_loaded(state):
+            assert_close(model.get_parameters(), theta, 0.0, "θ of its own state, nested")
 
     @optional
     def test_checkpoint_files_round_trip(self, tmp_path) -> None:

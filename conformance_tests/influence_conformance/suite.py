@@ -93,7 +93,7 @@ class BackendConformance(
 
     @spec_names
     def test_canonical_layouts_map_theta_to_the_canonical_weights(self, spec_name: str) -> None:
-        """``InfluenceModel.to_canonical`` (the backend's ``canonical_layouts``) is the canonical θ."""
+        """``InfluenceModel.to_canonical`` (the backend's ``ParameterLayout``) is the canonical θ."""
         case = self.build_case(spec_name, "float64")
         model, host = case.model, case.model.to_numpy
         canonical = ref.flatten_weights(case.weights)
@@ -210,6 +210,31 @@ class BackendConformance(
         with pytest.raises(RuntimeError), model.parameters_set_to(shifted):
             raise RuntimeError("boom")
         assert_close(model.get_parameters(), theta, 0.0, "θ restored after an exception")
+
+    def test_other_weights_are_where_the_backend_declares(self) -> None:
+        """A functional backend never writes into the model; an in-place one does, then restores.
+
+        Inside ``parameters_set_to``, a second ``InfluenceModel`` built on the same
+        user model sees the original θ when ``functional = True`` (nothing was
+        written) and the new θ otherwise (it was written in place). A view made
+        with ``with_parameters`` inside the block computes at the new weights either way.
+        """
+        case = self.build_case("mlp_tanh", "float64")
+        model = case.model
+        theta = to_numpy(model.get_parameters())
+        shifted = theta + 0.25
+        functional = bool(model.kernels.functional)
+        with model.parameters_set_to(shifted):
+            fresh = InfluenceModel(
+                case.reference.model, case.reference.loss_fn, backend=self.backend
+            )
+            seen = to_numpy(fresh.get_parameters())
+            expected = theta if functional else shifted
+            what = "untouched by a functional backend" if functional else "written in place"
+            assert_close(seen, expected, 0.0, f"the user's model inside the block: {what}")
+            view = model.with_parameters(None)
+            assert_close(view.get_parameters(), shifted, 0.0, "a view made inside the block")
+        assert_close(model.get_parameters(), theta, 0.0, "θ after the block")
 
     @pytest.mark.parametrize("spec_name", ["mlp_tanh", "convnet"])
     def test_last_layer_selection_is_a_slice_of_the_full_gradient(self, spec_name: str) -> None:

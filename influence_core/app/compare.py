@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from influence_conformance.numpy_reference import unflatten_weights
     from influence_conformance.specs import make_weights
 
     from ..plugin import get_registry
@@ -241,16 +242,14 @@ def run(args: argparse.Namespace) -> int:
     first, model_first = build(backends[0], make_weights(SPEC))
     theta, _ = fit(model_first, train, args.max_iter)
     canonical = first.to_canonical(theta)
-    model_first.kernels.set_flat_parameters(model_first.kernels.as_native(theta, floating=True))
+    trained = unflatten_weights(SPEC, canonical)
+    first, model_first = build(backends[0], trained)  # every backend's model at these weights
     print(
         f"the demo's MLP (d = {model_first.num_parameters}) trained in {backends[0]}, float64; "
         f"{len(train[1])} training and {len(test[1])} test digits"
     )
     for other in backends[1:]:
-        reference, model_other = build(other, make_weights(SPEC))
-        model_other.kernels.set_flat_parameters(
-            model_other.kernels.as_native(reference.from_canonical(canonical), floating=True)
-        )
+        reference, model_other = build(other, trained)
 
         def to_other(flat: np.ndarray, reference: Any = reference) -> np.ndarray:
             return reference.from_canonical(first.to_canonical(flat))

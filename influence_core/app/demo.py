@@ -99,6 +99,13 @@ def load_digits_with_flips(seed: int = SEED, similar: bool = False) -> dict[str,
     }
 
 
+def trained_weights(reference: ReferenceModel, theta: np.ndarray) -> list[np.ndarray]:
+    """θ (the backend's flat order) as the spec's canonical weight list, to build the trained model."""
+    from influence_conformance.numpy_reference import unflatten_weights
+
+    return unflatten_weights(SPEC, reference.to_canonical(theta))
+
+
 def build(backend: str, weights: list[np.ndarray]) -> tuple[ReferenceModel, InfluenceModel]:
     builder = get_registry().by_name(backend).load_reference_models()
     reference = builder(SPEC, weights, "float64")
@@ -257,7 +264,7 @@ def run_hard(args: argparse.Namespace) -> int:
         f"{HARD_MAX_ITER} L-BFGS iterations (near-zero training loss)"
     )
     theta, result = fit(model, train, HARD_MAX_ITER, l2=HARD_L2)
-    model.kernels.set_flat_parameters(model.kernels.as_native(theta, floating=True))
+    reference, model = build(args.backend, trained_weights(reference, theta))
     losses = model.to_numpy(model.per_sample_loss(train))
     print(f"trained: objective {result.fun:.4f}, mean training loss {losses.mean():.4f}")
     last = model.with_parameters(reference.layer_names[-1])
@@ -357,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
     with model.parameters_set_to(theta):
         model.kernels.save_checkpoint(str(final))
     checkpoints.append(str(final))
-    model.kernels.load_checkpoint(str(final))  # the model now holds the trained weights
+    reference, model = build(args.backend, trained_weights(reference, theta))
     predictions = np.argmax(
         model.to_numpy(model.kernels.outputs(model.kernels.as_native(test[0]))), axis=1
     )

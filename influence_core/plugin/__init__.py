@@ -14,7 +14,7 @@ from ..tree import tree_leaves, tree_map
 from .hookspecs import ENTRY_POINT_GROUP, hookimpl
 from .namespace import ArrayNamespace, numpy_namespace
 from .parameters import layer_names, select_parameters
-from .protocol import LastLayer, ModelKernels, UnsupportedByBackendError
+from .protocol import LastLayer, ModelKernels, ParameterLayout, UnsupportedByBackendError
 from .registry import BackendRegistry, BackendSpec, get_registry
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "LastLayer",
     "ModelKernels",
     "NonFiniteGradientError",
+    "ParameterLayout",
     "UnsupportedByBackendError",
     "get_registry",
     "hookimpl",

@@ -9,7 +9,7 @@ assembles Hessians, once for every backend.
 Conventions every kernel follows
 --------------------------------
 * θ is the *selected* parameters flattened to one vector of length ``d``:
-  the selected parameters in the order of :attr:`ModelKernels.parameter_names`,
+  the selected parameters in the order of :attr:`ParameterLayout.names` (:attr:`ModelKernels.layout`),
   each flattened in row-major (C) order of its native layout.
 * ``inputs`` is what the model is called with (one array, or a pytree of
   arrays that share a leading batch dimension ``b``); ``targets`` has leading
@@ -23,20 +23,103 @@ Conventions every kernel follows
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .namespace import ArrayNamespace
 
-__all__ = ["LastLayer", "ModelKernels", "UnsupportedByBackendError"]
+__all__ = ["LastLayer", "ModelKernels", "ParameterLayout", "UnsupportedByBackendError"]
 
 Array = Any
 
 
 class UnsupportedByBackendError(NotImplementedError):
     """A backend (or this kind of model) lacks an optional capability an estimator needs."""
+
+
+@dataclass(frozen=True)
+class ParameterLayout:
+    """What θ is made of: the selected parameters, their shapes and dtype, and where they sit canonically.
+
+    One record replaces what would otherwise be five properties on every backend.
+    It is checked when it is built, so a backend that gets it wrong fails at
+    construction with the reason, not later with a wrong number.
+
+    Attributes:
+        names: the selected parameters, in θ's flat order.
+        shapes: the native shape of each, aligned with ``names``.
+        dtype: the native floating dtype they share.
+        canonical_permutations: per parameter, the axis permutation from its
+            native layout to the canonical one (Keras': a dense kernel
+            ``(in, out)``, a conv kernel ``(kh, kw, in, out)``):
+            ``permute_dims(native, perm)`` is the canonical array; ``None``
+            (per entry, or for all) means the native layout is canonical.
+            Seeded random vectors are drawn in this layout, so the same seed
+            gives the same numbers in every framework.
+        canonical_order: the parameters in canonical order, layer by layer with
+            the kernel before the bias: entry j is the index (in ``names``) of the
+            j-th. ``None``, the identity, fits frameworks that list parameters in
+            layer order with the kernel first (PyTorch, Keras); flax ``nnx``
+            sorts names (``bias`` before ``kernel``) and says so here.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtype: Any
+    canonical_permutations: tuple[tuple[int, ...] | None, ...] | None = None
+    canonical_order: tuple[int, ...] | None = None
+    sizes: tuple[int, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        names = tuple(str(n) for n in self.names)
+        shapes = tuple(tuple(int(s) for s in shape) for shape in self.shapes)
+        count = len(names)
+        if count == 0:
+            raise ValueError("a ParameterLayout needs at least one parameter")
+        if len(set(names)) != count:
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"parameter names must be unique; repeated: {repeated}")
+        if len(shapes) != count:
+            raise ValueError(f"{len(shapes)} shapes for {count} parameter names")
+        permutations = self.canonical_permutations
+        permutations = (None,) * count if permutations is None else tuple(permutations)
+        if len(permutations) != count:
+            raise ValueError(f"{len(permutations)} canonical permutations for {count} parameters")
+        for name, shape, perm in zip(names, shapes, permutations, strict=True):
+            if perm is not None and sorted(perm) != list(range(len(shape))):
+                raise ValueError(
+                    f"the canonical permutation {tuple(perm)} of {name} is not a permutation "
+                    f"of its {len(shape)} axes (shape {shape})"
+                )
+        order = tuple(range(count)) if self.canonical_order is None else tuple(self.canonical_order)
+        if sorted(order) != list(range(count)):
+            raise ValueError(
+                f"canonical_order {order} is not a permutation of the {count} parameter indices"
+            )
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "shapes", shapes)
+        object.__setattr__(
+            self,
+            "canonical_permutations",
+            tuple(None if p is None else tuple(int(a) for a in p) for p in permutations),
+        )
+        object.__setattr__(self, "canonical_order", tuple(int(i) for i in order))
+        object.__setattr__(self, "sizes", tuple(math.prod(shape) for shape in shapes))
+
+    @property
+    def size(self) -> int:
+        """d, the length of θ."""
+        return sum(self.sizes)
+
+    @property
+    def is_canonical(self) -> bool:
+        """True when θ's flat order and every layout are already the canonical ones."""
+        return self.canonical_order == tuple(range(len(self.names))) and all(
+            p is None for p in self.canonical_permutations or ()
+        )
 
 
 @dataclass(frozen=True)
@@ -74,27 +157,37 @@ class ModelKernels(ABC):
 
     @property
     @abstractmethod
-    def parameter_names(self) -> tuple[str, ...]:
-        """The selected parameters making up θ, in flat order."""
+    def layout(self) -> ParameterLayout:
+        """θ's parameters: names, shapes, dtype and canonical placement."""
 
-    @property
-    @abstractmethod
-    def parameter_shapes(self) -> tuple[tuple[int, ...], ...]:
-        """Native shape of each selected parameter, aligned with ``parameter_names``."""
-
-    @property
-    @abstractmethod
-    def dtype(self) -> Any:
-        """Native floating dtype shared by the selected parameters."""
+    #: Whether the kernels hold the weights as *values* (JAX). A functional
+    #: backend never writes into the user's model: the core asks it for kernels
+    #: at other weights (:meth:`with_parameters`, :meth:`with_checkpoint`)
+    #: instead of writing θ in place (:meth:`set_flat_parameters`,
+    #: :meth:`load_checkpoint`). A backend implements one pair or the other.
+    functional: bool = False
 
     # -- θ itself ------------------------------------------------------------
     @abstractmethod
     def get_flat_parameters(self) -> Array:
         """A copy of θ, shape ``(d,)``."""
 
-    @abstractmethod
     def set_flat_parameters(self, flat: Array) -> None:
-        """Write θ (shape ``(d,)``) into the model's parameters, in place."""
+        """Write θ (shape ``(d,)``) into the model's parameters, in place (in-place backends)."""
+        raise NotImplementedError(
+            f"the {self._name()} backend must either write θ in place (set_flat_parameters) "
+            "or declare functional = True and implement with_parameters"
+        )
+
+    def with_parameters(self, flat: Array) -> ModelKernels:
+        """Kernels at θ = ``flat`` and the other weights as they are here (functional backends).
+
+        Returns a new kernels object; neither ``self`` nor the user's model changes.
+        """
+        raise NotImplementedError(
+            f"the {self._name()} backend declares functional = True but does not implement "
+            "with_parameters"
+        )
 
     # -- kernels on one batch -------------------------------------------------------
     @abstractmethod
@@ -124,7 +217,7 @@ class ModelKernels(ABC):
     def as_native(self, array: Any, *, floating: bool | None = None) -> Array:
         """Convert ``array`` (NumPy, list, or native) to a native array on the model's device.
 
-        Floating-point arrays are cast to :attr:`dtype`; integer arrays keep
+        Floating-point arrays are cast to ``layout.dtype``; integer arrays keep
         their dtype. ``floating=True`` forces the cast (used for vectors in
         parameter space).
         """
@@ -150,39 +243,31 @@ class ModelKernels(ABC):
         """
         return None
 
-    def canonical_layouts(self) -> tuple[tuple[int, ...] | None, ...]:
-        """Per selected parameter, the axis permutation from its native layout to the canonical one.
-
-        The canonical layout is Keras': a dense kernel ``(in, out)``, a conv kernel
-        ``(kh, kw, in, out)``. ``permute_dims(native, perm)`` must give the
-        canonical array; ``None`` means the native layout is canonical (the
-        default, for every parameter). Seeded random vectors are drawn in this
-        layout, so the same seed gives the same numbers in every framework.
-        """
-        return (None,) * len(self.parameter_names)
-
-    def canonical_order(self) -> tuple[int, ...]:
-        """The selected parameters in canonical order: layer by layer, kernel before bias.
-
-        Entry j is the index (in :attr:`parameter_names`) of the j-th parameter
-        in canonical order. The default, the identity, fits frameworks that list
-        parameters in layer order with the kernel first (PyTorch, Keras); a
-        framework that sorts names (flax ``nnx``: ``bias`` before ``kernel``)
-        says so here.
-        """
-        return tuple(range(len(self.parameter_names)))
-
     # TracIn needs checkpoints; representer points need the split "features → last
     # linear layer". A backend without them still runs every other estimator: the
     # defaults raise UnsupportedByBackendError naming the backend.
+    def _name(self) -> str:
+        return getattr(self, "backend_name", type(self).__name__)
+
     def _unsupported(self, what: str) -> UnsupportedByBackendError:
-        return UnsupportedByBackendError(
-            f"the {getattr(self, 'backend_name', type(self).__name__)} backend does not "
-            f"implement {what}"
-        )
+        return UnsupportedByBackendError(f"the {self._name()} backend does not implement {what}")
+
+    def per_sample_grads_and_finite(self, inputs: Array, targets: Array) -> tuple[Array, bool]:
+        """:meth:`per_sample_grads` and whether every value is finite.
+
+        The default adds one reduction over the ``(b, d)`` result. A backend
+        that can fold the check into the kernel (JAX: sums of the per-parameter
+        gradients inside the same compiled function) overrides this.
+        """
+        grads = self.per_sample_grads(inputs, targets)
+        return grads, math.isfinite(float(self.xp.sum(grads)))
 
     def save_state(self) -> Any:
-        """An in-memory copy of *all* the model's weights, in a form :meth:`load_checkpoint` takes."""
+        """An in-memory copy of *all* the weights these kernels compute at.
+
+        In a form :meth:`load_checkpoint` (in-place backends) or
+        :meth:`with_checkpoint` (functional ones) takes.
+        """
         raise self._unsupported("save_state (needed by TracIn)")
 
     #: File name suffix :meth:`save_checkpoint` needs (``".pt"``, ``".weights.h5"`` …).
@@ -193,8 +278,20 @@ class ModelKernels(ABC):
         raise self._unsupported("save_checkpoint")
 
     def load_checkpoint(self, checkpoint: Any) -> None:
-        """Load a user checkpoint (the framework's usual forms, or a :meth:`save_state`) in place."""
+        """Load a user checkpoint (the framework's usual forms, or a :meth:`save_state`) in place.
+
+        The core calls it (TracIn) only on in-place backends; on a functional
+        one it is the user's own in-place write, if the framework has one.
+        """
         raise self._unsupported("load_checkpoint (needed by TracIn)")
+
+    def with_checkpoint(self, checkpoint: Any) -> ModelKernels:
+        """Kernels at every weight of ``checkpoint`` (functional backends; TracIn needs it).
+
+        Accepts what :meth:`save_state` returns and the framework's usual
+        forms; returns a new kernels object, and nothing else changes.
+        """
+        raise self._unsupported("with_checkpoint (needed by TracIn)")
 
     def last_layer(self) -> LastLayer:
         """The final linear layer whose outputs are the model's outputs Φ(x)."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -29,6 +29,7 @@ from influence_core.plugin import (
     LastLayer,
     ModelKernels,
     NonFiniteGradientError,
+    ParameterLayout,
     select_parameters,
 )
 
@@ -108,8 +109,17 @@ class TensorFlowKernels(ModelKernels):
     backend_name = "tensorflow"
 
     def __init__(
-        self, model: Any, loss_fn: Callable[..., Any], parameters: str | Sequence[str] | None
+        self,
+        model: Any,
+        loss_fn: Callable[..., Any],
+        parameters: str | Sequence[str] | None,
+        *,
+        call_kwargs: Mapping[str, Any] | None = None,
     ):
+        """``call_kwargs`` (an ``InfluenceModel(options=)`` entry): keywords for every model call.
+
+        Keras models are called with ``training=False`` unless ``call_kwargs`` says otherwise.
+        """
         variables, names = trainable_variables_with_names(model)
         if not variables:
             raise ValueError(
@@ -130,13 +140,19 @@ class TensorFlowKernels(ModelKernels):
                 "build the model with dtype='float64' (or 'float32') on every layer"
             )
         self._dtype = next(iter(dtypes))
-        self._shapes = tuple(tuple(int(s) for s in v.shape) for v in self._vars)
-        self._sizes = [int(tf.size(v)) for v in self._vars]
+        self._layout = ParameterLayout(
+            self._names, tuple(tuple(int(s) for s in v.shape) for v in self._vars), self._dtype
+        )
+        self._shapes, self._sizes = self._layout.shapes, list(self._layout.sizes)
         self.model = model
         self.loss_fn = loss_fn
         self._keras = _is_keras(model)
+        self._call_kwargs = {**({"training": False} if self._keras else {}), **(call_kwargs or {})}
         self._grad_fn = ShapeSpecializedFunction(self._grad_graph)
         self._per_sample_grads_fn = ShapeSpecializedFunction(self._per_sample_grads_graph)
+        self._per_sample_grads_and_finite_fn = ShapeSpecializedFunction(
+            self._per_sample_grads_and_finite_graph
+        )
         self._hvp_fn = ShapeSpecializedFunction(self._hvp_graph)
         self._measurement_fns: dict[int, tuple[Any, ShapeSpecializedFunction]] = {}
         self._all_variables = variables
@@ -148,16 +164,8 @@ class TensorFlowKernels(ModelKernels):
         return namespace
 
     @property
-    def parameter_names(self) -> tuple[str, ...]:
-        return self._names
-
-    @property
-    def parameter_shapes(self) -> tuple[tuple[int, ...], ...]:
-        return self._shapes
-
-    @property
-    def dtype(self) -> tf.DType:
-        return self._dtype
+    def layout(self) -> ParameterLayout:
+        return self._layout
 
     # -- θ ------------------------------------------------------------------------
     def get_flat_parameters(self) -> tf.Tensor:
@@ -171,7 +179,7 @@ class TensorFlowKernels(ModelKernels):
 
     # -- traced functions ---------------------------------------------------------
     def _call(self, inputs: Any) -> Any:
-        return self.model(inputs, training=False) if self._keras else self.model(inputs)
+        return self.model(inputs, **self._call_kwargs)
 
     def _flat(self, grads: Sequence[tf.Tensor | None], leading: Any = None) -> tf.Tensor:
         """Concatenate per-variable results (optionally with a leading axis) into one flat axis.
@@ -206,6 +214,11 @@ class TensorFlowKernels(ModelKernels):
 
         return tf.vectorized_map(one_sample, (inputs, targets))
 
+    def _per_sample_grads_and_finite_graph(self, inputs: Any, targets: Any) -> Any:
+        # The check in the same graph: no eager dispatch of a separate reduction.
+        grads = self._per_sample_grads_graph(inputs, targets)
+        return grads, tf.math.is_finite(tf.reduce_sum(grads))
+
     def _hvp_graph(self, inputs: Any, targets: Any, vectors: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape(watch_accessed_variables=False) as outer:
             outer.watch(self._vars)
@@ -226,6 +239,10 @@ class TensorFlowKernels(ModelKernels):
 
     def per_sample_grads(self, inputs: Any, targets: Any) -> tf.Tensor:
         return self._per_sample_grads_fn(inputs, targets)
+
+    def per_sample_grads_and_finite(self, inputs: Any, targets: Any) -> tuple[tf.Tensor, bool]:
+        grads, finite = self._per_sample_grads_and_finite_fn(inputs, targets)
+        return grads, bool(finite)
 
     def mean_loss_hvp(self, inputs: Any, targets: Any, vectors: tf.Tensor) -> tf.Tensor:
         return self._hvp_fn(inputs, targets, vectors)

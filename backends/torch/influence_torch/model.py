@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -32,6 +32,7 @@ from influence_core.plugin import (
     LastLayer,
     ModelKernels,
     NonFiniteGradientError,
+    ParameterLayout,
     select_parameters,
     tree_map,
 )
@@ -68,8 +69,14 @@ class TorchKernels(ModelKernels):
     backend_name = "torch"
 
     def __init__(
-        self, model: torch.nn.Module, loss_fn: Any, parameters: str | Sequence[str] | None
+        self,
+        model: torch.nn.Module,
+        loss_fn: Any,
+        parameters: str | Sequence[str] | None,
+        *,
+        call_kwargs: Mapping[str, Any] | None = None,
     ):
+        """``call_kwargs`` (an ``InfluenceModel(options=)`` entry): keywords for every model call."""
         if not isinstance(model, torch.nn.Module):
             raise TypeError(
                 f"the torch backend needs a torch.nn.Module, got {type(model).__name__}"
@@ -89,10 +96,16 @@ class TorchKernels(ModelKernels):
             )
         self._dtype = next(iter(dtypes))
         self._device = self._params[0].device
-        self._shapes = tuple(tuple(p.shape) for p in self._params)
         self._sizes = [p.numel() for p in self._params]
         self.module = model
         self.loss_fn = loss_fn
+        self._call_kwargs = dict(call_kwargs or {})
+        self._layout = ParameterLayout(
+            self._names,
+            tuple(tuple(p.shape) for p in self._params),
+            self._dtype,
+            canonical_permutations=self._canonical_permutations(),
+        )
         self._per_sample_grads = vmap(grad(self._sample_loss), in_dims=(None, 0, 0))
         self._mean_grad_dict = grad(self._mean_loss)
         self._mean_grad_flat = grad(lambda flat, x, y: self._mean_loss(self._unflatten(flat), x, y))
@@ -119,16 +132,8 @@ class TorchKernels(ModelKernels):
         return namespace
 
     @property
-    def parameter_names(self) -> tuple[str, ...]:
-        return self._names
-
-    @property
-    def parameter_shapes(self) -> tuple[tuple[int, ...], ...]:
-        return self._shapes
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
+    def layout(self) -> ParameterLayout:
+        return self._layout
 
     # -- θ ------------------------------------------------------------------------
     def get_flat_parameters(self) -> torch.Tensor:
@@ -141,7 +146,8 @@ class TorchKernels(ModelKernels):
 
     def _unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         chunks = torch.split(flat, self._sizes)
-        return {n: c.view(s) for n, c, s in zip(self._names, chunks, self._shapes, strict=True)}
+        shapes = self._layout.shapes
+        return {n: c.view(s) for n, c, s in zip(self._names, chunks, shapes, strict=True)}
 
     # -- losses -------------------------------------------------------------------
     def _detached(self) -> dict[str, torch.Tensor]:
@@ -155,7 +161,7 @@ class TorchKernels(ModelKernels):
     def _losses(
         self, params: dict[str, torch.Tensor], inputs: Any, targets: torch.Tensor
     ) -> torch.Tensor:
-        outputs = functional_call(self.module, params, (inputs,), strict=False)
+        outputs = functional_call(self.module, params, (inputs,), self._call_kwargs, strict=False)
         return self.loss_fn(outputs, targets)
 
     def _sample_loss(
@@ -173,7 +179,7 @@ class TorchKernels(ModelKernels):
     @in_inference_mode
     def per_sample_loss(self, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.loss_fn(self.module(inputs), targets)
+            return self.loss_fn(self.module(inputs, **self._call_kwargs), targets)
 
     # The kernels run under no_grad: torch.func transforms ignore it, but it stops
     # ordinary autograd from recording (and keeping alive) a graph through the
@@ -221,7 +227,7 @@ class TorchKernels(ModelKernels):
     def native_batch_count(self, data: Any, batch_size: int) -> int | None:
         return native_batch_count(data, batch_size)
 
-    def canonical_layouts(self) -> tuple[tuple[int, ...] | None, ...]:
+    def _canonical_permutations(self) -> tuple[tuple[int, ...] | None, ...]:
         owners = {}
         for module in self.module.modules():
             layout = _WEIGHT_LAYOUTS.get(type(module))
@@ -287,7 +293,7 @@ class TorchKernels(ModelKernels):
 
         handle = linear.register_forward_hook(hook)
         try:
-            outputs = self.module(inputs)
+            outputs = self.module(inputs, **self._call_kwargs)
         finally:
             handle.remove()
         finite = torch.isfinite(outputs.reshape(outputs.shape[0], -1)).all(dim=1)
@@ -316,7 +322,7 @@ class TorchKernels(ModelKernels):
     @in_inference_mode
     @torch.no_grad()
     def outputs(self, inputs: Any) -> torch.Tensor:
-        return self.module(inputs)
+        return self.module(inputs, **self._call_kwargs)
 
     def output_loss_grads(
         self, outputs: torch.Tensor, targets: torch.Tensor
@@ -347,7 +353,9 @@ class TorchKernels(ModelKernels):
             params: dict[str, torch.Tensor], x: Any, y: torch.Tensor
         ) -> torch.Tensor:
             batched = tree_map(lambda t: t.unsqueeze(0), x)
-            outputs = functional_call(self.module, params, (batched,), strict=False)
+            outputs = functional_call(
+                self.module, params, (batched,), self._call_kwargs, strict=False
+            )
             return measurement(outputs, y.unsqueeze(0)).sum()
 
         grads = vmap(grad(sample_measurement), in_dims=(None, 0, 0))(

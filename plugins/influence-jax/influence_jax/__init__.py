@@ -5,8 +5,12 @@ Two model forms are accepted:
 * a ``flax.nnx.Module`` (its ``nnx.Param`` variables are the parameters);
 * :class:`Functional`, a pure model: ``Functional(apply_fn, params)`` with
   ``apply_fn(params, inputs) -> outputs`` and ``params`` any pytree of arrays
-  (the usual JAX/optax style). θ is handled functionally: writing θ replaces
-  ``params`` with a new pytree, no array is ever mutated.
+  (the usual JAX/optax style). It is frozen: other weights (``parameters_set_to``,
+  checkpoints, TracIn) are held as values by the kernels, never written back.
+
+The backend is functional for both forms: the core never writes into the
+model. Backend options (``InfluenceModel(options=...)``): ``call_kwargs``,
+keywords for every model call (``{"deterministic": True}``).
 
 The loss is ``loss_fn(outputs, targets) -> (b,)`` (optax's argument order, as
 PyTorch's), one value per sample. float64 needs ``jax.config.update(

@@ -1,11 +1,14 @@
 """JAX kernels of the autodiff protocol: ``jit(vmap(grad))`` per-sample gradients, forward-over-reverse HVPs.
 
-The parameters are read **live** on every kernel call (the current values of
-the module's own ``nnx.Variable`` objects, or the ``params`` of a
-:class:`Functional`), never captured when the kernels are built: another view of the same model, or a checkpoint, changing
-the unselected weights is seen at once. θ is written back functionally
-(``nnx.update`` of the module's variables, or a new ``params`` pytree); no
-array is mutated. An ``nnx`` module is always called in inference mode: the
+The backend is **functional** (``functional = True``): the core never writes
+into the user's model. Other weights (``InfluenceModel.parameters_set_to``,
+``checkpoint_loaded``, TracIn's checkpoints) are new kernels holding those
+weights as values (:meth:`JaxKernels.with_parameters`,
+:meth:`JaxKernels.with_checkpoint`), sharing the compiled functions. Kernels
+not bound to other weights read the model **live** on every call (the current
+values of the module's own ``nnx.Variable`` objects, or the ``params`` of a
+:class:`Functional`), never captured when they are built: an optimizer step
+that updates an nnx module in place is seen at once. An ``nnx`` module is always called in inference mode: the
 kernels use the graph of an ``eval()``-mode clone (dropout off, batch norm on
 its running statistics) with the module's live state, and the user's module
 keeps its own mode. (Replacing a layer *object* of an nnx module after
@@ -16,6 +19,7 @@ Each kernel is one ``jax.jit``-compiled function, traced once per input shape.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -26,17 +30,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from influence_core.plugin import LastLayer, ModelKernels, select_parameters
+from influence_core.plugin import LastLayer, ModelKernels, ParameterLayout, select_parameters
 
 __all__ = ["Functional", "JaxKernels"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Functional:
     """A pure JAX model: ``apply_fn(params, inputs) -> outputs`` and its ``params`` pytree.
 
-    Writing θ (``InfluenceModel.parameters_set_to``, checkpoints) replaces
-    ``params`` with a new pytree and restores the old one afterwards.
+    Immutable, as JAX values are: the weights of an ``InfluenceModel`` built on
+    it are ``params``; other weights (``parameters_set_to``, checkpoints,
+    TracIn) are bound as values inside the core and never written here. After
+    training further, wrap ``Functional(apply_fn, new_params)``.
     """
 
     apply_fn: Callable[[Any, Any], Any]
@@ -61,15 +67,39 @@ def _natural(text: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
+def _canonical_order(names: Sequence[str]) -> tuple[int, ...]:
+    """Layers in (natural) name order, each layer's kernel before its bias."""
+
+    def key(i: int) -> tuple[Any, ...]:
+        layer, _, leaf = names[i].rpartition("/")
+        return (_natural(layer), 0 if leaf in ("kernel", "embedding") else 1, leaf)
+
+    return tuple(sorted(range(len(names)), key=key))
+
+
 class JaxKernels(ModelKernels):
     """Kernels for a ``flax.nnx.Module`` or a :class:`Functional`, loss ``loss_fn(outputs, targets)``."""
 
     backend_name = "jax"
+    functional = True
     checkpoint_suffix = ".npz"
 
-    def __init__(self, model: Any, loss_fn: Any, parameters: str | Sequence[str] | None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        loss_fn: Any,
+        parameters: str | Sequence[str] | None,
+        *,
+        call_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        """``call_kwargs`` (an ``InfluenceModel(options=)`` entry): keywords for every model call.
+
+        For example ``{"deterministic": True}`` for a module that takes it.
+        """
         self.model = model
         self.loss_fn = loss_fn
+        self._call_kwargs = dict(call_kwargs or {})
+        self._bound: tuple[Any, Any] | None = None  # (params, rest) as values, or None: live
         self._functional = isinstance(model, Functional)
         if not self._functional:
             from flax import nnx
@@ -117,14 +147,22 @@ class JaxKernels(ModelKernels):
             raise TypeError(
                 f"the selected parameters must share one floating dtype, got {sorted(map(str, dtypes))}"
             )
-        self._dtype = next(iter(dtypes))
-        self._shapes = tuple(tuple(int(s) for s in leaf.shape) for leaf in chosen)
-        self._sizes = [int(np.prod(shape)) for shape in self._shapes]
+        names = tuple(self._all_names[i] for i in self._selected)
+        self._layout = ParameterLayout(
+            names,
+            tuple(tuple(int(s) for s in leaf.shape) for leaf in chosen),
+            next(iter(dtypes)),
+            canonical_order=_canonical_order(names),
+        )
+        self._dtype, self._shapes = self._layout.dtype, self._layout.shapes
+        self._sizes = list(self._layout.sizes)
         self._build()
 
     # -- the live parameters ----------------------------------------------------------
     def _live(self) -> tuple[Any, Any]:
-        """(the parameters pytree, the rest of the state) as the model holds them now."""
+        """(the parameters pytree, the rest of the state): bound values, or as the model holds them now."""
+        if self._bound is not None:
+            return self._bound
         if self._functional:
             return self.model.params, None
         params = jax.tree_util.tree_unflatten(
@@ -135,21 +173,18 @@ class JaxKernels(ModelKernels):
         )
         return params, rest
 
-    def _write(self, leaves: list[Any]) -> None:
-        params = jax.tree_util.tree_unflatten(self._treedef, leaves)
-        if self._functional:
-            self.model.params = params
-        else:
-            from flax import nnx
-
-            nnx.update(self.model, params)
+    def _bind(self, leaves: list[Any]) -> JaxKernels:
+        """These kernels (sharing the compiled functions) at the parameter ``leaves``, as values."""
+        bound = copy.copy(self)
+        bound._bound = (jax.tree_util.tree_unflatten(self._treedef, leaves), self._live()[1])
+        return bound
 
     def _apply(self, params: Any, rest: Any, inputs: Any) -> Any:
         if self._functional:
-            return self.model.apply_fn(params, inputs)
+            return self.model.apply_fn(params, inputs, **self._call_kwargs)
         from flax import nnx
 
-        return nnx.merge(self._graphdef, params, rest)(inputs)
+        return nnx.merge(self._graphdef, params, rest)(inputs, **self._call_kwargs)
 
     # -- the compiled kernels ------------------------------------------------------------
     def _build(self) -> None:
@@ -184,7 +219,13 @@ class JaxKernels(ModelKernels):
             grads = jax.vmap(jax.grad(sample_loss), in_axes=(None, None, None, 0, 0))(
                 theta, leaves, rest, x, y
             )
-            return flatten(grads, (jax.tree_util.tree_leaves(y)[0].shape[0],))
+            return flatten(grads, (jax.tree_util.tree_leaves(y)[0].shape[0],)), grads
+
+        def per_sample_grads_and_finite(theta, leaves, rest, x, y):
+            # The sums of the per-parameter gradients fuse into the kernel (about free,
+            # docs/benchmarks.md); a check on the concatenated (b, d) array is another pass.
+            flat, grads = per_sample_grads(theta, leaves, rest, x, y)
+            return flat, jnp.isfinite(sum(jnp.sum(g) for g in grads))
 
         def mean_loss_grad(theta, leaves, rest, x, y):
             return flatten(jax.grad(mean_loss)(theta, leaves, rest, x, y))
@@ -199,7 +240,8 @@ class JaxKernels(ModelKernels):
             return jax.vmap(column, in_axes=1, out_axes=1)(vectors)
 
         self._losses = jax.jit(losses)
-        self._per_sample_grads = jax.jit(per_sample_grads)
+        self._per_sample_grads = jax.jit(lambda *a: per_sample_grads(*a)[0])
+        self._per_sample_grads_and_finite = jax.jit(per_sample_grads_and_finite)
         self._mean_loss_grad = jax.jit(mean_loss_grad)
         self._hvp = jax.jit(hvp)
         self._outputs = jax.jit(
@@ -207,6 +249,12 @@ class JaxKernels(ModelKernels):
                 jax.tree_util.tree_unflatten(treedef, leaves), rest, x
             )
         )
+
+        def output_loss(o: Any, y: Any) -> Any:  # ℓ of one sample at the outputs o
+            return jnp.sum(self.loss_fn(o[None], y[None]))
+
+        self._output_grads = jax.jit(jax.vmap(jax.value_and_grad(output_loss)))
+        self._output_hessians = jax.jit(jax.vmap(jax.hessian(output_loss)))
         self._flatten, self._one = flatten, one
         self._sample_full = full
         self._measurement_fns: dict[int, tuple[Any, Any]] = {}
@@ -223,38 +271,20 @@ class JaxKernels(ModelKernels):
         return jnp
 
     @property
-    def parameter_names(self) -> tuple[str, ...]:
-        return tuple(self._all_names[i] for i in self._selected)
-
-    @property
-    def parameter_shapes(self) -> tuple[tuple[int, ...], ...]:
-        return self._shapes
-
-    @property
-    def dtype(self) -> Any:
-        return self._dtype
-
-    def canonical_order(self) -> tuple[int, ...]:
-        """Layers in (natural) name order, each layer's kernel before its bias."""
-        names = self.parameter_names
-
-        def key(i: int) -> tuple[Any, ...]:
-            layer, _, leaf = names[i].rpartition("/")
-            return (_natural(layer), 0 if leaf in ("kernel", "embedding") else 1, leaf)
-
-        return tuple(sorted(range(len(names)), key=key))
+    def layout(self) -> ParameterLayout:
+        return self._layout
 
     # -- θ -------------------------------------------------------------------------------
     def get_flat_parameters(self) -> Any:
         theta, _, _ = self._state()
         return jnp.concatenate([t.reshape(-1) for t in theta])
 
-    def set_flat_parameters(self, flat: Any) -> None:
+    def with_parameters(self, flat: Any) -> JaxKernels:
         _, leaves, _ = self._state()
         pieces = jnp.split(jnp.asarray(flat, self._dtype), np.cumsum(self._sizes)[:-1])
         for i, piece, shape in zip(self._selected, pieces, self._shapes, strict=True):
             leaves[i] = piece.reshape(shape)
-        self._write(leaves)
+        return self._bind(leaves)
 
     # -- kernels on one batch --------------------------------------------------------------
     def per_sample_loss(self, inputs: Any, targets: Any) -> Any:
@@ -268,6 +298,11 @@ class JaxKernels(ModelKernels):
     def per_sample_grads(self, inputs: Any, targets: Any) -> Any:
         theta, leaves, rest = self._state()
         return self._per_sample_grads(theta, leaves, rest, inputs, targets)
+
+    def per_sample_grads_and_finite(self, inputs: Any, targets: Any) -> tuple[Any, bool]:
+        theta, leaves, rest = self._state()
+        grads, finite = self._per_sample_grads_and_finite(theta, leaves, rest, inputs, targets)
+        return grads, bool(finite)
 
     def mean_loss_hvp(self, inputs: Any, targets: Any, vectors: Any) -> Any:
         theta, leaves, rest = self._state()
@@ -321,8 +356,8 @@ class JaxKernels(ModelKernels):
         with open(os.fspath(path), "wb") as handle:
             np.savez(handle, **{k: np.asarray(v) for k, v in self.save_state().items()})
 
-    def load_checkpoint(self, checkpoint: Any) -> None:
-        """A :meth:`save_state` dict, a ``.npz`` file of it, or a parameters pytree of the model's structure."""
+    def _checkpoint_leaves(self, checkpoint: Any) -> list[Any]:
+        """The parameter leaves of a :meth:`save_state` dict, a ``.npz`` file of it, or a pytree."""
         if isinstance(checkpoint, str | os.PathLike):
             with np.load(os.fspath(checkpoint), allow_pickle=False) as stored:
                 checkpoint = {name: stored[name] for name in stored.files}
@@ -342,10 +377,36 @@ class JaxKernels(ModelKernels):
                     f"checkpoint array of shape {tuple(new.shape)} for {name} of shape "
                     f"{tuple(old.shape)}"
                 )
-        self._write([jnp.asarray(new, old.dtype) for new, old in zip(leaves, current, strict=True)])
+        return [jnp.asarray(new, old.dtype) for new, old in zip(leaves, current, strict=True)]
+
+    def with_checkpoint(self, checkpoint: Any) -> JaxKernels:
+        """A :meth:`save_state` dict, a ``.npz`` file of it, or a parameters pytree of the model's structure."""
+        return self._bind(self._checkpoint_leaves(checkpoint))
+
+    def load_checkpoint(self, checkpoint: Any) -> None:
+        """Write a checkpoint into an nnx module, in place (``nnx.update``); the core never calls it.
+
+        A :class:`Functional` is immutable: use ``InfluenceModel.checkpoint_loaded``.
+        """
+        if self._functional:
+            raise self._unsupported(
+                "load_checkpoint for a Functional model, which is immutable (checkpoint_loaded "
+                "computes at a checkpoint without writing it)"
+            )
+        from flax import nnx
+
+        params = jax.tree_util.tree_unflatten(self._treedef, self._checkpoint_leaves(checkpoint))
+        nnx.update(self.model, params)
+
+    # -- the head (representer points, with last_layer= given to the estimator) ----------
+    def output_loss_grads(self, outputs: Any, targets: Any) -> tuple[Any, Any]:
+        return self._output_grads(outputs, targets)
+
+    def output_loss_hessians(self, outputs: Any, targets: Any) -> Any:
+        return self._output_hessians(outputs, targets)
 
     def last_layer(self) -> LastLayer:
         raise self._unsupported(
             "last_layer (representer points): the layer order of an nnx module is not its "
-            "call order"
+            "call order; name the layer, e.g. RepresenterPointL2(model, last_layer='head')"
         )
