@@ -243,3 +243,32 @@ def test_representers_agree_across_backends() -> None:
         }
     for method in ("l2", "lje"):
         assert rel(results["tensorflow"][method], results["torch"][method]) < 1e-8, method
+
+
+# -- a named last layer (every backend, JAX included) --------------------------------
+@BACKENDS
+def test_a_named_last_layer_gives_the_backend_s_own_numbers(backend: str) -> None:
+    """last_layer= derives W, b and f(x) in the core; they match the backend's own head exactly."""
+    X, y = digits()
+    model = build(backend, MLP)
+    train, test = (X[:250], y[:250]), (X[250:260], y[250:260])
+    name = model.last_layer().name
+    host = model.to_numpy
+    for method in (
+        lambda **kw: RepresenterPointL2(model, l2=1e-2, **kw),
+        lambda **kw: RepresenterPointLJE(model, ExactIHVP(damping=0.1), **kw),
+    ):
+        found = host(method().fit(train).influence(test))
+        named = host(method(last_layer=name).fit(train).influence(test))
+        assert rel(named, found) < 1e-10
+
+
+@BACKENDS
+def test_a_named_layer_that_is_not_the_last_is_refused(backend: str) -> None:
+    X, y = digits(50)
+    model = build(backend, MLP)
+    first = model.parameter_names[0].rpartition("." if backend == "torch" else "/")[0]
+    with pytest.raises(ValueError, match="outputs have shape"):
+        RepresenterPointL2(model, last_layer=first).fit((X, y))
+    with pytest.raises(ValueError, match="a linear layer has a kernel"):
+        RepresenterPointL2(model, last_layer=model.parameter_names[-1]).fit((X, y))

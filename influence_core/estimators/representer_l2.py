@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,6 +51,9 @@ class RepresenterPointL2(RepresenterCalculator):
         l2: λ, the penalty λ‖W̃‖²; Yeh et al. use 1e-3 to 1e-2 on top of a
             trained network.
         target: ``"label"`` or ``"prediction"``, the test output explained.
+        last_layer: the name of the model's last linear layer (a parameter
+            selector); by default the backend finds it (see
+            :class:`~influence_core.estimators.representer.RepresenterCalculator`).
         tol: L-BFGS stops when the largest gradient entry is below it.
         max_iter: L-BFGS iteration limit.
         batch_size: batch size for ``(X, y)`` arrays.
@@ -64,9 +67,10 @@ class RepresenterPointL2(RepresenterCalculator):
         target: Target = "label",
         tol: float = 1e-12,
         max_iter: int = 20000,
+        last_layer: str | Sequence[str] | None = None,
         batch_size: int | None = None,
     ) -> None:
-        super().__init__(model, target=target, batch_size=batch_size)
+        super().__init__(model, target=target, last_layer=last_layer, batch_size=batch_size)
         if not (np.isfinite(l2) and l2 > 0):
             raise ValueError(f"the L2 penalty must be a finite number > 0, got {l2}")
         self.l2 = float(l2)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -55,6 +55,9 @@ class RepresenterPointLJE(RepresenterCalculator):
             on the last layer at θ*.
         step: η, the ascent step on the mean training loss.
         target: ``"label"`` or ``"prediction"``.
+        last_layer: the name of the model's last linear layer (a parameter
+            selector); by default the backend finds it (see
+            :class:`~influence_core.estimators.representer.RepresenterCalculator`).
         batch_size: batch size for ``(X, y)`` arrays.
     """
 
@@ -65,9 +68,10 @@ class RepresenterPointLJE(RepresenterCalculator):
         *,
         step: float = 1e-2,
         target: Target = "label",
+        last_layer: str | Sequence[str] | None = None,
         batch_size: int | None = None,
     ) -> None:
-        super().__init__(model, target=target, batch_size=batch_size)
+        super().__init__(model, target=target, last_layer=last_layer, batch_size=batch_size)
         self.ihvp = ihvp if ihvp is not None else ExactIHVP()
         if not np.isfinite(step):
             raise ValueError(f"step must be a finite number, got {step}")
@@ -84,7 +88,7 @@ class RepresenterPointLJE(RepresenterCalculator):
     def _fit(self, train_data: Any) -> None:
         super()._fit(train_data)
         #: The model with θ = the last layer.
-        self.head_ = self.model.with_parameters(self.layer_.name)
+        self.head_ = self.model.with_parameters(self._head_selector)
         self.n_train_ = self.head_.count(train_data, self.batch_size)
         trained = self.head_.get_parameters()
         #: θ*, the perturbed last layer the expansion is taken at.

@@ -14,12 +14,15 @@ import pytest  # noqa: E402
 
 from influence_conformance import CrossBackendConformance  # noqa: E402
 from influence_conformance.cases import build_case  # noqa: E402
+from influence_conformance.selection_checks import last_layer_names  # noqa: E402
 from influence_core import (  # noqa: E402
     ArnoldiIHVP,
     ArnoldiInfluenceCalculator,
     ConjugateGradientIHVP,
     ExactIHVP,
     FirstOrderInfluenceCalculator,
+    RepresenterPointL2,
+    RepresenterPointLJE,
     SecondOrderInfluenceCalculator,
     TracIn,
     available_backends,
@@ -39,6 +42,7 @@ def estimates(backend: str, spec_name: str) -> dict[str, np.ndarray]:
     train, test = case.data, (case.X[:4], case.y[:4])
     group = (case.X[:5], case.y[:5])
     exact = FirstOrderInfluenceCalculator(model, ExactIHVP(damping=DAMPING)).fit(train)
+    head = last_layer_names(case)  # named: the representer methods on every framework
     theta = model.get_parameters()
     with model.parameters_set_to(theta * 0.5):
         halfway = model.kernels.save_state()
@@ -69,6 +73,14 @@ def estimates(backend: str, spec_name: str) -> dict[str, np.ndarray]:
             ArnoldiInfluenceCalculator(
                 model, ArnoldiIHVP(rank=5, iterations=10, damping=DAMPING, seed=2)
             )
+            .fit(train)
+            .influence(test)
+        ),
+        "representer points L2 (named last layer)": host(
+            RepresenterPointL2(model, last_layer=head).fit(train).influence(test)
+        ),
+        "representer points LJE (named last layer)": host(
+            RepresenterPointLJE(model, ExactIHVP(damping=DAMPING), last_layer=head)
             .fit(train)
             .influence(test)
         ),
