@@ -29,7 +29,9 @@ def test_site_builds_strict(tmp_path: Path) -> None:
     assert "Influence of training points on test losses" in api  # docstrings rendered
 
 
-@pytest.mark.parametrize("page", ["quickstart-pytorch.md", "quickstart-tensorflow.md"])
+@pytest.mark.parametrize(
+    "page", ["quickstart-pytorch.md", "quickstart-tensorflow.md", "quickstart-jax.md"]
+)
 def test_quickstart_runs(page: str) -> None:
     (block,) = code_blocks(page)
     assert len(block.strip().splitlines()) <= 20
