@@ -67,6 +67,23 @@ def _natural(text: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
+_ARRAY = type(jnp.zeros(()))
+
+
+def _read(variable: Any, plain: bool) -> Any:
+    """The current value of an nnx ``Variable``: its raw array when that is all it is.
+
+    ``get_value()`` copies through ``tree_map`` and checks for references and
+    hooks (about 40 µs per variable here); the raw value of a hook-free variable
+    holding a plain array is the same array.
+    """
+    if plain:
+        raw = variable.get_raw_value()
+        if type(raw) is _ARRAY:
+            return raw
+    return variable.get_value()
+
+
 def _canonical_order(names: Sequence[str]) -> tuple[int, ...]:
     """Layers in (natural) name order, each layer's kernel before its bias."""
 
@@ -128,11 +145,17 @@ class JaxKernels(ModelKernels):
                     tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path[:-1])
                     for path, _ in flat
                 ]
-                return [variables[key] for key in keys], treedef
+                # (variable, whether its raw value may be read directly: no get hooks)
+                chosen = [variables[key] for key in keys]
+                return [(v, v.get_metadata("on_get_value", None) is None) for v in chosen], treedef
 
             self._param_variables, self._param_treedef = in_order(params)
             self._rest_variables, self._rest_treedef = in_order(rest)
-        params, _ = self._live()
+            params = jax.tree_util.tree_unflatten(
+                self._param_treedef, [_read(v, plain) for v, plain in self._param_variables]
+            )
+        else:
+            params = model.params
         flat, self._treedef = jax.tree_util.tree_flatten_with_path(params)
         if not flat:
             raise ValueError("the model has no parameters")
@@ -159,32 +182,37 @@ class JaxKernels(ModelKernels):
         self._build()
 
     # -- the live parameters ----------------------------------------------------------
-    def _live(self) -> tuple[Any, Any]:
-        """(the parameters pytree, the rest of the state): bound values, or as the model holds them now."""
+    def _live(self) -> tuple[list[Any], list[Any]]:
+        """(the parameter leaves, the leaves of the rest of the state): bound, or read now.
+
+        Leaves, not pytrees: the compiled functions rebuild the pytrees at trace
+        time, so a call flattens plain lists (an nnx ``State`` flattens in Python).
+        """
         if self._bound is not None:
             return self._bound
         if self._functional:
-            return self.model.params, None
-        params = jax.tree_util.tree_unflatten(
-            self._param_treedef, [v.get_value() for v in self._param_variables]
+            return jax.tree_util.tree_leaves(self.model.params), []
+        return (
+            [_read(v, plain) for v, plain in self._param_variables],
+            [_read(v, plain) for v, plain in self._rest_variables],
         )
-        rest = jax.tree_util.tree_unflatten(
-            self._rest_treedef, [v.get_value() for v in self._rest_variables]
-        )
-        return params, rest
+
+    def _params(self, leaves: list[Any]) -> Any:
+        return jax.tree_util.tree_unflatten(self._treedef, leaves)
 
     def _bind(self, leaves: list[Any]) -> JaxKernels:
         """These kernels (sharing the compiled functions) at the parameter ``leaves``, as values."""
         bound = copy.copy(self)
-        bound._bound = (jax.tree_util.tree_unflatten(self._treedef, leaves), self._live()[1])
+        bound._bound = (list(leaves), self._live()[1])
         return bound
 
-    def _apply(self, params: Any, rest: Any, inputs: Any) -> Any:
+    def _apply(self, params: Any, rest: list[Any], inputs: Any) -> Any:
         if self._functional:
             return self.model.apply_fn(params, inputs, **self._call_kwargs)
         from flax import nnx
 
-        return nnx.merge(self._graphdef, params, rest)(inputs, **self._call_kwargs)
+        state = jax.tree_util.tree_unflatten(self._rest_treedef, rest)
+        return nnx.merge(self._graphdef, params, state)(inputs, **self._call_kwargs)
 
     # -- the compiled kernels ------------------------------------------------------------
     def _build(self) -> None:
@@ -219,18 +247,14 @@ class JaxKernels(ModelKernels):
             grads = jax.vmap(jax.grad(sample_loss), in_axes=(None, None, None, 0, 0))(
                 theta, leaves, rest, x, y
             )
-            return flatten(grads, (jax.tree_util.tree_leaves(y)[0].shape[0],)), grads
-
-        def per_sample_grads_and_finite(theta, leaves, rest, x, y):
-            # The sums of the per-parameter gradients fuse into the kernel (about free,
-            # docs/benchmarks.md); a check on the concatenated (b, d) array is another pass.
-            flat, grads = per_sample_grads(theta, leaves, rest, x, y)
-            return flat, jnp.isfinite(sum(jnp.sum(g) for g in grads))
+            return flatten(grads, (jax.tree_util.tree_leaves(y)[0].shape[0],))
 
         def mean_loss_grad(theta, leaves, rest, x, y):
             return flatten(jax.grad(mean_loss)(theta, leaves, rest, x, y))
 
-        def hvp(flat, leaves, rest, x, y, vectors):
+        def hvp(theta, leaves, rest, x, y, vectors):
+            flat = flatten(theta)
+
             def gradient(f: Any) -> Any:
                 return flatten(jax.grad(mean_loss)(unflatten(f), leaves, rest, x, y))
 
@@ -240,15 +264,13 @@ class JaxKernels(ModelKernels):
             return jax.vmap(column, in_axes=1, out_axes=1)(vectors)
 
         self._losses = jax.jit(losses)
-        self._per_sample_grads = jax.jit(lambda *a: per_sample_grads(*a)[0])
-        self._per_sample_grads_and_finite = jax.jit(per_sample_grads_and_finite)
+        # The NaN check stays the core's one reduction: folded into this jit (sums of the
+        # per-parameter gradients) it made XLA's CPU float64 kernel 4x slower
+        # (docs/benchmarks.md, "What the numbers led to").
+        self._per_sample_grads = jax.jit(per_sample_grads)
         self._mean_loss_grad = jax.jit(mean_loss_grad)
         self._hvp = jax.jit(hvp)
-        self._outputs = jax.jit(
-            lambda leaves, rest, x: self._apply(
-                jax.tree_util.tree_unflatten(treedef, leaves), rest, x
-            )
-        )
+        self._outputs = jax.jit(lambda leaves, rest, x: self._apply(self._params(leaves), rest, x))
 
         def output_loss(o: Any, y: Any) -> Any:  # ℓ of one sample at the outputs o
             return jnp.sum(self.loss_fn(o[None], y[None]))
@@ -259,11 +281,10 @@ class JaxKernels(ModelKernels):
         self._sample_full = full
         self._measurement_fns: dict[int, tuple[Any, Any]] = {}
 
-    def _state(self) -> tuple[list[Any], list[Any], Any]:
-        """(θ as leaves, every parameter leaf, the rest of the state), read live."""
-        params, rest = self._live()
-        leaves = jax.tree_util.tree_leaves(params)
-        return [leaves[i] for i in self._selected], leaves, rest
+    def _state(self) -> tuple[list[Any], list[Any], list[Any]]:
+        """(θ as leaves, every parameter leaf, the leaves of the rest of the state)."""
+        leaves, rest = self._live()
+        return [leaves[i] for i in self._selected], list(leaves), rest
 
     # -- description ---------------------------------------------------------------------
     @property
@@ -299,15 +320,9 @@ class JaxKernels(ModelKernels):
         theta, leaves, rest = self._state()
         return self._per_sample_grads(theta, leaves, rest, inputs, targets)
 
-    def per_sample_grads_and_finite(self, inputs: Any, targets: Any) -> tuple[Any, bool]:
-        theta, leaves, rest = self._state()
-        grads, finite = self._per_sample_grads_and_finite(theta, leaves, rest, inputs, targets)
-        return grads, bool(finite)
-
     def mean_loss_hvp(self, inputs: Any, targets: Any, vectors: Any) -> Any:
         theta, leaves, rest = self._state()
-        flat = jnp.concatenate([t.reshape(-1) for t in theta])
-        return self._hvp(flat, leaves, rest, inputs, targets, vectors)
+        return self._hvp(theta, leaves, rest, inputs, targets, vectors)
 
     def per_sample_measurement_grads(self, inputs: Any, targets: Any, measurement: Any) -> Any:
         key = id(measurement)
@@ -334,6 +349,11 @@ class JaxKernels(ModelKernels):
 
     # -- data ----------------------------------------------------------------------------
     def as_native(self, array: Any, *, floating: bool | None = None) -> Any:
+        if type(array) is _ARRAY:  # already native and immutable: no copy (asarray costs 80 µs)
+            if array.dtype == self._dtype or floating is False:
+                return array
+            if floating is None and array.dtype.kind != "f":
+                return array  # integer targets keep their dtype
         value = jnp.asarray(array)
         wants_float = floating or (floating is None and jnp.issubdtype(value.dtype, jnp.floating))
         if wants_float and value.dtype != self._dtype:
@@ -348,9 +368,8 @@ class JaxKernels(ModelKernels):
 
     # -- checkpoints ---------------------------------------------------------------------
     def save_state(self) -> dict[str, Any]:
-        params, _ = self._live()
-        flat = jax.tree_util.tree_flatten_with_path(params)[0]
-        return {_path_name(path): leaf for path, leaf in flat}  # arrays are immutable: a copy
+        leaves, _ = self._live()  # arrays are immutable: a copy
+        return dict(zip(self._all_names, leaves, strict=True))
 
     def save_checkpoint(self, path: str) -> None:
         with open(os.fspath(path), "wb") as handle:
@@ -370,7 +389,7 @@ class JaxKernels(ModelKernels):
                     "a JAX checkpoint is a save_state() dict (names "
                     f"{list(self._all_names)}), a .npz of it, or a parameters pytree"
                 )
-        current = jax.tree_util.tree_leaves(self._live()[0])
+        current = self._live()[0]
         for name, new, old in zip(self._all_names, leaves, current, strict=True):
             if tuple(new.shape) != tuple(old.shape):
                 raise ValueError(
@@ -395,7 +414,7 @@ class JaxKernels(ModelKernels):
             )
         from flax import nnx
 
-        params = jax.tree_util.tree_unflatten(self._treedef, self._checkpoint_leaves(checkpoint))
+        params = self._params(self._checkpoint_leaves(checkpoint))
         nnx.update(self.model, params)
 
     # -- the head (representer points, with last_layer= given to the estimator) ----------

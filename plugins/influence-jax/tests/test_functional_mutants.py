@@ -27,7 +27,7 @@ class WritesIntoTheModel(JaxKernels):
     """Declares ``functional = True`` but writes θ into the user's nnx module (never restored)."""
 
     def with_parameters(self, flat):
-        nnx.update(self.model, super().with_parameters(flat)._live()[0])
+        nnx.update(self.model, self._params(super().with_parameters(flat)._live()[0]))
         return self
 
 
