@@ -55,6 +55,13 @@ CALCULATORS: dict[str, Any] = {
     "TracIn": lambda m: TracIn(m, [m.kernels.save_state()], 0.1),
     "representer points, L2": lambda m: RepresenterPointL2(m, l2=1e-2),
     "representer points, LJE": lambda m: RepresenterPointLJE(m, ExactIHVP(damping=DAMPING)),
+    # The contract runs on logistic regression, whose one layer is the last: name it.
+    "representer points, L2, named layer": lambda m: RepresenterPointL2(
+        m, l2=1e-2, last_layer=list(m.parameter_names)
+    ),
+    "representer points, LJE, named layer": lambda m: RepresenterPointLJE(
+        m, ExactIHVP(damping=DAMPING), last_layer=list(m.parameter_names)
+    ),
 }
 
 

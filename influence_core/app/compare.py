@@ -72,7 +72,8 @@ def _quantities(
     model: InfluenceModel, train: Any, test: Any, damping: float, k: int, head_name: str | None
 ) -> dict[str, Callable[[], Any]]:
     """Layout-free quantities of one model, each as a thunk returning a native array."""
-    head = model.with_parameters(head_name if head_name is not None else model.last_layer().name)
+    head_name = head_name if head_name is not None else model.last_layer().name
+    head = model.with_parameters(head_name)
     n_group = max(2, model.count(train) // 10)
     group = [(b.inputs, b.targets) for b in model.batches(train, n_group)][0:1]
 
@@ -114,9 +115,13 @@ def _quantities(
         "TracIn scores (current weights)": lambda: (
             TracIn(model, [model.kernels.save_state()], 1.0).fit(train).influence(test)
         ),
-        "representer points L2": lambda: RepresenterPointL2(model).fit(train).influence(test),
+        "representer points L2": lambda: (
+            RepresenterPointL2(model, last_layer=head_name).fit(train).influence(test)
+        ),
         "representer points LJE": lambda: (
-            RepresenterPointLJE(model, ExactIHVP(damping=damping)).fit(train).influence(test)
+            RepresenterPointLJE(model, ExactIHVP(damping=damping), last_layer=head_name)
+            .fit(train)
+            .influence(test)
         ),
         f"top-{k} proponents": top_k,
     }

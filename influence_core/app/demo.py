@@ -190,10 +190,12 @@ def detection_methods(
             TracIn(model, checkpoints, 1.0).fit(train).self_influence()
         ),
         "representer points, L2": lambda: (
-            RepresenterPointL2(model, l2=1e-2).fit(train).self_influence()
+            RepresenterPointL2(model, l2=1e-2, last_layer=head_name).fit(train).self_influence()
         ),
         "representer points, LJE": lambda: (
-            RepresenterPointLJE(model, ExactIHVP(damping=L2)).fit(train).self_influence()
+            RepresenterPointLJE(model, ExactIHVP(damping=L2), last_layer=head_name)
+            .fit(train)
+            .self_influence()
         ),
         "training loss (baseline)": lambda: model.per_sample_loss(train),
     }
