@@ -51,6 +51,8 @@ from .estimators import (
     TracIn,
 )
 from .ihvp import (
+    EKFACIHVP,
+    KFACIHVP,
     ArnoldiIHVP,
     ConjugateGradientIHVP,
     ExactIHVP,
@@ -66,6 +68,8 @@ from .progress import set_progress
 from .runs import run_influence, run_self_influence, run_top_k
 
 __all__ = [
+    "EKFACIHVP",
+    "KFACIHVP",
     "ArnoldiIHVP",
     "ArnoldiInfluenceCalculator",
     "BackendNotFoundError",

@@ -252,3 +252,27 @@ def test_a_backend_that_cannot_compute_at_other_weights_is_refused(kernels, mess
     model, loss = torch.nn.Linear(2, 2), torch.nn.MSELoss(reduction="none")
     with pytest.raises(TypeError, match=message):
         InfluenceModel(model, loss, backend="mutant", registry=registry)
+
+
+class ChannelMajorPatches(TorchKernels):
+    """Conv patches left in unfold's (in, kh, kw) order instead of the canonical (kh, kw, in)."""
+
+    def layer_statistics(self, inputs, targets):
+        stats = super().layer_statistics(inputs, targets)
+        for layer in self.layers():
+            if layer.kind == "conv2d":
+                a, g = stats[layer.name]
+                b, t, _ = a.shape
+                channels = a.shape[2] // 9  # the reference convnet's 3 x 3 kernel
+                a = a.reshape(b, t, 3, 3, channels).permute(0, 1, 4, 2, 3).reshape(b, t, -1)
+                stats[layer.name] = (a, g)
+        return stats
+
+
+def test_the_layer_check_catches_patches_in_the_wrong_order() -> None:
+    checks = checks_on(ChannelMajorPatches, BackendConformance)
+    with pytest.raises(AssertionError, match="Σ_t aᵀg"):
+        checks.test_layer_statistics_rebuild_the_per_sample_gradients("convnet", "float64")
+    checks_on(
+        TorchKernels, BackendConformance
+    ).test_layer_statistics_rebuild_the_per_sample_gradients("convnet", "float64")

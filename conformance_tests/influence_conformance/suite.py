@@ -53,6 +53,7 @@ from .cases import (
 from .head_checks import HeadChecks
 from .ihvp_checks import IHVPChecks
 from .influence_checks import InfluenceChecks
+from .layer_checks import LayerChecks
 from .measurement_checks import MeasurementChecks
 from .reference_specs import SPECS
 from .selection_checks import SelectionChecks
@@ -67,7 +68,13 @@ dtypes = pytest.mark.parametrize("dtype", DTYPES)
 
 
 class BackendConformance(
-    IHVPChecks, InfluenceChecks, HeadChecks, MeasurementChecks, SelectionChecks, CalculatorChecks
+    IHVPChecks,
+    InfluenceChecks,
+    HeadChecks,
+    MeasurementChecks,
+    SelectionChecks,
+    CalculatorChecks,
+    LayerChecks,
 ):
     """Numerical and behavioural checks of one backend: its kernels, and the solvers on them."""
 

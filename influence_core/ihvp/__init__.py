@@ -3,7 +3,9 @@
 All solve (H + λI) X = V for a block V, H the Hessian of the mean training
 loss: :class:`ExactIHVP` (one Cholesky factorisation, small d),
 :class:`ConjugateGradientIHVP` (block CG, any d), :class:`LissaIHVP`
-(stochastic, any d) and :class:`ArnoldiIHVP` (top-k eigenpairs, any d).
+(stochastic, any d), :class:`ArnoldiIHVP` (top-k eigenpairs, any d) and
+:class:`KFACIHVP` / :class:`EKFACIHVP` (Kronecker-factored curvature per
+layer, from layer-wise statistics: any d, no HVPs).
 Class names follow the Influenciae paper's table.
 """
 
@@ -11,10 +13,13 @@ from .arnoldi import ArnoldiIHVP
 from .base import DEFAULT_DAMPING, InverseHessianVectorProduct
 from .conjugate_gradient import ConjugateGradientIHVP
 from .exact import MAX_EXACT_PARAMETERS, ExactIHVP
+from .kfac import EKFACIHVP, KFACIHVP
 from .lissa import LissaIHVP, largest_eigenvalue
 
 __all__ = [
     "DEFAULT_DAMPING",
+    "EKFACIHVP",
+    "KFACIHVP",
     "MAX_EXACT_PARAMETERS",
     "ArnoldiIHVP",
     "ConjugateGradientIHVP",

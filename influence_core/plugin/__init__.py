@@ -14,7 +14,13 @@ from ..tree import tree_leaves, tree_map
 from .hookspecs import ENTRY_POINT_GROUP, hookimpl
 from .namespace import ArrayNamespace, numpy_namespace
 from .parameters import layer_names, select_parameters
-from .protocol import LastLayer, ModelKernels, ParameterLayout, UnsupportedByBackendError
+from .protocol import (
+    LastLayer,
+    Layer,
+    ModelKernels,
+    ParameterLayout,
+    UnsupportedByBackendError,
+)
 from .registry import BackendRegistry, BackendSpec, get_registry
 
 __all__ = [
@@ -23,6 +29,7 @@ __all__ = [
     "BackendRegistry",
     "BackendSpec",
     "LastLayer",
+    "Layer",
     "ModelKernels",
     "NonFiniteGradientError",
     "ParameterLayout",

@@ -31,7 +31,13 @@ from typing import Any
 
 from .namespace import ArrayNamespace
 
-__all__ = ["LastLayer", "ModelKernels", "ParameterLayout", "UnsupportedByBackendError"]
+__all__ = [
+    "LastLayer",
+    "Layer",
+    "ModelKernels",
+    "ParameterLayout",
+    "UnsupportedByBackendError",
+]
 
 Array = Any
 
@@ -135,6 +141,33 @@ class LastLayer:
     name: str
     weight: Array
     bias: Array | None
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer of θ for which the backend gives layer-wise statistics (:meth:`ModelKernels.layers`).
+
+    The layer computes z = a W + b at each of T positions: a dense layer on
+    ``(b, p_in)`` inputs has T = 1 (on ``(b, t, p_in)``, T = t); a 2-D
+    convolution is a dense layer on its unfolded patches, one position per
+    output pixel, with the patch in the canonical ``(kh, kw, in)`` order so
+    that W is the canonical kernel reshaped to ``(kh·kw·in, out)``.
+
+    Attributes:
+        name: the layer's name (a parameter selector).
+        kind: ``"dense"`` or ``"conv2d"``.
+        kernel: the parameter name (in ``layout.names``) of W.
+        bias: the parameter name of b, or ``None`` when b is absent or not in θ.
+        inputs: p_in, the length of a (the patch length for a convolution).
+        outputs: p_out, the length of z.
+    """
+
+    name: str
+    kind: str
+    kernel: str
+    bias: str | None
+    inputs: int
+    outputs: int
 
 
 class ModelKernels(ABC):
@@ -312,6 +345,29 @@ class ModelKernels(ABC):
     def output_loss_hessians(self, outputs: Array, targets: Array) -> Array:
         """∂²ℓ/∂Φ² per sample: shape ``(b, c, c)``."""
         raise self._unsupported("output_loss_hessians (needed by RepresenterPointL2)")
+
+    # -- layer-wise statistics (K-FAC, EK-FAC) ---------------------------------------
+    def layers(self) -> tuple[Layer, ...]:
+        """The layers of θ with layer-wise statistics (dense, conv2d …), in canonical order.
+
+        A selected parameter that belongs to no listed layer (a layer kind the
+        backend does not support) is simply not covered; the solvers that need
+        layers name it.
+        """
+        raise self._unsupported("layers (needed by K-FAC and EK-FAC)")
+
+    def layer_statistics(self, inputs: Array, targets: Array) -> dict[str, tuple[Array, Array]]:
+        """Per layer of :meth:`layers`, from one forward and one backward pass (inference mode).
+
+        Returns ``{layer.name: (a, g)}`` with ``a`` of shape ``(b, T, p_in)``,
+        the layer's input at each position, and ``g`` of shape ``(b, T, p_out)``,
+        ∂ℓ(z_i)/∂z at the layer's output z = a W + b (before any activation),
+        for the per-sample loss ℓ at ``targets``. Sample i's gradient is then
+        Σ_t a_itᵀ g_it for the canonical kernel ``(p_in, p_out)`` and Σ_t g_it
+        for the bias: the core builds gradients and Kronecker factors from
+        these without a ``(b, d)`` matrix.
+        """
+        raise self._unsupported("layer_statistics (needed by K-FAC and EK-FAC)")
 
     def per_sample_measurement_grads(
         self, inputs: Array, targets: Array, measurement: Callable[[Array, Array], Array]

@@ -30,6 +30,7 @@ from torch.func import functional_call, grad, hessian, vjp, vmap
 
 from influence_core.plugin import (
     LastLayer,
+    Layer,
     ModelKernels,
     NonFiniteGradientError,
     ParameterLayout,
@@ -38,6 +39,7 @@ from influence_core.plugin import (
 )
 
 from .data import native_batch_count, native_batches
+from .layers import find_layers, recorded_layers, statistics
 from .namespace import namespace
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -110,6 +112,7 @@ class TorchKernels(ModelKernels):
         self._mean_grad_dict = grad(self._mean_loss)
         self._mean_grad_flat = grad(lambda flat, x, y: self._mean_loss(self._unflatten(flat), x, y))
         self._last: tuple[str, torch.nn.Linear] | None = None
+        self._layers: tuple[Layer, ...] | None = None
 
     @contextmanager
     def inference_mode(self) -> Iterator[None]:
@@ -343,6 +346,21 @@ class TorchKernels(ModelKernels):
             return self.loss_fn(o.unsqueeze(0), y.unsqueeze(0)).sum()
 
         return vmap(hessian(sample_loss))(outputs.detach(), targets)
+
+    # -- layer-wise statistics ----------------------------------------------------
+    def layers(self) -> tuple[Layer, ...]:
+        if self._layers is None:
+            self._layers = find_layers(self.module, self._names)
+        return self._layers
+
+    @in_inference_mode
+    def layer_statistics(
+        self, inputs: Any, targets: torch.Tensor
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        layers = self.layers()
+        with recorded_layers(self.module, layers) as records, torch.enable_grad():
+            losses = self.loss_fn(self.module(inputs, **self._call_kwargs), targets)
+            return statistics(self.module, layers, records, losses)
 
     @in_inference_mode
     @torch.no_grad()

@@ -1,0 +1,60 @@
+"""Conformance checks of the optional layer-wise statistics (K-FAC, EK-FAC), against NumPy.
+
+For every reference model (dense and convolutional): the last layer's inputs
+equal the NumPy penultimate features and its output gradients equal ∂ℓ/∂Φ;
+the per-sample gradients rebuilt from every layer's statistics equal the
+backend's flat per-sample gradients (which the rest of the suite checks
+against NumPy); and EK-FAC is exact where the factorisation is (a linear model
+whose empirical Fisher is its Hessian is not among the specs, so the suite
+checks the solver on the statistics instead: its damped curvature applied to
+a vector equals the Kronecker formula built from NumPy).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from influence_core.layerwise import covering_layers, per_sample_grads_from_layers
+
+from . import numpy_reference as ref
+from .cases import Case, assert_close, optional, to_numpy
+from .reference_specs import SPECS
+
+ALL_SPECS = list(SPECS)
+
+
+class LayerChecks:
+    """``layers`` / ``layer_statistics``: the statistics and the gradients rebuilt from them."""
+
+    def build_case(self, spec_name: str, dtype: str) -> Case:  # provided by BackendConformance
+        raise NotImplementedError
+
+    @pytest.mark.parametrize("spec_name", ALL_SPECS)
+    @pytest.mark.parametrize("dtype", ["float64", "float32"])
+    @optional
+    def test_layer_statistics_rebuild_the_per_sample_gradients(
+        self, spec_name: str, dtype: str
+    ) -> None:
+        case = self.build_case(spec_name, dtype)
+        model = case.model
+        blocks = covering_layers(model)
+        assert len(blocks) == len(case.spec.parameter_shapes()), "one layer per spec layer"
+        rebuilt = per_sample_grads_from_layers(model, case.data)
+        assert_close(rebuilt, model.per_sample_grads(case.data), case.rtol, "Σ_t aᵀg = ∇ℓ")
+
+    @pytest.mark.parametrize("spec_name", ALL_SPECS)
+    @optional
+    def test_the_last_layer_s_statistics_match_numpy(self, spec_name: str) -> None:
+        case = self.build_case(spec_name, "float64")
+        model = case.model
+        last = covering_layers(model)[-1].layer
+        X, y = model.kernels.as_native(case.X), model.kernels.as_native(case.y)
+        a, g = model.kernels.layer_statistics(X, y)[last.name]
+        features = ref.penultimate_features(case.spec, case.weights, case.X)
+        outputs = features @ case.weights[-2] + case.weights[-1]
+        assert tuple(a.shape) == (len(case.y), 1, features.shape[1]), "a: (b, T = 1, p_in)"
+        assert_close(to_numpy(a)[:, 0, :], features, 1e-10, "the last layer's inputs a")
+        expected = ref.output_loss_grads(case.spec, outputs, case.y)
+        assert_close(to_numpy(g)[:, 0, :], expected, 1e-10, "∂ℓ/∂z at the last layer")
+        assert (last.inputs, last.outputs) == case.weights[-2].shape
+        assert last.kind == "dense"

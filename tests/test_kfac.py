@@ -1,0 +1,158 @@
+"""K-FAC and EK-FAC: exact where the Kronecker factorisation is exact, and a solver like any other.
+
+The exact case. One linear layer z = W x + b with c outputs and the loss
+ℓ = ½‖z − y‖², whose Hessian (of the mean loss) is H = E[ã ãᵀ] ⊗ I with
+ã = [x, 1]. The training targets are chosen so that the residuals z_i − y_i at
+the current weights run through every sign pattern in {−1, +1}^c for each
+input (each input repeated 2^c times). Then g_i = z_i − y_i and the empirical
+Fisher E[vec G_i vec G_iᵀ] = E[ã ãᵀ ⊗ g gᵀ] equals E[ã ãᵀ] ⊗ I = H exactly
+(the cross terms of the sign patterns cancel), K-FAC's S = E[g gᵀ] = I exactly,
+and EK-FAC's corrected eigenvalues equal K-FAC's. So both solvers must give
+(H + λI)⁻¹ to rounding, which the exact solver computes from the Hessian.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from influence_core import (
+    EKFACIHVP,
+    KFACIHVP,
+    ExactIHVP,
+    FirstOrderInfluenceCalculator,
+    InfluenceModel,
+)
+from influence_core.layerwise import per_sample_grads_from_layers
+
+C, P = 2, 3
+
+
+def squared(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((outputs - targets) ** 2).sum(dim=1)
+
+
+def exact_case() -> tuple[InfluenceModel, tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(P, C).double()
+    x = torch.randn(10, P, dtype=torch.float64)
+    signs = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=C)), dtype=torch.float64)
+    X = x.repeat_interleave(len(signs), dim=0)
+    residuals = signs.repeat(len(x), 1)
+    with torch.no_grad():
+        Y = layer(X) - residuals
+    return InfluenceModel(layer, squared), (X, Y)
+
+
+@pytest.mark.parametrize("solver", [KFACIHVP, EKFACIHVP])
+def test_kfac_is_exact_where_the_factorisation_is(solver) -> None:
+    model, train = exact_case()
+    damping = 1e-3
+    V = torch.randn(model.num_parameters, 4, dtype=torch.float64)
+    exact = ExactIHVP(damping=damping).fit(model, train).solve(V)
+    factored = solver(damping=damping, fisher="empirical").fit(model, train)
+    gap = float((factored.solve(V) - exact).abs().max() / exact.abs().max())
+    assert gap < 1e-10, gap
+    hessian = model.hessian(train) + damping * torch.eye(model.num_parameters, dtype=torch.float64)
+    applied = factored.damped_hvp(V)
+    assert float((applied - hessian @ V).abs().max() / (hessian @ V).abs().max()) < 1e-10
+
+
+def test_an_inexact_case_is_inexact_for_kfac_but_not_for_ekfac_s_diagonal() -> None:
+    """Off the exact case (random targets) K-FAC and EK-FAC differ from the Hessian and each other.
+
+    EK-FAC's Λ is the best diagonal in K-FAC's eigenbasis: its Frobenius error
+    against the empirical Fisher is never larger than K-FAC's.
+    """
+    model, (X, _) = exact_case()
+    Y = torch.randn(len(X), C, dtype=torch.float64)
+    train = (X, Y)
+    grads = model.per_sample_grads(train)
+    fisher = grads.T @ grads / len(X)
+    d = model.num_parameters
+    eye = torch.eye(d, dtype=torch.float64)
+    errors = {}
+    for solver in (KFACIHVP, EKFACIHVP):
+        fitted = solver(damping=0.0, fisher="empirical").fit(model, train)
+        errors[solver.__name__] = float(torch.linalg.norm(fitted.damped_hvp(eye) - fisher))
+    assert errors["EKFACIHVP"] <= errors["KFACIHVP"] * (1 + 1e-12)
+    assert errors["KFACIHVP"] > 1e-3 * float(torch.linalg.norm(fisher))  # really inexact here
+
+
+def test_layer_statistics_rebuild_the_per_sample_gradients_of_a_conv_net() -> None:
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3, padding=1, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(27, 4),
+    ).double()
+    model = InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"))
+    batch = (torch.randn(7, 2, 6, 6, dtype=torch.float64), torch.randint(0, 4, (7,)))
+    flat = model.per_sample_grads(batch)
+    rebuilt = per_sample_grads_from_layers(model, batch)
+    assert float((rebuilt - flat).abs().max() / flat.abs().max()) < 1e-13
+
+
+def test_ekfac_plugs_into_the_calculators_and_saves_without_pickle(tmp_path) -> None:
+    model, train = exact_case()
+    test = (train[0][:3], train[1][:3])
+    exact = FirstOrderInfluenceCalculator(model, ExactIHVP(damping=1e-3)).fit(train)
+    ekfac = FirstOrderInfluenceCalculator(model, EKFACIHVP(damping=1e-3, fisher="empirical")).fit(
+        train
+    )
+    expected = exact.influence(test)
+    assert float((ekfac.influence(test) - expected).abs().max() / expected.abs().max()) < 1e-10
+    assert float((ekfac.self_influence() - exact.self_influence()).abs().max()) < 1e-8
+    ekfac.ihvp.save(tmp_path / "ekfac")
+    loaded = EKFACIHVP.load(tmp_path / "ekfac", model, train)
+    V = torch.randn(model.num_parameters, 2, dtype=torch.float64)
+    assert torch.equal(loaded.solve(V), ekfac.ihvp.solve(V))
+
+
+def test_the_true_fisher_is_seeded_and_the_default_damping_is_a_tenth_of_the_mean() -> None:
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+    ).double()
+    model = InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"))
+    train = (torch.randn(40, 4, dtype=torch.float64), torch.randint(0, 3, (40,)))
+    one, two = (EKFACIHVP(seed=5).fit(model, train) for _ in range(2))
+    other = EKFACIHVP(seed=6).fit(model, train)
+    V = torch.randn(model.num_parameters, 2, dtype=torch.float64)
+    assert torch.equal(one.solve(V), two.solve(V))
+    assert not torch.equal(one.solve(V), other.solve(V))
+    for values, damping in zip(one.eigenvalues_, one.layer_damping_, strict=True):
+        assert damping == pytest.approx(0.1 * float(values.mean()), rel=1e-12)
+
+
+def test_a_parameter_outside_the_supported_layers_is_named() -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3)).double()
+    model = InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"))
+    train = (torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,)))
+    with pytest.raises(ValueError, match=r"\['1.weight', '1.bias'\] belong to no layer"):
+        KFACIHVP().fit(model, train)
+
+
+def test_the_exactness_check_catches_wrong_factors_and_a_wrong_correction(monkeypatch) -> None:
+    """Mutants: factors off by a scale (K-FAC), per-sample gradients off by one (EK-FAC)."""
+    from influence_core.ihvp import kfac
+
+    model, train = exact_case()
+    V = torch.randn(model.num_parameters, 2, dtype=torch.float64)
+    exact = ExactIHVP(damping=1e-3).fit(model, train).solve(V)
+
+    def gap(solver) -> float:
+        fitted = solver(damping=1e-3, fisher="empirical").fit(model, train)
+        return float((fitted.solve(V) - exact).abs().max() / exact.abs().max())
+
+    eigh, matrices = kfac._eigh, kfac.layer_gradient_matrices
+    with monkeypatch.context() as patch:  # S summed instead of averaged, say: a scale error
+        patch.setattr(kfac, "_eigh", lambda m: (lambda v, q, j: (2 * v, q, j))(*eigh(m)))
+        assert gap(KFACIHVP) > 0.1
+    with monkeypatch.context() as patch:  # a sample's gradient mis-scaled in the correction pass
+        patch.setattr(kfac, "layer_gradient_matrices", lambda *a: [1.5 * G for G in matrices(*a)])
+        assert gap(EKFACIHVP) > 0.1
+    assert gap(KFACIHVP) < 1e-10 and gap(EKFACIHVP) < 1e-10
