@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -156,3 +157,26 @@ def test_the_exactness_check_catches_wrong_factors_and_a_wrong_correction(monkey
         patch.setattr(kfac, "layer_gradient_matrices", lambda *a: [1.5 * G for G in matrices(*a)])
         assert gap(EKFACIHVP) > 0.1
     assert gap(KFACIHVP) < 1e-10 and gap(EKFACIHVP) < 1e-10
+
+
+@pytest.mark.parametrize("spec_name", ["mlp_tanh", "convnet"])
+@pytest.mark.parametrize("fisher", ["true", "empirical"])
+def test_ekfac_and_kfac_agree_across_backends(spec_name: str, fisher: str) -> None:
+    """Same weights, same seed: the same scores in torch and TensorFlow (float64)."""
+    from influence_conformance.cases import build_case
+
+    results = {}
+    for backend in ("torch", "tensorflow"):
+        case = build_case(backend, spec_name, "float64")
+        model, test = case.model, (case.X[:4], case.y[:4])
+        for solver in (KFACIHVP, EKFACIHVP):
+            calc = FirstOrderInfluenceCalculator(model, solver(fisher=fisher, seed=3))
+            calc.fit(case.data)
+            results[backend, solver.__name__] = (
+                model.to_numpy(calc.influence(test)),
+                model.to_numpy(calc.self_influence()),
+            )
+    for name in ("KFACIHVP", "EKFACIHVP"):
+        for got, expected in zip(results["tensorflow", name], results["torch", name], strict=True):
+            gap = float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))
+            assert gap < 1e-8, (name, gap)

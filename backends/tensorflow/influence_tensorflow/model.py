@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from influence_core.plugin import (
     LastLayer,
+    Layer,
     ModelKernels,
     NonFiniteGradientError,
     ParameterLayout,
@@ -34,6 +35,7 @@ from influence_core.plugin import (
 )
 
 from .data import native_batch_count, native_batches
+from .layers import LayerStatistics
 from .namespace import namespace
 
 
@@ -157,6 +159,7 @@ class TensorFlowKernels(ModelKernels):
         self._measurement_fns: dict[int, tuple[Any, ShapeSpecializedFunction]] = {}
         self._all_variables = variables
         self._head: tuple[str, Any, Any] | None = None
+        self._layer_stats: LayerStatistics | None = None
 
     # -- description --------------------------------------------------------------
     @property
@@ -301,6 +304,20 @@ class TensorFlowKernels(ModelKernels):
                     f"{getattr(variable, 'path', variable.name)} of shape {tuple(variable.shape)}"
                 )
             variable.assign(value)
+
+    # -- layer-wise statistics ----------------------------------------------------
+    def _layer_statistics_of(self) -> LayerStatistics:
+        if self._layer_stats is None:
+            if not self._keras:
+                raise self._unsupported("layers for a plain tf.Module (Keras models only)")
+            self._layer_stats = LayerStatistics(self.model, self._names, self._vars)
+        return self._layer_stats
+
+    def layers(self) -> tuple[Layer, ...]:
+        return self._layer_statistics_of().layers
+
+    def layer_statistics(self, inputs: Any, targets: Any) -> dict[str, tuple[Any, Any]]:
+        return self._layer_statistics_of()(self.loss_fn, inputs, targets)
 
     # -- the last linear layer ----------------------------------------------------
     def _flat_layers(self, layer: Any) -> Iterator[Any]:
