@@ -100,8 +100,7 @@ class KFACIHVP(InverseHessianVectorProduct):
                 "targets and a cross-entropy loss; for other targets use fisher='empirical'"
             )
         logits = np.asarray(model.to_numpy(model.kernels.outputs(batch.inputs)), np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))  # host copies may be read-only
         p /= p.sum(axis=1, keepdims=True)
         rng = np.random.default_rng([self.seed, batch.start])  # the same labels on every pass
         u = rng.random((p.shape[0], 1))

@@ -348,7 +348,7 @@ class ModelKernels(ABC):
 
     # -- layer-wise statistics (K-FAC, EK-FAC) ---------------------------------------
     def layers(self) -> tuple[Layer, ...]:
-        """The layers of θ with layer-wise statistics (dense, conv2d …), in canonical order.
+        """The layers of θ with layer-wise statistics (dense, conv2d …), in any order.
 
         A selected parameter that belongs to no listed layer (a layer kind the
         backend does not support) is simply not covered; the solvers that need

@@ -30,7 +30,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from influence_core.plugin import LastLayer, ModelKernels, ParameterLayout, select_parameters
+from influence_core.plugin import (
+    LastLayer,
+    Layer,
+    ModelKernels,
+    ParameterLayout,
+    select_parameters,
+)
+
+from .layers import recording_graph, statistics_function
 
 __all__ = ["Functional", "JaxKernels"]
 
@@ -117,6 +125,7 @@ class JaxKernels(ModelKernels):
         self.loss_fn = loss_fn
         self._call_kwargs = dict(call_kwargs or {})
         self._bound: tuple[Any, Any] | None = None  # (params, rest) as values, or None: live
+        self._layer_kernels: tuple[tuple[Layer, ...], Any] | None = None
         self._functional = isinstance(model, Functional)
         if not self._functional:
             from flax import nnx
@@ -129,6 +138,7 @@ class JaxKernels(ModelKernels):
             inference = nnx.clone(model)
             inference.eval()  # static flags (dropout, batch norm) live in the graph definition
             self._graphdef = nnx.split(inference, nnx.Param, ...)[0]
+            self._inference = inference
             # The module's own Variable objects, in the order of its state's leaves: reading
             # their values at each call is live (nnx.update writes into them) and about 5x
             # cheaper than nnx.split.
@@ -323,6 +333,34 @@ class JaxKernels(ModelKernels):
     def mean_loss_hvp(self, inputs: Any, targets: Any, vectors: Any) -> Any:
         theta, leaves, rest = self._state()
         return self._hvp(theta, leaves, rest, inputs, targets, vectors)
+
+    # -- layer-wise statistics (K-FAC, EK-FAC) ---------------------------------------------
+    def _layer_statistics_kernel(self) -> tuple[tuple[Layer, ...], Any]:
+        if self._layer_kernels is None:
+            if self._functional:
+                raise self._unsupported(
+                    "layers for a Functional model, which has no layer objects to record "
+                    "(use a flax.nnx module)"
+                )
+            from flax import nnx
+
+            layers, graphdef, modules = recording_graph(self._inference, self.layout.names)
+
+            def apply(leaves: Any, rest: Any, x: Any) -> Any:
+                state = jax.tree_util.tree_unflatten(self._rest_treedef, rest)
+                return nnx.merge(graphdef, self._params(leaves), state)(x, **self._call_kwargs)
+
+            function = jax.jit(statistics_function(layers, modules, apply, self.loss_fn))
+            self._layer_kernels = (layers, function)
+        return self._layer_kernels
+
+    def layers(self) -> tuple[Layer, ...]:
+        return self._layer_statistics_kernel()[0]
+
+    def layer_statistics(self, inputs: Any, targets: Any) -> dict[str, tuple[Any, Any]]:
+        _, function = self._layer_statistics_kernel()
+        _, leaves, rest = self._state()
+        return function(leaves, rest, inputs, targets)
 
     def per_sample_measurement_grads(self, inputs: Any, targets: Any, measurement: Any) -> Any:
         key = id(measurement)

@@ -16,6 +16,8 @@ from influence_conformance import CrossBackendConformance  # noqa: E402
 from influence_conformance.cases import build_case  # noqa: E402
 from influence_conformance.selection_checks import last_layer_names  # noqa: E402
 from influence_core import (  # noqa: E402
+    EKFACIHVP,
+    KFACIHVP,
     ArnoldiIHVP,
     ArnoldiInfluenceCalculator,
     ConjugateGradientIHVP,
@@ -84,6 +86,12 @@ def estimates(backend: str, spec_name: str) -> dict[str, np.ndarray]:
             .fit(train)
             .influence(test)
         ),
+        "K-FAC, true Fisher": host(
+            FirstOrderInfluenceCalculator(model, KFACIHVP(seed=3)).fit(train).influence(test)
+        ),
+        "EK-FAC, true Fisher": host(
+            FirstOrderInfluenceCalculator(model, EKFACIHVP(seed=3)).fit(train).influence(test)
+        ),
         "TracIn, projected, two checkpoints": host(
             TracIn(model, [halfway, model.kernels.save_state()], [0.3, 0.1], projection_dim=8)
             .fit(train)
@@ -93,7 +101,7 @@ def estimates(backend: str, spec_name: str) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("spec_name", ["logistic_regression", "mlp_tanh"])
+@pytest.mark.parametrize("spec_name", ["logistic_regression", "mlp_tanh", "convnet"])
 def test_every_estimator_agrees_across_the_installed_frameworks(spec_name: str) -> None:
     if len(BACKENDS) < 2:
         pytest.skip(f"needs two installed backends, found {BACKENDS}")

@@ -1,0 +1,154 @@
+"""Layer-wise statistics for flax ``nnx``: each Linear / Conv layer's inputs and output gradients.
+
+JAX has no hooks, so the layers record themselves: the kernels keep a second
+graph of the model in which every selected ``nnx.Linear`` / ``nnx.Conv`` is
+an instance of a recording subclass (same state, same computation). Its call
+stores its input and adds a perturbation ε (zeros) to its output z; the
+gradient of the summed per-sample losses with respect to ε is ∂ℓ_i/∂z for
+every sample and position at once (samples are independent in inference
+mode), and the stored inputs are a. One compiled function per input shape
+does the forward and the backward pass. nnx layers apply no activation, so
+their output is the pre-activation z. Convolutions are unfolded with
+``jax.lax.conv_general_dilated_patches`` and reordered from its
+``(in, kh, kw)`` patches to the canonical ``(kh, kw, in)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from influence_core.plugin import Layer
+
+__all__ = ["recording_graph"]
+
+#: The record of the traced call in progress: {"eps": …, "inputs": {}, "outputs": {}}.
+_RECORDS: list[dict[str, Any]] = []
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _recording(cls: type) -> type:
+    """``cls`` with a ``__call__`` that records its input and perturbs its output (cached)."""
+    if cls not in _SUBCLASSES:
+
+        def __call__(self: Any, x: Any) -> Any:
+            z = cls.__call__(self, x)
+            if _RECORDS:
+                record = _RECORDS[-1]
+                record["inputs"][self.influence_layer_name] = x
+                record["outputs"][self.influence_layer_name] = z
+                if record["eps"] is not None:
+                    z = z + record["eps"][self.influence_layer_name]
+            return z
+
+        _SUBCLASSES[cls] = type(f"Recorded{cls.__name__}", (cls,), {"__call__": __call__})
+    return _SUBCLASSES[cls]
+
+
+def _layer_of(node: Any, name: str, selected: set[str]) -> Layer | None:
+    from flax import nnx
+
+    kernel = f"{name}/kernel"
+    if kernel not in selected:
+        return None
+    bias = f"{name}/bias" if f"{name}/bias" in selected else None
+    shape = tuple(int(s) for s in node.kernel.shape)
+    if isinstance(node, nnx.Linear) and len(shape) == 2:
+        return Layer(name, "dense", kernel, bias, shape[0], shape[1])
+    if (
+        isinstance(node, nnx.Conv)
+        and len(shape) == 4
+        and node.feature_group_count == 1
+        and node.input_dilation in (1, None, (1, 1))
+        and not (isinstance(node.padding, str) and node.padding not in ("SAME", "VALID"))
+    ):
+        return Layer(name, "conv2d", kernel, bias, shape[0] * shape[1] * shape[2], shape[3])
+    return None
+
+
+def recording_graph(inference: Any, selected: Sequence[str]) -> tuple[tuple[Layer, ...], Any, dict]:
+    """(the layers, the graph definition of a recording clone, their modules by name)."""
+    from flax import nnx
+
+    clone = nnx.clone(inference)
+    chosen = set(selected)
+    layers, modules = [], {}
+    for path, node in nnx.iter_graph(clone):
+        if not isinstance(node, nnx.Module) or not path:
+            continue
+        name = "/".join(str(p) for p in path)
+        layer = _layer_of(node, name, chosen)
+        if layer is None:
+            continue
+        node.__class__ = _recording(type(node))
+        node.influence_layer_name = name
+        layers.append(layer)
+        modules[name] = node
+    graphdef = nnx.split(clone, nnx.Param, ...)[0]
+    return tuple(layers), graphdef, modules
+
+
+def _padding(module: Any) -> Any:
+    padding = module.padding
+    if isinstance(padding, str):
+        return padding
+    if isinstance(padding, int):
+        return [(padding, padding)] * 2
+    return [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
+
+
+def patches(module: Any, x: Any) -> Any:
+    """(b, positions, kh·kw·in): the unfolded input of an nnx.Conv, canonical (kh, kw, in) order."""
+    kh, kw = module.kernel_size
+    cols = jax.lax.conv_general_dilated_patches(
+        x,
+        (kh, kw),
+        _pair(module.strides),
+        _padding(module),
+        rhs_dilation=_pair(module.kernel_dilation),
+        dimension_numbers=("NHWC", "OIHW", "NHWC"),
+    )  # (b, H', W', in·kh·kw), channel-major
+    b, h, w, features = cols.shape
+    channels = features // (kh * kw)
+    cols = cols.reshape(b, h * w, channels, kh * kw)
+    return jnp.swapaxes(cols, 2, 3).reshape(b, h * w, kh * kw * channels)
+
+
+def statistics_function(layers: Sequence[Layer], modules: dict, apply: Any, loss_fn: Any) -> Any:
+    """``f(params, rest, x, y) -> {name: (a, g)}``, to be jitted; ``apply(params, rest, x)``."""
+
+    def run(params: Any, rest: Any, x: Any, eps: Any) -> tuple[Any, dict]:
+        record: dict[str, Any] = {"eps": eps, "inputs": {}, "outputs": {}}
+        _RECORDS.append(record)
+        try:
+            out = apply(params, rest, x)
+        finally:
+            _RECORDS.pop()
+        return out, record
+
+    def stats(params: Any, rest: Any, x: Any, y: Any) -> dict[str, tuple[Any, Any]]:
+        # A first run only for the shapes of the outputs z: XLA drops its unused work.
+        zeros = {n: jnp.zeros_like(z) for n, z in run(params, rest, x, None)[1]["outputs"].items()}
+
+        def total(eps: Any) -> tuple[Any, Any]:
+            out, record = run(params, rest, x, eps)
+            return jnp.sum(loss_fn(out, y)), record["inputs"]
+
+        grads, inputs = jax.grad(total, has_aux=True)(zeros)
+        out = {}
+        for layer in layers:
+            a, g = inputs[layer.name], grads[layer.name]
+            b = a.shape[0]
+            if layer.kind == "conv2d":
+                a = patches(modules[layer.name], a)
+            out[layer.name] = (a.reshape(b, -1, layer.inputs), g.reshape(b, -1, layer.outputs))
+        return out
+
+    return stats
