@@ -22,6 +22,8 @@ make_env() {  # name, then pip arguments; skipped when the stamp for those argum
 
 # captum and dattri share one environment (both accept numpy 2).
 make_env torch-peers "torch==2.13.0" "captum==0.9.0" "dattri==0.3.0"
+# kronfluence (EK-FAC/K-FAC) pulls torchvision: torch pinned in the same command.
+make_env kronfluence "torch==2.13.0" "kronfluence==1.0.1"
 # pyDVL pins numpy < 2: its own environment.
 make_env pydvl "torch==2.13.0" "pydvl[influence]==0.10.0" "numpy<2"
 # Influenciae 0.3.0 declares TensorFlow < 2.10; it runs on TF 2.21 with Keras 2 (tf_keras)
