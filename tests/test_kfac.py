@@ -180,3 +180,27 @@ def test_ekfac_and_kfac_agree_across_backends(spec_name: str, fisher: str) -> No
         for got, expected in zip(results["tensorflow", name], results["torch", name], strict=True):
             gap = float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))
             assert gap < 1e-8, (name, gap)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_the_layer_wise_training_side_equals_the_gradient_one(normalize: bool) -> None:
+    """Scores, self-influence and RelatIF from layer statistics = from per-sample gradients."""
+    from influence_conformance.cases import build_case
+    from influence_core.ihvp.base import InverseHessianVectorProduct
+
+    case = build_case("torch", "convnet", "float64")
+    model, test = case.model, (case.X[:3], case.y[:3])
+    layerwise = FirstOrderInfluenceCalculator(model, EKFACIHVP(seed=1), normalize=normalize)
+    layerwise.fit(case.data)
+
+    class ThroughGradients(EKFACIHVP):
+        training_side = InverseHessianVectorProduct.training_side
+
+    gradients = FirstOrderInfluenceCalculator(model, ThroughGradients(seed=1), normalize=normalize)
+    gradients.fit(case.data)
+    for a, b in zip(
+        layerwise.influence_and_self_influence(test),
+        gradients.influence_and_self_influence(test),
+        strict=True,
+    ):
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-12

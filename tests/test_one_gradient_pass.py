@@ -1,6 +1,7 @@
 """`influence_and_self_influence` takes the training gradients once, not once per result.
 
-Counted at the model's per-sample-gradient stream: the two results asked for
+Counted at the model's batch stream (every training pass, whether it takes
+per-sample gradients or a solver's layer-wise statistics): the two results asked for
 apart pass over the training data twice (TracIn: twice per checkpoint), together
 once. The values themselves are checked against their definitions in the
 conformance suite and in test_tracin.
@@ -17,16 +18,16 @@ MU = 1e-2
 
 
 def counting_training_passes(model, train_X: np.ndarray) -> list[int]:
-    """Patch ``model.iter_per_sample_grads`` to count the passes that start on ``train_X``."""
+    """Patch ``model.batches`` to count the passes that start on ``train_X``."""
     passes = [0]
-    stream = model.iter_per_sample_grads
+    stream = model.batches
 
     def counted(data, *args, **kwargs):
         if data[0] is train_X:
             passes[0] += 1
         return stream(data, *args, **kwargs)
 
-    model.iter_per_sample_grads = counted
+    model.batches = counted
     return passes
 
 

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..ihvp import ExactIHVP, InverseHessianVectorProduct
+from ..ihvp.base import TrainingSide
 from ..model import InfluenceModel
 from ..progress import progress
 from .base import Array, InfluenceCalculator
@@ -88,19 +89,23 @@ class FirstOrderInfluenceCalculator(InfluenceCalculator):
         self._check_fitted()
         return self._stack((self.ihvp.test_side(g) for _, g in self._test_gradients(test_data)), 1)
 
-    def _norms(self, grads: Array) -> Array | None:
+    def _training_sides(self, data: Any) -> Iterator[tuple[Any, TrainingSide]]:
+        """Each training batch as the solver scores it (per-sample gradients, or layer-wise)."""
+        for batch in self.model.batches(data, self.batch_size):
+            yield batch, self.ihvp.training_side(self.model, batch)
+
+    def _norms(self, side: TrainingSide) -> Array | None:
         """The RelatIF norms ‖(H + λI)⁻¹ gᵢ‖ of a batch when ``normalize``, else ``None``."""
-        return self.ihvp.solved_norms(grads) if self.normalize else None
+        return side.solved_norms() if self.normalize else None
 
-    def _scores_of(self, solved: Array, grads: Array, norms: Array | None) -> Array:
+    def _scores_of(self, solved: Array, side: TrainingSide, norms: Array | None) -> Array:
         """Scores of one training batch against the solved test block: shape (n_test, b)."""
-        xp = self.xp
-        scores = xp.matrix_transpose(xp.matmul(self.ihvp.train_side(grads), solved))
-        return scores if norms is None else scores / xp.reshape(norms, (1, -1))
+        scores = side.scores(solved)
+        return scores if norms is None else scores / self.xp.reshape(norms, (1, -1))
 
-    def _self_of(self, grads: Array, norms: Array | None) -> Array:
+    def _self_of(self, side: TrainingSide, norms: Array | None) -> Array:
         """score(z, z) for each row of one training batch: shape (b,)."""
-        values = self.ihvp.quadratic_forms(grads)
+        values = side.quadratic_forms()
         return values if norms is None else values / norms
 
     # -- results ------------------------------------------------------------------
@@ -109,8 +114,8 @@ class FirstOrderInfluenceCalculator(InfluenceCalculator):
         return self.solve_test_gradients(test_data)
 
     def _scores_from_prepared(self, prepared: Any, train_data: Any) -> Iterator[tuple[int, Array]]:
-        for batch, g in self._gradients(train_data):
-            yield batch.start, self._scores_of(prepared, g, self._norms(g))
+        for batch, side in self._training_sides(train_data):
+            yield batch.start, self._scores_of(prepared, side, self._norms(side))
 
     def self_influence(self, train_data: Any = None) -> Array:
         """score(z, z) = g(z)ᵀ (H + λI)⁻¹ g(z) for every training point: shape (n_train,).
@@ -122,9 +127,9 @@ class FirstOrderInfluenceCalculator(InfluenceCalculator):
         """
         train = self.training_data(train_data)
         stream = progress(
-            self._gradients(train), desc="self-influence", total=self._batch_total(train)
+            self._training_sides(train), desc="self-influence", total=self._batch_total(train)
         )
-        return self._stack(self._self_of(g, self._norms(g)) for _, g in stream)
+        return self._stack(self._self_of(side, self._norms(side)) for _, side in stream)
 
     def influence_and_self_influence(
         self, test_data: Any, train_data: Any = None
@@ -138,14 +143,14 @@ class FirstOrderInfluenceCalculator(InfluenceCalculator):
         blocks, parts = [], []
         train = self.training_data(train_data)
         stream = progress(
-            self._gradients(train),
+            self._training_sides(train),
             desc="influence and self-influence",
             total=self._batch_total(train),
         )
-        for _, g in stream:
-            norms = self._norms(g)
-            blocks.append(self._scores_of(solved, g, norms))
-            parts.append(self._self_of(g, norms))
+        for _, side in stream:
+            norms = self._norms(side)
+            blocks.append(self._scores_of(solved, side, norms))
+            parts.append(self._self_of(side, norms))
         return self._stack(blocks, axis=1), self._stack(parts)
 
     def influence_vector(self, data: Any) -> Array:

@@ -26,7 +26,7 @@ from ..io import (
 from ..model import InfluenceModel
 from ..plugin.namespace import ArrayNamespace
 
-__all__ = ["DEFAULT_DAMPING", "InverseHessianVectorProduct"]
+__all__ = ["DEFAULT_DAMPING", "GradientTrainingSide", "InverseHessianVectorProduct", "TrainingSide"]
 
 #: Default damping λ added to the Hessian: H + λI. It regularises the solve;
 #: for a model trained with an L2 penalty (μ/2)‖θ‖² on the mean loss, pass
@@ -35,6 +35,47 @@ DEFAULT_DAMPING = 1e-3
 
 Array = Any
 Solver = TypeVar("Solver", bound="InverseHessianVectorProduct")
+
+
+class TrainingSide(ABC):
+    """One training batch as a solver sees it (what first-order scores need of it).
+
+    :meth:`scores` meets the solver's stacked
+    :meth:`InverseHessianVectorProduct.test_side` (m, n_test);
+    :meth:`quadratic_forms` and :meth:`solved_norms` give self-influence and
+    the RelatIF norms. A solver decides how they are computed: from per-sample
+    gradients (the default, :class:`GradientTrainingSide`), or layer by layer
+    from layer-wise statistics with no (b, d) matrix (K-FAC, EK-FAC).
+    """
+
+    @abstractmethod
+    def scores(self, solved: Array) -> Array:
+        """First-order scores of this batch against the test side (m, n_test): shape (n_test, b)."""
+
+    @abstractmethod
+    def quadratic_forms(self) -> Array:
+        """gᵢᵀ (H + λI)⁻¹ gᵢ for each sample: shape (b,)."""
+
+    @abstractmethod
+    def solved_norms(self) -> Array:
+        """‖(H + λI)⁻¹ gᵢ‖ for each sample: shape (b,)."""
+
+
+class GradientTrainingSide(TrainingSide):
+    """The default: the batch's per-sample gradients G (b, d), through the solver's own methods."""
+
+    def __init__(self, solver: InverseHessianVectorProduct, grads: Array) -> None:
+        self.solver, self.grads = solver, grads
+
+    def scores(self, solved: Array) -> Array:
+        xp = self.solver.xp
+        return xp.matrix_transpose(xp.matmul(self.solver.train_side(self.grads), solved))
+
+    def quadratic_forms(self) -> Array:
+        return self.solver.quadratic_forms(self.grads)
+
+    def solved_norms(self) -> Array:
+        return self.solver.solved_norms(self.grads)
 
 
 class InverseHessianVectorProduct(ABC):
@@ -247,6 +288,14 @@ class InverseHessianVectorProduct(ABC):
     def train_side(self, grads: Array) -> Array:
         """What training gradients (b, d) become before meeting :meth:`test_side`: G itself."""
         return grads
+
+    def training_side(self, model: InfluenceModel, batch: Any) -> TrainingSide:
+        """One training :class:`~influence_core.data.Batch` as this solver scores it.
+
+        The default takes the batch's per-sample gradients (b, d); a solver that
+        can do without them (layer-wise statistics) overrides this.
+        """
+        return GradientTrainingSide(self, model.batch_per_sample_grads(batch))
 
     def quadratic_forms(self, grads: Array) -> Array:
         """gᵢᵀ (H + λI)⁻¹ gᵢ for each row gᵢ of ``grads`` (shape (b, d)): shape (b,).

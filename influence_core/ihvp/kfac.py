@@ -36,15 +36,17 @@ Fisher); every selected parameter must belong to a supported layer.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
 
 from ..data import Batch
+from ..errors import NonFiniteGradientError
 from ..layerwise import LayerBlock, covering_layers, layer_gradient_matrices
 from ..model import InfluenceModel
 from ..progress import progress
-from .base import Array, InverseHessianVectorProduct
+from .base import Array, InverseHessianVectorProduct, TrainingSide
 
 __all__ = ["EKFACIHVP", "KFACIHVP"]
 
@@ -212,32 +214,176 @@ class KFACIHVP(InverseHessianVectorProduct):
     def _solve_block(self, vectors: Array) -> Array:
         return self._apply(vectors, inverse=True)
 
-    def _apply(self, vectors: Array, *, inverse: bool) -> Array:
-        self._check_fitted()
-        xp, model = self.xp, self.model_
-        canonical = model.to_canonical(vectors)  # (d, k)
+    def _matrices(self, canonical: Array) -> list[Array]:
+        """A canonical block (d, k) as each layer's (k, p_in [+1], p_out) matrices."""
+        xp = self.xp
         k = int(canonical.shape[1])
-        pieces = []
-        for j, block in enumerate(self.blocks_):
+        out = []
+        for block in self.blocks_:
             p_in, p_out = block.layer.inputs, block.layer.outputs
             start = block.kernel_offset
             kernel = xp.reshape(canonical[start : start + p_in * p_out, :], (p_in, p_out, k))
-            matrix = xp.permute_dims(kernel, (2, 0, 1))  # (k, p_in, p_out)
+            matrix = xp.permute_dims(kernel, (2, 0, 1))
             if block.bias_offset is not None:
                 bias = canonical[block.bias_offset : block.bias_offset + p_out, :]
                 matrix = xp.concat([matrix, xp.matrix_transpose(bias)[:, None, :]], axis=1)
-            qa, qs = self.eigenvectors_a_[j], self.eigenvectors_s_[j]
-            rotated = xp.matmul(xp.matmul(xp.matrix_transpose(qa), matrix), qs)
-            scale = self.eigenvalues_[j] + self.layer_damping_[j]
-            rotated = rotated / scale if inverse else rotated * scale
-            matrix = xp.matmul(xp.matmul(qa, rotated), xp.matrix_transpose(qs))
+            out.append(matrix)
+        return out
+
+    def _canonical(self, matrices: list[Array]) -> Array:
+        """The inverse of :meth:`_matrices`: a canonical block (d, k)."""
+        xp = self.xp
+        pieces = []
+        for block, matrix in zip(self.blocks_, matrices, strict=True):
+            p_in, p_out = block.layer.inputs, block.layer.outputs
+            k = int(matrix.shape[0])
             kernel = xp.reshape(matrix[:, :p_in, :], (k, p_in * p_out))
             pieces.append((block.kernel_offset, xp.matrix_transpose(kernel)))
             if block.bias_offset is not None:
                 pieces.append((block.bias_offset, xp.matrix_transpose(matrix[:, p_in, :])))
         pieces.sort(key=lambda piece: piece[0])
-        joined = xp.concat([piece for _, piece in pieces], axis=0)
-        return model.from_canonical(joined)
+        return xp.concat([piece for _, piece in pieces], axis=0)
+
+    def _rotated(self, matrices: list[Array]) -> list[Array]:
+        """Q_Aᵀ G Q_S for each layer's (k, p, o) matrices."""
+        xp = self.xp
+        return [
+            xp.matmul(xp.matmul(xp.matrix_transpose(qa), m), qs)
+            for m, qa, qs in zip(matrices, self.eigenvectors_a_, self.eigenvectors_s_, strict=True)
+        ]
+
+    def _scales(self) -> list[Array]:
+        return [v + lam for v, lam in zip(self.eigenvalues_, self.layer_damping_, strict=True)]
+
+    def _apply(self, vectors: Array, *, inverse: bool) -> Array:
+        self._check_fitted()
+        xp, model = self.xp, self.model_
+        rotated = self._rotated(self._matrices(model.to_canonical(vectors)))
+        scaled = [r / s if inverse else r * s for r, s in zip(rotated, self._scales(), strict=True)]
+        back = [
+            xp.matmul(xp.matmul(qa, r), xp.matrix_transpose(qs))
+            for r, qa, qs in zip(scaled, self.eigenvectors_a_, self.eigenvectors_s_, strict=True)
+        ]
+        return model.from_canonical(self._canonical(back))
+
+    # -- the layer-wise form the calculators use -------------------------------------------
+    # The test side is (F̂ + λI)⁻¹ g_test as each layer's (p_in [+1], p_out) matrix, flattened
+    # layer after layer to (d, n_test). A training batch then scores layer by layer,
+    # Σ_l vec(G_l)ᵀ P_l, with G_l = Σ_t ã_tᵀ g_t from the layer-wise statistics: one layer's
+    # per-sample gradients exist at a time, never the batch's (b, d).
+    def _flat(self, matrices: list[Array]) -> Array:
+        xp = self.xp
+        k = int(matrices[0].shape[0])
+        return xp.matrix_transpose(xp.concat([xp.reshape(m, (k, -1)) for m in matrices], axis=1))
+
+    def test_side(self, grads: Array) -> Array:
+        """(F̂ + λI)⁻¹ gᵢ as per-layer matrices, flattened: shape (d, n) for gradients (n, d)."""
+        self._check_fitted()
+        xp = self.xp
+        rotated = self._rotated(
+            self._matrices(self.model_.to_canonical(xp.matrix_transpose(grads)))
+        )
+        solved = [
+            xp.matmul(xp.matmul(qa, r / s), xp.matrix_transpose(qs))
+            for r, s, qa, qs in zip(
+                rotated, self._scales(), self.eigenvectors_a_, self.eigenvectors_s_, strict=True
+            )
+        ]
+        return self._flat(solved)
+
+    def train_side(self, grads: Array) -> Array:
+        """Gradients (b, d) as per-layer matrices, flattened like :meth:`test_side`: (b, d)."""
+        self._check_fitted()
+        xp = self.xp
+        matrices = self._matrices(self.model_.to_canonical(xp.matrix_transpose(grads)))
+        return xp.matrix_transpose(self._flat(matrices))
+
+    def training_side(self, model: InfluenceModel, batch: Any) -> TrainingSide:
+        """A training batch from its layer-wise statistics (at its own labels): no (b, d) gradients."""
+        self._check_fitted()
+        stats = model._guarded(batch, lambda b: model.kernels.layer_statistics(b.inputs, b.targets))
+        return _LayerwiseTrainingSide(self, model, batch, stats)
+
+
+class _LayerwiseTrainingSide(TrainingSide):
+    """One training batch as layer statistics; each layer's G = Σ_t ãᵀg is formed when needed."""
+
+    def __init__(
+        self, solver: KFACIHVP, model: InfluenceModel, batch: Batch, stats: dict[str, Any]
+    ) -> None:
+        self.solver, self.model, self.batch, self.stats = solver, model, batch, stats
+        self.xp = solver.xp
+
+    def _layers(self) -> Iterator[tuple[int, Array]]:
+        """(layer index, its per-sample gradient matrices (b, p, o)), one layer at a time."""
+        for j, block in enumerate(self.solver.blocks_):
+            (matrix,) = layer_gradient_matrices(self.xp, [block], self.stats)
+            self._check(matrix, block)
+            yield j, matrix
+
+    def scores(self, solved: Array) -> Array:
+        """Σ_l vec(G_l)ᵀ P_l, one layer at a time: shape (n_test, b).
+
+        A layer applied once per sample (T = 1: dense on vectors) never forms G_l:
+        vec(ã gᵀ)ᵀ vec(P) = ãᵀ P g, so its scores are (ã P) ⊙ g summed over the
+        outputs, O(b p o n) with no (b, p, o) array. With T > 1 positions,
+        forming G_l (b p o T) and one product (b p o n) is cheaper than T of those.
+        """
+        xp, total, start = self.xp, None, 0
+        n = int(solved.shape[1])
+        for block in self.solver.blocks_:
+            size = block.rows * block.layer.outputs
+            P = solved[start : start + size, :]
+            start += size
+            a, g = self.stats[block.layer.name]
+            if int(a.shape[1]) == 1:
+                b, p_out = int(a.shape[0]), block.layer.outputs
+                a = a[:, 0, :]
+                if block.bias_offset is not None:
+                    a = xp.concat([a, xp.ones((b, 1), dtype=a.dtype)], axis=1)
+                projected = xp.reshape(
+                    xp.matmul(a, xp.reshape(P, (block.rows, p_out * n))), (b, p_out, n)
+                )
+                part = xp.sum(projected * g[:, 0, :, None], axis=1)  # (b, n)
+                self._check(part, block)
+            else:
+                (matrix,) = layer_gradient_matrices(xp, [block], self.stats)
+                self._check(matrix, block)
+                part = xp.matmul(xp.reshape(matrix, (int(matrix.shape[0]), -1)), P)
+            total = part if total is None else total + part
+        return xp.matrix_transpose(total)
+
+    def _check(self, values: Array, block: LayerBlock) -> None:
+        """NaN/inf in a layer's gradients (or scores) names the samples."""
+        if self.model.check_finite and not self.model._all_finite(values):
+            flat = self.xp.reshape(values, (int(values.shape[0]), -1))
+            raise NonFiniteGradientError(
+                f"per-sample gradients of layer {block.layer.name!r}",
+                self.model._bad_rows(flat, self.batch.start),
+            )
+
+    def _rotated_scaled(self) -> Iterator[tuple[Array, Array]]:
+        solver, xp = self.solver, self.xp
+        scales = solver._scales()
+        for j, matrix in self._layers():
+            qa, qs = solver.eigenvectors_a_[j], solver.eigenvectors_s_[j]
+            yield xp.matmul(xp.matmul(xp.matrix_transpose(qa), matrix), qs), scales[j]
+
+    def quadratic_forms(self) -> Array:
+        """Σ_l Σ (Q_Aᵀ G_l Q_S)² ⊘ (Λ + λ): gᵀ (F̂ + λI)⁻¹ g without forming it."""
+        xp = self.xp
+        return sum(
+            xp.sum(xp.reshape(r * r / s, (int(r.shape[0]), -1)), axis=1)
+            for r, s in self._rotated_scaled()
+        )
+
+    def solved_norms(self) -> Array:
+        xp = self.xp
+        squares = sum(
+            xp.sum(xp.reshape((r / s) ** 2, (int(r.shape[0]), -1)), axis=1)
+            for r, s in self._rotated_scaled()
+        )
+        return xp.sqrt(squares)
 
 
 class EKFACIHVP(KFACIHVP):
