@@ -138,7 +138,7 @@ def test_a_parameter_outside_the_supported_layers_is_named() -> None:
 
 
 def test_the_exactness_check_catches_wrong_factors_and_a_wrong_correction(monkeypatch) -> None:
-    """Mutants: factors off by a scale (K-FAC), per-sample gradients off by one (EK-FAC)."""
+    """Mutants: factors off by a scale (K-FAC), the corrected eigenvalues off by one (EK-FAC)."""
     from influence_core.ihvp import kfac
 
     model, train = exact_case()
@@ -149,12 +149,12 @@ def test_the_exactness_check_catches_wrong_factors_and_a_wrong_correction(monkey
         fitted = solver(damping=1e-3, fisher="empirical").fit(model, train)
         return float((fitted.solve(V) - exact).abs().max() / exact.abs().max())
 
-    eigh, matrices = kfac._eigh, kfac.layer_gradient_matrices
+    eigh, squares = kfac._eigh, kfac._rotated_squares
     with monkeypatch.context() as patch:  # S summed instead of averaged, say: a scale error
         patch.setattr(kfac, "_eigh", lambda m: (lambda v, q, j: (2 * v, q, j))(*eigh(m)))
         assert gap(KFACIHVP) > 0.1
     with monkeypatch.context() as patch:  # a sample's gradient mis-scaled in the correction pass
-        patch.setattr(kfac, "layer_gradient_matrices", lambda *a: [1.5 * G for G in matrices(*a)])
+        patch.setattr(kfac, "_rotated_squares", lambda *a: 1.5**2 * squares(*a))
         assert gap(EKFACIHVP) > 0.1
     assert gap(KFACIHVP) < 1e-10 and gap(EKFACIHVP) < 1e-10
 
@@ -198,6 +198,37 @@ def test_the_layer_wise_training_side_equals_the_gradient_one(normalize: bool) -
 
     gradients = FirstOrderInfluenceCalculator(model, ThroughGradients(seed=1), normalize=normalize)
     gradients.fit(case.data)
+    for a, b in zip(
+        layerwise.influence_and_self_influence(test),
+        gradients.influence_and_self_influence(test),
+        strict=True,
+    ):
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-12
+
+
+def test_a_dense_layer_over_positions_takes_the_general_path() -> None:
+    """A Linear applied to every position of a sequence (T > 1): G is formed, same numbers."""
+    from influence_core.ihvp.base import InverseHessianVectorProduct
+
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(18, 3)
+    ).double()
+    model = InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"), batch_size=7)
+    train = (torch.randn(20, 3, 5, dtype=torch.float64), torch.randint(0, 3, (20,)))
+    test = (train[0][:4], train[1][:4])
+    assert (
+        float(
+            (per_sample_grads_from_layers(model, test) - model.per_sample_grads(test)).abs().max()
+        )
+        < 1e-14
+    )
+
+    class ThroughGradients(EKFACIHVP):
+        training_side = InverseHessianVectorProduct.training_side
+
+    layerwise = FirstOrderInfluenceCalculator(model, EKFACIHVP(), normalize=True).fit(train)
+    gradients = FirstOrderInfluenceCalculator(model, ThroughGradients(), normalize=True).fit(train)
     for a, b in zip(
         layerwise.influence_and_self_influence(test),
         gradients.influence_and_self_influence(test),

@@ -29,12 +29,14 @@ KRONFLUENCE = HERE.parents[1] / "benchmarks" / ".envs" / "kronfluence" / "bin" /
 DAMPING = 1e-3
 
 
-def trained_weights(X: np.ndarray, y: np.ndarray, hidden: int) -> dict[str, np.ndarray]:
+def trained_weights(
+    X: np.ndarray, y: np.ndarray, hidden: int, inputs: int
+) -> dict[str, np.ndarray]:
     import torch
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        torch.nn.Linear(64, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 10)
+        torch.nn.Linear(inputs, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 10)
     ).double()
     optimizer = torch.optim.LBFGS(net.parameters(), max_iter=300, line_search_fn="strong_wolfe")
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
@@ -60,7 +62,8 @@ def ours(backend: str, setup: dict[str, np.ndarray], solver_cls: type) -> tuple[
     from influence_core import FirstOrderInfluenceCalculator, InfluenceModel, get_registry
 
     hidden = int(setup["hidden"])
-    spec = ModelSpec("agree", (64,), (Dense(hidden, "tanh"), Dense(10)), "cross_entropy", "-")
+    inputs = int(setup["X_train"].shape[1])
+    spec = ModelSpec("agree", (inputs,), (Dense(hidden, "tanh"), Dense(10)), "cross_entropy", "-")
     canonical = [setup["W0"].T, setup["b0"], setup["W1"].T, setup["b1"]]
     reference = get_registry().by_name(backend).load_reference_models()(spec, canonical, "float64")
     model = InfluenceModel(reference.model, reference.loss_fn, batch_size=len(setup["y_train"]))
@@ -84,13 +87,25 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--n-test", type=int, default=20)
     parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument(
+        "--inputs",
+        type=int,
+        default=64,
+        help="input width; above 64, synthetic Gaussian inputs labelled by a random linear map",
+    )
+    parser.add_argument("--backends", nargs="+", default=["torch", "tensorflow", "jax"])
     args = parser.parse_args()
     import os
 
     os.environ.setdefault("JAX_ENABLE_X64", "1")
-    X, y = load_digits(return_X_y=True)
-    X = X / 16.0
     n, m = args.n_train, args.n_test
+    if args.inputs == 64:
+        X, y = load_digits(return_X_y=True)
+        X = X / 16.0
+    else:
+        rng = np.random.default_rng(0)
+        X = rng.normal(size=(n + m, args.inputs))
+        y = np.argmax(X @ rng.normal(size=(args.inputs, 10)) + rng.normal(size=(n + m, 10)), 1)
     setup = {
         "X_train": X[:n],
         "y_train": y[:n].astype(np.int64),
@@ -99,7 +114,7 @@ def main() -> None:
         "hidden": np.array(args.hidden),
         "damping": np.array(DAMPING),
     }
-    setup.update(trained_weights(setup["X_train"], setup["y_train"], args.hidden))
+    setup.update(trained_weights(setup["X_train"], setup["y_train"], args.hidden, args.inputs))
     with tempfile.TemporaryDirectory() as tmp:
         np.savez(f"{tmp}/setup.npz", **setup)
         subprocess.run(
@@ -118,9 +133,10 @@ def main() -> None:
     from influence_core import EKFACIHVP, KFACIHVP, set_progress
 
     set_progress(False)
-    d = 64 * args.hidden + args.hidden + args.hidden * 10 + 10
+    d = args.inputs * args.hidden + args.hidden + args.hidden * 10 + 10
+    data = "digits" if args.inputs == 64 else "synthetic"
     print(
-        f"MLP 64-{args.hidden}-10 (d = {d}), digits, n_train = {n}, n_test = {m}, all "
+        f"MLP {args.inputs}-{args.hidden}-10 (d = {d}), {data}, n_train = {n}, n_test = {m}, all "
         f"parameters, empirical Fisher, damping {DAMPING:g}, float64, one thread each"
     )
     print()
@@ -130,7 +146,7 @@ def main() -> None:
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for strategy, solver in (("ekfac", EKFACIHVP), ("kfac", KFACIHVP)):
-        for backend in ("torch", "tensorflow", "jax"):
+        for backend in args.backends:
             try:
                 pairwise, own, seconds = ours(backend, setup, solver)
             except Exception as error:  # a backend not installed

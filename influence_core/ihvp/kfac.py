@@ -177,12 +177,11 @@ class KFACIHVP(InverseHessianVectorProduct):
         total = model.num_batches(data, self.batch_size)
         for batch in progress(batches, desc="EK-FAC eigenvalues", total=total):
             stats = self._statistics(model, batch)
-            for j, G in enumerate(layer_gradient_matrices(xp, blocks, stats)):
-                rotated = xp.matmul(
-                    xp.matmul(xp.matrix_transpose(self.eigenvectors_a_[j]), G),
-                    self.eigenvectors_s_[j],
+            for j, block in enumerate(blocks):
+                square = _rotated_squares(
+                    xp, block, stats, self.eigenvectors_a_[j], self.eigenvectors_s_[j]
                 )
-                square = xp.sum(rotated * rotated, axis=0)
+                square = xp.sum(square, axis=0)
                 sums[j] = square if sums[j] is None else sums[j] + square
         return [total_j / self.n_train_ for total_j in sums]
 
@@ -362,28 +361,57 @@ class _LayerwiseTrainingSide(TrainingSide):
                 self.model._bad_rows(flat, self.batch.start),
             )
 
-    def _rotated_scaled(self) -> Iterator[tuple[Array, Array]]:
-        solver, xp = self.solver, self.xp
-        scales = solver._scales()
-        for j, matrix in self._layers():
+    def _weighted(self, power: int) -> Array:
+        """Σ_l Σ_jk R_jk² / (Λ + λ)_jk^power per sample, R = Q_Aᵀ G_l Q_S: shape (b,)."""
+        solver, xp, total = self.solver, self.xp, None
+        for j, (block, scale) in enumerate(zip(solver.blocks_, solver._scales(), strict=True)):
             qa, qs = solver.eigenvectors_a_[j], solver.eigenvectors_s_[j]
-            yield xp.matmul(xp.matmul(xp.matrix_transpose(qa), matrix), qs), scales[j]
+            part = _rotated_squares(xp, block, self.stats, qa, qs, 1.0 / scale**power)
+            self._check(xp.reshape(part, (-1, 1)), block)
+            total = part if total is None else total + part
+        return total
 
     def quadratic_forms(self) -> Array:
         """Σ_l Σ (Q_Aᵀ G_l Q_S)² ⊘ (Λ + λ): gᵀ (F̂ + λI)⁻¹ g without forming it."""
-        xp = self.xp
-        return sum(
-            xp.sum(xp.reshape(r * r / s, (int(r.shape[0]), -1)), axis=1)
-            for r, s in self._rotated_scaled()
-        )
+        return self._weighted(1)
 
     def solved_norms(self) -> Array:
-        xp = self.xp
-        squares = sum(
-            xp.sum(xp.reshape((r / s) ** 2, (int(r.shape[0]), -1)), axis=1)
-            for r, s in self._rotated_scaled()
-        )
-        return xp.sqrt(squares)
+        return self.xp.sqrt(self._weighted(2))
+
+
+def _rotated_squares(
+    xp: Any,
+    block: LayerBlock,
+    stats: dict[str, tuple[Array, Array]],
+    qa: Array,
+    qs: Array,
+    weights: Array | None = None,
+) -> Array:
+    """(Q_Aᵀ G_i Q_S)² per sample, (b, p, o); with ``weights`` (p, o), its weighted sum (b,).
+
+    A layer applied once per sample (T = 1) has the rank-one gradient G = ã gᵀ, so
+    R = (Q_Aᵀ ã)(Q_Sᵀ g)ᵀ = u vᵀ and R² = u² (v²)ᵀ: the weighted sum is
+    Σ_k ((u²) W)_k v_k², O(b (p² + p o)) instead of O(b p² o), and no (b, p, o)
+    array unless the squares themselves are asked for. With T > 1 positions
+    G is formed and rotated.
+    """
+    a, g = stats[block.layer.name]
+    if int(a.shape[1]) == 1:
+        b = int(a.shape[0])
+        a = a[:, 0, :]
+        if block.bias_offset is not None:
+            a = xp.concat([a, xp.ones((b, 1), dtype=a.dtype)], axis=1)
+        u, v = xp.matmul(a, qa), xp.matmul(g[:, 0, :], qs)
+        u, v = u * u, v * v
+        if weights is None:
+            return u[:, :, None] * v[:, None, :]
+        return xp.sum(xp.matmul(u, weights) * v, axis=1)
+    (matrix,) = layer_gradient_matrices(xp, [block], stats)
+    rotated = xp.matmul(xp.matmul(xp.matrix_transpose(qa), matrix), qs)
+    squares = rotated * rotated
+    if weights is None:
+        return squares
+    return xp.sum(xp.reshape(squares * weights, (int(squares.shape[0]), -1)), axis=1)
 
 
 class EKFACIHVP(KFACIHVP):
