@@ -506,6 +506,46 @@ class InfluenceModel:
         )
         return self.xp.reshape(out, (d,)) if single else out
 
+    def ggn_vp(self, data: Any, vectors: Any, batch_size: int | None = None) -> Array:
+        """G v with G the generalised Gauss–Newton matrix of the mean loss over ``data``.
+
+        G = (1/n) Σ_i J_iᵀ (∂²ℓ_i/∂Φ²) J_i, J_i = ∂Φ(x_i)/∂θ: the Hessian without
+        its second-derivative-of-the-network term, positive semi-definite for a
+        convex loss (cross-entropy, squared error). Shapes as :meth:`hvp`.
+        """
+        return self.curvature_vp(data, vectors, "ggn", batch_size)
+
+    def curvature_vp(
+        self, data: Any, vectors: Any, curvature: str = "hessian", batch_size: int | None = None
+    ) -> Array:
+        """:meth:`hvp` (``curvature="hessian"``) or :meth:`ggn_vp` (``"ggn"``)."""
+        if curvature == "hessian":
+            return self.hvp(data, vectors, batch_size)
+        v = self.kernels.as_native(vectors, floating=True)
+        d = self.num_parameters
+        single = len(v.shape) == 1
+        if single:
+            v = self.xp.reshape(v, (d, 1))
+        if len(v.shape) != 2 or int(v.shape[0]) != d:
+            raise ValueError(f"vectors must have shape ({d},) or ({d}, k), got {tuple(v.shape)}")
+        out = self._weighted_mean(
+            data,
+            batch_size,
+            lambda b: self.batch_curvature_vp(b.inputs, b.targets, v, curvature),
+            "Gauss-Newton-vector product",
+        )
+        return self.xp.reshape(out, (d,)) if single else out
+
+    def batch_curvature_vp(
+        self, inputs: Any, targets: Any, vectors: Array, curvature: str
+    ) -> Array:
+        """One batch's mean-loss Hessian or Gauss–Newton product with ``vectors`` (d, k)."""
+        if curvature == "hessian":
+            return self.kernels.mean_loss_hvp(inputs, targets, vectors)
+        if curvature == "ggn":
+            return self.kernels.mean_loss_ggn_vp(inputs, targets, vectors)
+        raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
+
     def hessian(
         self,
         data: Any,
@@ -513,8 +553,9 @@ class InfluenceModel:
         block_size: int = 256,
         batch_size: int | None = None,
         max_parameters: int = MAX_HESSIAN_PARAMETERS,
+        curvature: str = "hessian",
     ) -> Array:
-        """The full Hessian ∇²_θ L(θ), shape ``(d, d)``, from blocks of HVPs.
+        """The full Hessian ∇²_θ L(θ) (or, ``curvature="ggn"``, the Gauss–Newton matrix), ``(d, d)``.
 
         One pass over ``data``: each batch is multiplied by the identity in
         column blocks of ``block_size``. Memory is ``d²`` floats, so ``d`` above
@@ -535,10 +576,14 @@ class InfluenceModel:
         blocks = [eye[:, s : s + block_size] for s in range(0, d, block_size)]
 
         def block_hvps(batch: Batch) -> Array:
-            hb = [self.kernels.mean_loss_hvp(batch.inputs, batch.targets, blk) for blk in blocks]
+            hb = [
+                self.batch_curvature_vp(batch.inputs, batch.targets, blk, curvature)
+                for blk in blocks
+            ]
             return join(xp, hb, axis=1)
 
-        return self._weighted_mean(data, batch_size, block_hvps, "Hessian", show_progress=True)
+        what = "Hessian" if curvature == "hessian" else "Gauss-Newton matrix"
+        return self._weighted_mean(data, batch_size, block_hvps, what, show_progress=True)
 
     # -- helpers ------------------------------------------------------------------
     def _weighted_mean(

@@ -276,3 +276,18 @@ def test_the_layer_check_catches_patches_in_the_wrong_order() -> None:
     checks_on(
         TorchKernels, BackendConformance
     ).test_layer_statistics_rebuild_the_per_sample_gradients("convnet", "float64")
+
+
+class HessianForGaussNewton(TorchKernels):
+    """Returns the full Hessian product where the Gauss–Newton one is asked for."""
+
+    def mean_loss_ggn_vp(self, inputs, targets, vectors):
+        return self.mean_loss_hvp(inputs, targets, vectors)
+
+
+def test_the_gauss_newton_check_catches_the_hessian_in_its_place() -> None:
+    checks = checks_on(HessianForGaussNewton, BackendConformance)
+    with pytest.raises(AssertionError, match="Jᵀ H_out J V"):
+        checks.test_gauss_newton_products_match_numpy("mlp_tanh")
+    checks.test_gauss_newton_products_match_numpy("logistic_regression")  # there G = H: passes
+    checks_on(TorchKernels, BackendConformance).test_gauss_newton_products_match_numpy("mlp_tanh")

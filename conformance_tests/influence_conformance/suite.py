@@ -50,6 +50,7 @@ from .cases import (
     registered_builder,
     to_numpy,
 )
+from .ggn_checks import GGNChecks
 from .head_checks import HeadChecks
 from .ihvp_checks import IHVPChecks
 from .influence_checks import InfluenceChecks
@@ -75,6 +76,7 @@ class BackendConformance(
     SelectionChecks,
     CalculatorChecks,
     LayerChecks,
+    GGNChecks,
 ):
     """Numerical and behavioural checks of one backend: its kernels, and the solvers on them."""
 

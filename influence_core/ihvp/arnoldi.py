@@ -40,6 +40,8 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         rank: k, the eigenpairs kept.
         iterations: Arnoldi steps (default 2k, at most d).
         seed: seed of the start vector (and of restarts).
+        curvature: ``"hessian"`` or ``"ggn"`` (the Gauss–Newton matrix; see
+            :class:`~influence_core.ihvp.InverseHessianVectorProduct`).
     """
 
     def __init__(
@@ -47,11 +49,12 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         *,
         damping: float = DEFAULT_DAMPING,
         batch_size: int | None = None,
+        curvature: str = "hessian",
         rank: int = 50,
         iterations: int | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(damping=damping, batch_size=batch_size)
+        super().__init__(damping=damping, batch_size=batch_size, curvature=curvature)
         if (
             int(rank) != rank
             or rank < 1
@@ -119,7 +122,7 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         projection = np.zeros((m, m))
         for j in progress(range(m), desc="Arnoldi"):
             w, coefficients = orthogonalise(
-                model.hvp(data, basis[j], batch_size=self.batch_size), basis
+                model.curvature_vp(data, basis[j], self.curvature, self.batch_size), basis
             )
             projection[: j + 1, j] = coefficients
             if j + 1 == m:

@@ -90,9 +90,22 @@ class InverseHessianVectorProduct(ABC):
     Args:
         damping: λ ≥ 0.
         batch_size: batch size for ``(X, y)`` arrays (default: the model's).
+        curvature: ``"hessian"`` (H, the default) or ``"ggn"``, the generalised
+            Gauss–Newton matrix G = (1/n) Σ Jᵀ(∂²ℓ/∂Φ²)J, positive semi-definite
+            for a convex loss, so a non-convex network never stops the solve on
+            negative curvature (the backend's ``mean_loss_ggn_vp``).
     """
 
-    def __init__(self, *, damping: float = DEFAULT_DAMPING, batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        damping: float = DEFAULT_DAMPING,
+        batch_size: int | None = None,
+        curvature: str = "hessian",
+    ) -> None:
+        if curvature not in ("hessian", "ggn"):
+            raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
+        self.curvature = curvature
         damping = float(damping)
         if not math.isfinite(damping) or damping < 0:
             raise ValueError(f"damping must be a finite number ≥ 0, got {damping}")
@@ -104,7 +117,10 @@ class InverseHessianVectorProduct(ABC):
     # -- settings -------------------------------------------------------------------
     def get_params(self) -> dict[str, Any]:
         """The settings the solver was built with (JSON values), enough to build it again."""
-        return {"damping": self.damping, "batch_size": self.batch_size}
+        params = {"damping": self.damping, "batch_size": self.batch_size}
+        if self.curvature != "hessian":
+            params["curvature"] = self.curvature
+        return params
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
@@ -247,7 +263,7 @@ class InverseHessianVectorProduct(ABC):
         return self.model_.xp
 
     def damped_hvp(self, vectors: Array) -> Array:
-        """(H + λI) V over the whole of the fitted data, shape (d, k)."""
+        """(H + λI) V (or (G + λI) V) over the whole of the fitted data, shape (d, k)."""
         self._check_fitted()
         if self.data_ is None:
             raise ValueError(
@@ -255,7 +271,7 @@ class InverseHessianVectorProduct(ABC):
                 "pass data= to load() to run HVPs"
             )
         return (
-            self.model_.hvp(self.data_, vectors, batch_size=self.batch_size)
+            self.model_.curvature_vp(self.data_, vectors, self.curvature, self.batch_size)
             + self.damping * vectors
         )
 

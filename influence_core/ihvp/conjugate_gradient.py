@@ -36,6 +36,8 @@ class ConjugateGradientIHVP(InverseHessianVectorProduct):
         batch_size: batch size for ``(X, y)`` arrays.
         tol: the relative residual every column must reach.
         maxiter: the most iterations (data passes) per solve.
+        curvature: ``"hessian"`` or ``"ggn"`` (the Gauss–Newton matrix; see
+            :class:`~influence_core.ihvp.InverseHessianVectorProduct`).
     """
 
     def __init__(
@@ -43,10 +45,11 @@ class ConjugateGradientIHVP(InverseHessianVectorProduct):
         *,
         damping: float = DEFAULT_DAMPING,
         batch_size: int | None = None,
+        curvature: str = "hessian",
         tol: float = 1e-10,
         maxiter: int = 100,
     ) -> None:
-        super().__init__(damping=damping, batch_size=batch_size)
+        super().__init__(damping=damping, batch_size=batch_size, curvature=curvature)
         if int(maxiter) != maxiter or maxiter < 1:
             raise ValueError(
                 f"maxiter must be an integer ≥ 1, got {maxiter}: CG with no iteration returns "

@@ -34,6 +34,8 @@ class ExactIHVP(InverseHessianVectorProduct):
         damping: λ.
         batch_size: batch size for ``(X, y)`` arrays.
         max_parameters: the largest d accepted.
+        curvature: ``"hessian"`` or ``"ggn"`` (the Gauss–Newton matrix; see
+            :class:`~influence_core.ihvp.InverseHessianVectorProduct`).
     """
 
     def __init__(
@@ -41,9 +43,10 @@ class ExactIHVP(InverseHessianVectorProduct):
         *,
         damping: float = DEFAULT_DAMPING,
         batch_size: int | None = None,
+        curvature: str = "hessian",
         max_parameters: int = MAX_EXACT_PARAMETERS,
     ) -> None:
-        super().__init__(damping=damping, batch_size=batch_size)
+        super().__init__(damping=damping, batch_size=batch_size, curvature=curvature)
         if int(max_parameters) < 1:
             raise ValueError(f"max_parameters must be ≥ 1, got {max_parameters}")
         self.max_parameters = int(max_parameters)
@@ -61,7 +64,10 @@ class ExactIHVP(InverseHessianVectorProduct):
             )
         xp = model.xp
         hessian = model.hessian(
-            data, batch_size=self.batch_size, max_parameters=self.max_parameters
+            data,
+            batch_size=self.batch_size,
+            max_parameters=self.max_parameters,
+            curvature=self.curvature,
         )
         hessian = 0.5 * (hessian + xp.matrix_transpose(hessian))
         eye = model.kernels.as_native(xp.eye(d, dtype=model.dtype), floating=True)

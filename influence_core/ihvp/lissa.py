@@ -74,6 +74,8 @@ class LissaIHVP(InverseHessianVectorProduct):
         seed: seeds the mini-batch order of arrays.
         tol: the largest relative residual accepted without a warning.
         check_samples: training points the residual check uses at most.
+        curvature: ``"hessian"`` or ``"ggn"`` (the Gauss–Newton matrix; see
+            :class:`~influence_core.ihvp.InverseHessianVectorProduct`).
     """
 
     def __init__(
@@ -87,8 +89,9 @@ class LissaIHVP(InverseHessianVectorProduct):
         seed: int = 0,
         tol: float | None = 0.1,
         check_samples: int = 4096,
+        curvature: str = "hessian",
     ) -> None:
-        super().__init__(damping=damping, batch_size=batch_size)
+        super().__init__(damping=damping, batch_size=batch_size, curvature=curvature)
         if not (math.isfinite(float(scale)) and scale > 0):
             raise ValueError(f"LiSSA needs a finite scale > 0, got scale={scale}")
         for name, value in (("depth", depth), ("repetitions", repetitions)):
@@ -162,7 +165,8 @@ class LissaIHVP(InverseHessianVectorProduct):
             v = kernels.as_native(rng.normal(size=(self.model_.num_parameters, 1)), floating=True)
             for _ in range(20):
                 v = v / xp.linalg.vector_norm(v)
-                hv = kernels.mean_loss_hvp(inputs, targets, v) + self.damping * v
+                hv = self.model_.batch_curvature_vp(inputs, targets, v, self.curvature)
+                hv = hv + self.damping * v
                 value = abs(float(xp.sum(v * hv)))
                 v = hv
             largest = max(largest, value)
@@ -183,7 +187,8 @@ class LissaIHVP(InverseHessianVectorProduct):
             ):
                 inputs, targets = next(batches)
                 # The kernel directly: the divergence check below also catches NaN/inf.
-                hx = self.model_.kernels.mean_loss_hvp(inputs, targets, x) + self.damping * x
+                hx = self.model_.batch_curvature_vp(inputs, targets, x, self.curvature)
+                hx = hx + self.damping * x
                 x = vectors + x - hx / self.scale
                 if step % 10 == 9 or step == self.depth - 1:
                     norm = float(xp.max(xp.sqrt(xp.sum(x * x, axis=0))))

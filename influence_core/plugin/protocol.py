@@ -346,6 +346,15 @@ class ModelKernels(ABC):
         """∂²ℓ/∂Φ² per sample: shape ``(b, c, c)``."""
         raise self._unsupported("output_loss_hessians (needed by RepresenterPointL2)")
 
+    def mean_loss_ggn_vp(self, inputs: Array, targets: Array, vectors: Array) -> Array:
+        """G V with the generalised Gauss–Newton G = (1/b) Σ_i J_iᵀ (∂²ℓ_i/∂Φ²) J_i, V of shape (d, k).
+
+        J_i = ∂Φ(x_i)/∂θ (outputs in inference mode, shape (b, c)). Positive
+        semi-definite for a convex loss of the outputs, so iterative solvers on
+        it never stop on negative curvature (``curvature="ggn"``). Returns (d, k).
+        """
+        raise self._unsupported("mean_loss_ggn_vp (needed by curvature='ggn')")
+
     # -- layer-wise statistics (K-FAC, EK-FAC) ---------------------------------------
     def layers(self) -> tuple[Layer, ...]:
         """The layers of θ with layer-wise statistics (dense, conv2d …), in any order.

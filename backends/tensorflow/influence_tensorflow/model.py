@@ -156,6 +156,7 @@ class TensorFlowKernels(ModelKernels):
             self._per_sample_grads_and_finite_graph
         )
         self._hvp_fn = ShapeSpecializedFunction(self._hvp_graph)
+        self._ggn_fn = ShapeSpecializedFunction(self._ggn_graph)
         self._measurement_fns: dict[int, tuple[Any, ShapeSpecializedFunction]] = {}
         self._all_variables = variables
         self._head: tuple[str, Any, Any] | None = None
@@ -233,6 +234,36 @@ class TensorFlowKernels(ModelKernels):
         jacobians = outer.jacobian(projections, self._vars)  # each (k, *shape)
         return tf.transpose(self._flat(jacobians, leading=tf.shape(vectors)[1]))
 
+    def _ggn_graph(self, inputs: Any, targets: Any, vectors: tf.Tensor) -> tf.Tensor:
+        # J V by the double-vjp identity J v = ∂/∂u ⟨Jᵀu, v⟩ (u a dummy cotangent, pfor over
+        # the k columns), H_out per sample, then Jᵀ(H J v) as the Jacobian of k projections.
+        outputs = self._call(inputs)
+        b = tf.shape(outputs)[0]
+        with tf.GradientTape() as outer:
+            dummy = tf.zeros_like(outputs)
+            outer.watch(dummy)
+            with tf.GradientTape(watch_accessed_variables=False) as inner:
+                inner.watch(self._vars)
+                again = self._call(inputs)
+            pulled = self._flat(inner.gradient(again, self._vars, output_gradients=dummy))
+            projections = tf.linalg.matvec(vectors, pulled, transpose_a=True)  # (k,)
+        jv = outer.jacobian(projections, dummy)  # (k, *outputs.shape)
+        flat_outputs = tf.reshape(outputs, [b, -1])
+        curvature = self.output_loss_hessians(flat_outputs, targets)  # (b, c, c)
+        jv = tf.reshape(jv, [tf.shape(vectors)[1], b, -1])
+        hjv = tf.einsum("bij,kbj->kbi", curvature, jv) / tf.cast(b, self._dtype)
+        hjv = tf.stop_gradient(
+            tf.reshape(hjv, tf.concat([[tf.shape(vectors)[1]], tf.shape(outputs)], 0))
+        )
+        with tf.GradientTape(watch_accessed_variables=False) as last:
+            last.watch(self._vars)
+            final = self._call(inputs)
+            weighted = tf.reduce_sum(
+                tf.reshape(final[tf.newaxis] * hjv, [tf.shape(vectors)[1], -1]), axis=1
+            )  # (k,): ⟨Φ, H J v_k⟩
+        jacobians = last.jacobian(weighted, self._vars)  # each (k, *shape)
+        return tf.transpose(self._flat(jacobians, leading=tf.shape(vectors)[1]))
+
     # -- kernels ------------------------------------------------------------------
     def per_sample_loss(self, inputs: Any, targets: Any) -> tf.Tensor:
         return self.loss_fn(targets, self._call(inputs))
@@ -249,6 +280,9 @@ class TensorFlowKernels(ModelKernels):
 
     def mean_loss_hvp(self, inputs: Any, targets: Any, vectors: tf.Tensor) -> tf.Tensor:
         return self._hvp_fn(inputs, targets, vectors)
+
+    def mean_loss_ggn_vp(self, inputs: Any, targets: Any, vectors: tf.Tensor) -> tf.Tensor:
+        return self._ggn_fn(inputs, targets, vectors)
 
     # -- data ---------------------------------------------------------------------
     def as_native(self, array: Any, *, floating: bool | None = None) -> tf.Tensor:

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
-from torch.func import functional_call, grad, hessian, vjp, vmap
+from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
 
 from influence_core.plugin import (
     LastLayer,
@@ -210,6 +210,28 @@ class TorchKernels(ModelKernels):
         if vectors.shape[1] == 1:
             return vjp_fn(vectors[:, 0])[0].unsqueeze(1)
         return vmap(lambda v: vjp_fn(v)[0], in_dims=1, out_dims=1)(vectors)
+
+    @in_inference_mode
+    @torch.no_grad()
+    def mean_loss_ggn_vp(
+        self, inputs: Any, targets: torch.Tensor, vectors: torch.Tensor
+    ) -> torch.Tensor:
+        # Jᵀ (H_out J V) / b: a jvp of the outputs per column, H_out per sample, one vjp.
+        def outputs_of(flat: torch.Tensor) -> torch.Tensor:
+            params = self._unflatten(flat)
+            return functional_call(self.module, params, (inputs,), self._call_kwargs, strict=False)
+
+        flat = self.get_flat_parameters()
+        outputs, vjp_fn = vjp(outputs_of, flat)
+        b = outputs.shape[0]
+        curvature = self.output_loss_hessians(outputs.reshape(b, -1), targets)  # (b, c, c)
+
+        def column(v: torch.Tensor) -> torch.Tensor:
+            jv = jvp(outputs_of, (flat,), (v,))[1].reshape(b, -1)
+            hjv = torch.einsum("bij,bj->bi", curvature, jv) / b
+            return vjp_fn(hjv.reshape(outputs.shape))[0]
+
+        return vmap(column, in_dims=1, out_dims=1)(vectors)
 
     # -- data ---------------------------------------------------------------------
     def as_native(self, array: Any, *, floating: bool | None = None) -> torch.Tensor:

@@ -273,6 +273,27 @@ class JaxKernels(ModelKernels):
 
             return jax.vmap(column, in_axes=1, out_axes=1)(vectors)
 
+        def output_loss_one(o: Any, y: Any) -> Any:
+            return jnp.sum(self.loss_fn(o[None], y[None]))
+
+        def ggn(theta, leaves, rest, x, y, vectors):
+            flat = flatten(theta)
+
+            def outputs_of(f: Any) -> Any:
+                return self._apply(full(unflatten(f), leaves), rest, x)
+
+            outputs, vjp_fn = jax.vjp(outputs_of, flat)
+            b = outputs.shape[0]
+            curvature = jax.vmap(jax.hessian(output_loss_one))(outputs.reshape(b, -1), y)
+
+            def column(v: Any) -> Any:
+                jv = jax.jvp(outputs_of, (flat,), (v,))[1].reshape(b, -1)
+                hjv = jnp.einsum("bij,bj->bi", curvature, jv) / b
+                return vjp_fn(hjv.reshape(outputs.shape))[0]
+
+            return jax.vmap(column, in_axes=1, out_axes=1)(vectors)
+
+        self._ggn = jax.jit(ggn)
         self._losses = jax.jit(losses)
         # The NaN check stays the core's one reduction: folded into this jit (sums of the
         # per-parameter gradients) it made XLA's CPU float64 kernel 4x slower
@@ -361,6 +382,10 @@ class JaxKernels(ModelKernels):
         _, function = self._layer_statistics_kernel()
         _, leaves, rest = self._state()
         return function(leaves, rest, inputs, targets)
+
+    def mean_loss_ggn_vp(self, inputs: Any, targets: Any, vectors: Any) -> Any:
+        theta, leaves, rest = self._state()
+        return self._ggn(theta, leaves, rest, inputs, targets, vectors)
 
     def per_sample_measurement_grads(self, inputs: Any, targets: Any, measurement: Any) -> Any:
         key = id(measurement)
