@@ -235,3 +235,25 @@ def test_a_dense_layer_over_positions_takes_the_general_path() -> None:
         strict=True,
     ):
         assert float((a - b).abs().max() / b.abs().max()) < 1e-12
+
+
+def test_an_eigendecomposition_that_does_not_converge_is_retried_with_jitter(monkeypatch) -> None:
+    """LAPACK failing on a factor (kronfluence's EK-FAC died so once) costs a jittered retry, not the run."""
+    model, train = exact_case()
+    reference = EKFACIHVP(damping=1e-3, fisher="empirical").fit(model, train)
+    eigh, calls = np.linalg.eigh, {"n": 0}
+
+    def flaky(matrix):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise np.linalg.LinAlgError("Eigenvalues did not converge")
+        return eigh(matrix)
+
+    monkeypatch.setattr(np.linalg, "eigh", flaky)
+    retried = EKFACIHVP(damping=1e-3, fisher="empirical").fit(model, train)
+    assert calls["n"] >= 2 and max(retried.jitter_) > 0.0 and reference.jitter_ == [0.0]
+    V = torch.randn(model.num_parameters, 2, dtype=torch.float64)
+    gap = float(
+        (retried.solve(V) - reference.solve(V)).abs().max() / reference.solve(V).abs().max()
+    )
+    assert gap < 1e-6  # the jitter (1e-12 of the mean eigenvalue) is removed from the eigenvalues
