@@ -42,6 +42,7 @@ import numpy as np
 from influence_conformance.specs import Dense, ModelSpec, ReferenceModel, make_weights
 
 from .. import (
+    EKFACIHVP,
     ConjugateGradientIHVP,
     ExactIHVP,
     FirstOrderInfluenceCalculator,
@@ -183,9 +184,14 @@ def detection_methods(
         ihvp = ConjugateGradientIHVP(damping=L2, tol=1e-5, maxiter=60)
         return FirstOrderInfluenceCalculator(last, ihvp).fit(train).self_influence()
 
+    def ekfac() -> Any:
+        ihvp = EKFACIHVP(damping=L2)
+        return FirstOrderInfluenceCalculator(model, ihvp).fit(train).self_influence()
+
     return {
         "influence, exact (last layer)": exact,
         "influence, CG (last layer)": cg,
+        "influence, EK-FAC (all parameters)": ekfac,
         f"TracIn ({len(checkpoints)} checkpoints)": lambda: (
             TracIn(model, checkpoints, 1.0).fit(train).self_influence()
         ),
