@@ -19,23 +19,9 @@ import sys
 import time
 
 import torch
+from bench_layerwise import conv_net
 
 from influence_core import EKFACIHVP, FirstOrderInfluenceCalculator, InfluenceModel, set_progress
-
-
-def conv_net() -> torch.nn.Module:
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 64, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(64, 128, 3, padding=1, stride=2),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(128, 128, 3, padding=1, stride=2),
-        torch.nn.ReLU(),
-        torch.nn.Flatten(),
-        torch.nn.Linear(128 * 4 * 4, 384),
-        torch.nn.ReLU(),
-        torch.nn.Linear(384, 10),
-    )
 
 
 def one(n: int) -> dict[str, float]:
@@ -43,7 +29,8 @@ def one(n: int) -> dict[str, float]:
     torch.manual_seed(0)
     X = torch.randn(n, 3, 16, 16)
     y = torch.randint(0, 10, (n,))
-    model = InfluenceModel(conv_net(), torch.nn.CrossEntropyLoss(reduction="none"), batch_size=256)
+    net = conv_net(channels=(64, 128, 128), hidden=384)  # d = 1,013,898
+    model = InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"), batch_size=256)
     start = time.perf_counter()
     calc = FirstOrderInfluenceCalculator(model, EKFACIHVP()).fit((X, y))
     fitted = time.perf_counter()

@@ -30,18 +30,20 @@ from influence_core import EKFACIHVP, FirstOrderInfluenceCalculator, InfluenceMo
 from influence_core.ihvp.base import InverseHessianVectorProduct
 
 
-def conv_net() -> torch.nn.Module:
+def conv_net(channels: tuple[int, int, int] = (32, 32, 64), hidden: int = 128) -> torch.nn.Module:
+    """Three 3×3 convolutions (the last two stride 2) and two Linear layers, on 16×16×3 images."""
+    c1, c2, c3 = channels
     return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 32, 3, padding=1),
+        torch.nn.Conv2d(3, c1, 3, padding=1),
         torch.nn.ReLU(),
-        torch.nn.Conv2d(32, 32, 3, padding=1, stride=2),
+        torch.nn.Conv2d(c1, c2, 3, padding=1, stride=2),
         torch.nn.ReLU(),
-        torch.nn.Conv2d(32, 64, 3, padding=1, stride=2),
+        torch.nn.Conv2d(c2, c3, 3, padding=1, stride=2),
         torch.nn.ReLU(),
         torch.nn.Flatten(),
-        torch.nn.Linear(64 * 4 * 4, 128),
+        torch.nn.Linear(c3 * 4 * 4, hidden),
         torch.nn.ReLU(),
-        torch.nn.Linear(128, 10),
+        torch.nn.Linear(hidden, 10),
     )
 
 

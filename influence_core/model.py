@@ -491,20 +491,7 @@ class InfluenceModel:
         ``vectors``: shape ``(d,)`` for one vector (returns ``(d,)``) or ``(d, k)``
         for a block of k (returns ``(d, k)``, all columns in one batched pass).
         """
-        v = self.kernels.as_native(vectors, floating=True)
-        d = self.num_parameters
-        single = len(v.shape) == 1
-        if single:
-            v = self.xp.reshape(v, (d, 1))
-        if len(v.shape) != 2 or int(v.shape[0]) != d:
-            raise ValueError(f"vectors must have shape ({d},) or ({d}, k), got {tuple(v.shape)}")
-        out = self._weighted_mean(
-            data,
-            batch_size,
-            lambda b: self.kernels.mean_loss_hvp(b.inputs, b.targets, v),
-            "Hessian-vector product",
-        )
-        return self.xp.reshape(out, (d,)) if single else out
+        return self.curvature_vp(data, vectors, "hessian", batch_size)
 
     def ggn_vp(self, data: Any, vectors: Any, batch_size: int | None = None) -> Array:
         """G v with G the generalised Gauss–Newton matrix of the mean loss over ``data``.
@@ -518,9 +505,9 @@ class InfluenceModel:
     def curvature_vp(
         self, data: Any, vectors: Any, curvature: str = "hessian", batch_size: int | None = None
     ) -> Array:
-        """:meth:`hvp` (``curvature="hessian"``) or :meth:`ggn_vp` (``"ggn"``)."""
-        if curvature == "hessian":
-            return self.hvp(data, vectors, batch_size)
+        """:meth:`hvp` (``curvature="hessian"``) or :meth:`ggn_vp` (``"ggn"``), streamed over ``data``."""
+        if curvature not in ("hessian", "ggn"):
+            raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
         v = self.kernels.as_native(vectors, floating=True)
         d = self.num_parameters
         single = len(v.shape) == 1
@@ -532,7 +519,7 @@ class InfluenceModel:
             data,
             batch_size,
             lambda b: self.batch_curvature_vp(b.inputs, b.targets, v, curvature),
-            "Gauss-Newton-vector product",
+            "Hessian-vector product" if curvature == "hessian" else "Gauss-Newton-vector product",
         )
         return self.xp.reshape(out, (d,)) if single else out
 

@@ -149,12 +149,12 @@ def test_the_exactness_check_catches_wrong_factors_and_a_wrong_correction(monkey
         fitted = solver(damping=1e-3, fisher="empirical").fit(model, train)
         return float((fitted.solve(V) - exact).abs().max() / exact.abs().max())
 
-    eigh, squares = kfac._eigh, kfac._rotated_squares
+    eigh, squares = kfac._eigh, kfac._summed_rotated_squares
     with monkeypatch.context() as patch:  # S summed instead of averaged, say: a scale error
         patch.setattr(kfac, "_eigh", lambda m: (lambda v, q, j: (2 * v, q, j))(*eigh(m)))
         assert gap(KFACIHVP) > 0.1
     with monkeypatch.context() as patch:  # a sample's gradient mis-scaled in the correction pass
-        patch.setattr(kfac, "_rotated_squares", lambda *a: 1.5**2 * squares(*a))
+        patch.setattr(kfac, "_summed_rotated_squares", lambda *a: 1.5**2 * squares(*a))
         assert gap(EKFACIHVP) > 0.1
     assert gap(KFACIHVP) < 1e-10 and gap(EKFACIHVP) < 1e-10
 
@@ -257,3 +257,54 @@ def test_an_eigendecomposition_that_does_not_converge_is_retried_with_jitter(mon
         (retried.solve(V) - reference.solve(V)).abs().max() / reference.solve(V).abs().max()
     )
     assert gap < 1e-6  # the jitter (1e-12 of the mean eigenvalue) is removed from the eigenvalues
+
+
+def test_nan_in_the_layer_statistics_names_the_samples() -> None:
+    """At the fit (the factors) and when scoring (a training side): the sample index, not a NaN score."""
+    from influence_core import NonFiniteGradientError
+
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+    ).double()
+    model = InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"), batch_size=8)
+    X, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    broken = X.clone()
+    broken[13, 2] = float("nan")
+    with pytest.raises(NonFiniteGradientError) as error:
+        EKFACIHVP(fisher="empirical").fit(model, (broken, y))
+    assert error.value.sample_indices == (13,)
+    calc = FirstOrderInfluenceCalculator(model, EKFACIHVP(fisher="empirical")).fit((X, y))
+    with pytest.raises(NonFiniteGradientError) as error:
+        calc.self_influence((broken, y))
+    assert error.value.sample_indices == (13,)
+
+
+def test_the_true_fisher_refuses_floating_targets() -> None:
+    model, train = exact_case()  # squared loss, floating targets
+    with pytest.raises(ValueError, match="for other targets use fisher='empirical'"):
+        KFACIHVP().fit(model, train)
+
+
+def test_a_backend_whose_layer_description_disagrees_with_its_parameters_is_refused() -> None:
+    """covering_layers checks each layer's p_in x p_out against its kernel's size."""
+    import dataclasses
+
+    from influence_torch.model import TorchKernels
+
+    class WrongWidth(TorchKernels):
+        def layers(self):
+            return tuple(dataclasses.replace(x, inputs=x.inputs + 1) for x in super().layers())
+
+    model, train = exact_case()
+    model.kernels = WrongWidth(model.model, model.loss_fn, None)
+    with pytest.raises(ValueError, match=r"describes layer .* as 4 x 2, but its kernel"):
+        KFACIHVP(fisher="empirical").fit(model, train)
+
+
+def test_an_unknown_curvature_is_refused() -> None:
+    model, train = exact_case()
+    with pytest.raises(ValueError, match="curvature must be 'hessian' or 'ggn'"):
+        ExactIHVP(curvature="fisher")
+    with pytest.raises(ValueError, match="curvature must be 'hessian' or 'ggn'"):
+        model.curvature_vp(train, torch.ones(model.num_parameters), "fisher")

@@ -272,3 +272,19 @@ def test_a_named_layer_that_is_not_the_last_is_refused(backend: str) -> None:
         RepresenterPointL2(model, last_layer=first).fit((X, y))
     with pytest.raises(ValueError, match="a linear layer has a kernel"):
         RepresenterPointL2(model, last_layer=model.parameter_names[-1]).fit((X, y))
+
+
+@BACKENDS
+def test_a_named_layer_followed_by_an_activation_is_refused(backend: str) -> None:
+    """The linearity guard: Φ must be f W + b of the named layer, not tanh of it."""
+    X, y = digits(50)
+    spec = ModelSpec(
+        "squashed", (64,), (Dense(16, "tanh"), Dense(10, "tanh")), "cross_entropy", "-"
+    )
+    model = build(backend, spec)
+    name = model.parameter_names[-1].rpartition("." if backend == "torch" else "/")[0]
+    with pytest.raises(ValueError, match=r"not f\(x\) W \+ b"):
+        RepresenterPointL2(model, last_layer=name).fit((X, y))
+    linear = build(backend, MLP)  # the same name on a linear head passes the guard
+    linear_name = linear.parameter_names[-1].rpartition("." if backend == "torch" else "/")[0]
+    RepresenterPointL2(linear, last_layer=linear_name).fit((X, y))

@@ -36,7 +36,6 @@ Fisher); every selected parameter must belong to a supported layer.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -110,8 +109,12 @@ class KFACIHVP(InverseHessianVectorProduct):
         return model.kernels.as_native(sampled.astype(np.int64))
 
     def _statistics(self, model: InfluenceModel, batch: Batch) -> dict[str, tuple[Array, Array]]:
+        """One batch's layer statistics at the Fisher's labels; NaN/inf names the samples."""
         targets = self._targets(model, batch)
-        return model._guarded(batch, lambda b: model.kernels.layer_statistics(b.inputs, targets))
+        stats = model._guarded(batch, lambda b: model.kernels.layer_statistics(b.inputs, targets))
+        if model.check_finite:
+            _check_statistics(model, batch, stats)
+        return stats
 
     def _fit(self, model: InfluenceModel, data: Any) -> None:
         xp = model.xp
@@ -178,10 +181,9 @@ class KFACIHVP(InverseHessianVectorProduct):
         for batch in progress(batches, desc="EK-FAC eigenvalues", total=total):
             stats = self._statistics(model, batch)
             for j, block in enumerate(blocks):
-                square = _rotated_squares(
+                square = _summed_rotated_squares(
                     xp, block, stats, self.eigenvectors_a_[j], self.eigenvectors_s_[j]
                 )
-                square = xp.sum(square, axis=0)
                 sums[j] = square if sums[j] is None else sums[j] + square
         return [total_j / self.n_train_ for total_j in sums]
 
@@ -301,6 +303,8 @@ class KFACIHVP(InverseHessianVectorProduct):
         """A training batch from its layer-wise statistics (at its own labels): no (b, d) gradients."""
         self._check_fitted()
         stats = model._guarded(batch, lambda b: model.kernels.layer_statistics(b.inputs, b.targets))
+        if model.check_finite:
+            _check_statistics(model, batch, stats)
         return _LayerwiseTrainingSide(self, model, batch, stats)
 
 
@@ -312,13 +316,6 @@ class _LayerwiseTrainingSide(TrainingSide):
     ) -> None:
         self.solver, self.model, self.batch, self.stats = solver, model, batch, stats
         self.xp = solver.xp
-
-    def _layers(self) -> Iterator[tuple[int, Array]]:
-        """(layer index, its per-sample gradient matrices (b, p, o)), one layer at a time."""
-        for j, block in enumerate(self.solver.blocks_):
-            (matrix,) = layer_gradient_matrices(self.xp, [block], self.stats)
-            self._check(matrix, block)
-            yield j, matrix
 
     def scores(self, solved: Array) -> Array:
         """Σ_l vec(G_l)ᵀ P_l, one layer at a time: shape (n_test, b).
@@ -344,16 +341,15 @@ class _LayerwiseTrainingSide(TrainingSide):
                     xp.matmul(a, xp.reshape(P, (block.rows, p_out * n))), (b, p_out, n)
                 )
                 part = xp.sum(projected * g[:, 0, :, None], axis=1)  # (b, n)
-                self._check(part, block)
             else:
                 (matrix,) = layer_gradient_matrices(xp, [block], self.stats)
-                self._check(matrix, block)
                 part = xp.matmul(xp.reshape(matrix, (int(matrix.shape[0]), -1)), P)
+            self._check(part, block)  # finite statistics can still overflow in the products
             total = part if total is None else total + part
         return xp.matrix_transpose(total)
 
     def _check(self, values: Array, block: LayerBlock) -> None:
-        """NaN/inf in a layer's gradients (or scores) names the samples."""
+        """NaN/inf in a layer's scores or quadratic forms (b, ·) names the samples."""
         if self.model.check_finite and not self.model._all_finite(values):
             flat = self.xp.reshape(values, (int(values.shape[0]), -1))
             raise NonFiniteGradientError(
@@ -379,39 +375,78 @@ class _LayerwiseTrainingSide(TrainingSide):
         return self.xp.sqrt(self._weighted(2))
 
 
+def _check_statistics(
+    model: InfluenceModel, batch: Batch, stats: dict[str, tuple[Array, Array]]
+) -> None:
+    """NaN/inf in any layer's inputs or output gradients: raise, naming the samples."""
+    xp = model.xp
+    for name, (a, g) in stats.items():
+        for what, values in (("inputs", a), ("output gradients", g)):
+            if not model._all_finite(values):
+                flat = xp.reshape(values, (int(values.shape[0]), -1))
+                raise NonFiniteGradientError(
+                    f"layer statistics ({what} of layer {name!r})",
+                    model._bad_rows(flat, batch.start),
+                )
+
+
+def _rank_one_factors(
+    xp: Any, block: LayerBlock, stats: dict[str, tuple[Array, Array]], qa: Array, qs: Array
+) -> tuple[Array, Array] | None:
+    """(u², v²) with u = Q_Aᵀ ã, v = Q_Sᵀ g, for a layer applied once per sample (T = 1); else None.
+
+    Its gradient is then the rank-one G = ã gᵀ, so R = Q_Aᵀ G Q_S = u vᵀ and
+    R² = u² (v²)ᵀ: nothing of shape (b, p, o) is needed.
+    """
+    a, g = stats[block.layer.name]
+    if int(a.shape[1]) != 1:
+        return None
+    b = int(a.shape[0])
+    a = a[:, 0, :]
+    if block.bias_offset is not None:
+        a = xp.concat([a, xp.ones((b, 1), dtype=a.dtype)], axis=1)
+    u, v = xp.matmul(a, qa), xp.matmul(g[:, 0, :], qs)
+    return u * u, v * v
+
+
+def _rotated_matrix_squares(
+    xp: Any, block: LayerBlock, stats: dict[str, tuple[Array, Array]], qa: Array, qs: Array
+) -> Array:
+    """(Q_Aᵀ G_i Q_S)² per sample, (b, p, o), G formed (a layer with T > 1 positions)."""
+    (matrix,) = layer_gradient_matrices(xp, [block], stats)
+    rotated = xp.matmul(xp.matmul(xp.matrix_transpose(qa), matrix), qs)
+    return rotated * rotated
+
+
 def _rotated_squares(
     xp: Any,
     block: LayerBlock,
     stats: dict[str, tuple[Array, Array]],
     qa: Array,
     qs: Array,
-    weights: Array | None = None,
+    weights: Array,
 ) -> Array:
-    """(Q_Aᵀ G_i Q_S)² per sample, (b, p, o); with ``weights`` (p, o), its weighted sum (b,).
+    """Σ_jk (Q_Aᵀ G_i Q_S)²_jk · weights_jk per sample: shape (b,).
 
-    A layer applied once per sample (T = 1) has the rank-one gradient G = ã gᵀ, so
-    R = (Q_Aᵀ ã)(Q_Sᵀ g)ᵀ = u vᵀ and R² = u² (v²)ᵀ: the weighted sum is
-    Σ_k ((u²) W)_k v_k², O(b (p² + p o)) instead of O(b p² o), and no (b, p, o)
-    array unless the squares themselves are asked for. With T > 1 positions
-    G is formed and rotated.
+    With T = 1, Σ_k ((u²) W)_k v²_k: O(b (p² + p o)) instead of O(b p² o).
     """
-    a, g = stats[block.layer.name]
-    if int(a.shape[1]) == 1:
-        b = int(a.shape[0])
-        a = a[:, 0, :]
-        if block.bias_offset is not None:
-            a = xp.concat([a, xp.ones((b, 1), dtype=a.dtype)], axis=1)
-        u, v = xp.matmul(a, qa), xp.matmul(g[:, 0, :], qs)
-        u, v = u * u, v * v
-        if weights is None:
-            return u[:, :, None] * v[:, None, :]
-        return xp.sum(xp.matmul(u, weights) * v, axis=1)
-    (matrix,) = layer_gradient_matrices(xp, [block], stats)
-    rotated = xp.matmul(xp.matmul(xp.matrix_transpose(qa), matrix), qs)
-    squares = rotated * rotated
-    if weights is None:
-        return squares
+    factors = _rank_one_factors(xp, block, stats, qa, qs)
+    if factors is not None:
+        u2, v2 = factors
+        return xp.sum(xp.matmul(u2, weights) * v2, axis=1)
+    squares = _rotated_matrix_squares(xp, block, stats, qa, qs)
     return xp.sum(xp.reshape(squares * weights, (int(squares.shape[0]), -1)), axis=1)
+
+
+def _summed_rotated_squares(
+    xp: Any, block: LayerBlock, stats: dict[str, tuple[Array, Array]], qa: Array, qs: Array
+) -> Array:
+    """Σ_i (Q_Aᵀ G_i Q_S)² over the batch, (p, o): EK-FAC's correction; (u²)ᵀ(v²) when T = 1."""
+    factors = _rank_one_factors(xp, block, stats, qa, qs)
+    if factors is not None:
+        u2, v2 = factors
+        return xp.matmul(xp.matrix_transpose(u2), v2)
+    return xp.sum(_rotated_matrix_squares(xp, block, stats, qa, qs), axis=0)
 
 
 class EKFACIHVP(KFACIHVP):
