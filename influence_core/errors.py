@@ -13,6 +13,7 @@ __all__ = [
     "BackendNotFoundError",
     "ChunkRecomputedWarning",
     "ConvergenceWarning",
+    "CostLimitError",
     "DatasetFormatError",
     "DuplicateBackendError",
     "EmptyDataError",
@@ -126,6 +127,15 @@ class NotPositiveDefiniteError(ValueError):
             "train the model closer to a minimum, or restrict influence to layers where the "
             "loss is convex (e.g. the last layer)."
         )
+
+
+class CostLimitError(ValueError):
+    """A request would cost far more than its result is worth with this solver; refused up front.
+
+    Raised before any work, with the estimate and the cheaper routes (a
+    factored solver), e.g. self-influence through an iterative solver, which
+    solves one block per training batch: O(n_train × n_fit) HVPs.
+    """
 
 
 class ConvergenceWarning(UserWarning):

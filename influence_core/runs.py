@@ -75,6 +75,7 @@ def run_influence(
 ) -> Array:
     """:meth:`~InfluenceCalculator.influence` (n_test, n_train), chunk by chunk, resumable."""
     model = calculator.model
+    calculator.check_cost("influence", train_data)
     prepared = _test_side_once(calculator, test_data)
 
     def compute(chunk: list[tuple[Any, Any]], start: int) -> dict[str, np.ndarray]:
@@ -100,6 +101,7 @@ def run_self_influence(
 ) -> Array:
     """:meth:`~InfluenceCalculator.self_influence` (n_train,), chunk by chunk, resumable."""
     model = calculator.model
+    calculator.check_cost("self-influence", train_data)
 
     def compute(chunk: list[tuple[Any, Any]], start: int) -> dict[str, np.ndarray]:
         return {"values": host(model, calculator.self_influence(chunk))}

@@ -136,6 +136,15 @@ class InfluenceCalculator(ABC):
         """:meth:`influence` from :meth:`prepare_test` output: one pass over the training data."""
         return self._collect(prepared, train_data, None)
 
+    def check_cost(self, what: str, train_data: Any = None) -> None:
+        """Refuse up front a request (``"influence"``, ``"self-influence"``) that would cost far more than usual.
+
+        Raises :class:`~influence_core.errors.CostLimitError` with the estimate;
+        a calculator whose every result is a product per batch refuses nothing.
+        The calculators call it themselves; chunked runs call it once for all chunks.
+        """
+        return None
+
     def _batch_total(self, data: Any) -> int | None:
         """Training batches of ``data`` (progress-bar totals), when known without a pass."""
         return self.model.num_batches(data, self.batch_size)

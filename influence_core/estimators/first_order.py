@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..ihvp import ExactIHVP, InverseHessianVectorProduct
-from ..ihvp.base import TrainingSide
+from ..ihvp.base import TrainingSide, known_size
 from ..model import InfluenceModel
 from ..progress import progress
 from .base import Array, InfluenceCalculator
@@ -108,12 +108,23 @@ class FirstOrderInfluenceCalculator(InfluenceCalculator):
         values = side.quadratic_forms()
         return values if norms is None else values / norms
 
+    def check_cost(self, what: str, train_data: Any = None) -> None:
+        """Self-influence and RelatIF solve per training point: refused when the solver's estimate is too high.
+
+        See :meth:`~influence_core.ihvp.InverseHessianVectorProduct.check_per_point_solves`.
+        """
+        if what == "self-influence" or self.normalize:
+            train = self.training_data(train_data)
+            label = what if what == "self-influence" else f"RelatIF {what} (normalize=True)"
+            self.ihvp.check_per_point_solves(known_size(self.model, train, self.batch_size), label)
+
     # -- results ------------------------------------------------------------------
     def prepare_test(self, test_data: Any) -> Array:
         """The solved test block (:meth:`solve_test_gradients`)."""
         return self.solve_test_gradients(test_data)
 
     def _scores_from_prepared(self, prepared: Any, train_data: Any) -> Iterator[tuple[int, Array]]:
+        self.check_cost("influence", train_data)
         for batch, side in self._training_sides(train_data):
             yield batch.start, self._scores_of(prepared, side, self._norms(side))
 
@@ -126,6 +137,7 @@ class FirstOrderInfluenceCalculator(InfluenceCalculator):
         per batch). High self-influence flags mislabelled or atypical points.
         """
         train = self.training_data(train_data)
+        self.check_cost("self-influence", train)
         stream = progress(
             self._training_sides(train), desc="self-influence", total=self._batch_total(train)
         )
@@ -139,9 +151,10 @@ class FirstOrderInfluenceCalculator(InfluenceCalculator):
         Each training batch's gradients (and, for RelatIF, their norms) serve
         both its block of scores and its self-influences.
         """
+        train = self.training_data(train_data)
+        self.check_cost("self-influence", train)
         solved = self.prepare_test(test_data)
         blocks, parts = [], []
-        train = self.training_data(train_data)
         stream = progress(
             self._training_sides(train),
             desc="influence and self-influence",

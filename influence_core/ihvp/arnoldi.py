@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import CostLimitError
 from ..model import InfluenceModel
 from ..progress import progress
 from .base import DEFAULT_DAMPING, Array, InverseHessianVectorProduct
@@ -40,6 +41,7 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         rank: k, the eigenpairs kept.
         iterations: Arnoldi steps (default 2k, at most d).
         seed: seed of the start vector (and of restarts).
+        memory_budget: bytes the basis and eigenvectors may take (``None``: no check).
         curvature: ``"hessian"`` or ``"ggn"`` (the Gauss–Newton matrix; see
             :class:`~influence_core.ihvp.InverseHessianVectorProduct`).
     """
@@ -53,6 +55,7 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         rank: int = 50,
         iterations: int | None = None,
         seed: int = 0,
+        memory_budget: int | None = None,
     ) -> None:
         super().__init__(damping=damping, batch_size=batch_size, curvature=curvature)
         if (
@@ -66,6 +69,14 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         self.rank = int(rank)
         self.iterations = None if iterations is None else int(iterations)
         self.seed = int(seed)
+        if memory_budget is not None and int(memory_budget) < 1:
+            raise ValueError(
+                f"memory_budget must be a positive number of bytes, got {memory_budget}"
+            )
+        self.memory_budget = None if memory_budget is None else int(memory_budget)
+
+    #: Columns per block of the Krylov basis (joined once when full).
+    BLOCK = 32
 
     def get_params(self) -> dict[str, Any]:
         return {
@@ -73,6 +84,7 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
             "rank": self.rank,
             "iterations": self.iterations,
             "seed": self.seed,
+            **({} if self.memory_budget is None else {"memory_budget": self.memory_budget}),
         }
 
     def _fit(self, model: InfluenceModel, data: Any) -> None:
@@ -81,6 +93,16 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         if self.rank > iterations:
             raise ValueError(
                 f"need rank ≤ iterations ≤ d={d}; got rank={self.rank}, iterations={iterations}"
+            )
+        itemsize = model.to_numpy(model.xp.zeros((1,), dtype=model.dtype)).dtype.itemsize
+        #: Estimated bytes of the basis, the eigenvectors and one block in flight.
+        self.memory_bytes_ = d * (iterations + self.rank + self.BLOCK) * itemsize
+        if self.memory_budget is not None and self.memory_bytes_ > self.memory_budget:
+            raise CostLimitError(
+                f"ArnoldiIHVP with iterations={iterations} and rank={self.rank} at d = {d} keeps "
+                f"a basis and eigenvectors of about {self.memory_bytes_ / 2**30:.2f} GiB, over "
+                f"memory_budget={self.memory_budget / 2**30:.2f} GiB. Lower iterations (≥ rank) "
+                "or rank, select fewer parameters, or fit EKFACIHVP (memory per layer, not per d)"
             )
         #: (λ_j) shape (k,), largest first, and (u_j) as columns, shape (d, k).
         self.eigenvalues_, self.eigenvectors_ = self._arnoldi(model, data, iterations)
@@ -104,25 +126,40 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         xp, kernels = model.xp, model.kernels
         d = model.num_parameters
         rng = np.random.default_rng(self.seed)
+        full: list[Array] = []  # blocks of BLOCK basis columns, each joined once
+        filling: list[Array] = []  # the columns of the block being filled
 
-        def orthogonalise(w: Array, basis: list[Array]) -> tuple[Array, Any]:
-            """w minus its projection on the basis (classical Gram-Schmidt, twice)."""
-            Q = xp.concat(basis, axis=1)
+        def blocks() -> list[Array]:
+            return full + ([xp.concat(filling, axis=1)] if filling else [])
+
+        def orthogonalise(w: Array) -> tuple[Array, np.ndarray]:
+            """w minus its projection on the basis (block Gram-Schmidt, twice)."""
+            current = blocks()
             total = 0.0
             for _ in range(2):
-                coefficients = xp.matmul(xp.matrix_transpose(Q), w)
-                w = w - xp.matmul(Q, coefficients)
-                total = total + kernels.to_numpy(coefficients)[:, 0]
+                parts = []
+                for Q in current:
+                    coefficients = xp.matmul(xp.matrix_transpose(Q), w)
+                    w = w - xp.matmul(Q, coefficients)
+                    parts.append(kernels.to_numpy(coefficients)[:, 0])
+                total = total + np.concatenate(parts)
             return w, total
+
+        def append(column: Array) -> None:
+            filling.append(column)
+            if len(filling) == self.BLOCK:
+                full.append(xp.concat(filling, axis=1))
+                filling.clear()
 
         # Random directions are drawn in the canonical (framework-neutral) layout, so the
         # same seed spans the same Krylov space in every backend.
         start = rng.normal(size=(d, 1))
-        basis = [model.from_canonical(start / np.linalg.norm(start))]
+        append(model.from_canonical(start / np.linalg.norm(start)))
+        latest = filling[-1] if filling else full[-1][:, -1:]
         projection = np.zeros((m, m))
         for j in progress(range(m), desc="Arnoldi"):
             w, coefficients = orthogonalise(
-                model.curvature_vp(data, basis[j], self.curvature, self.batch_size), basis
+                model.curvature_vp(data, latest, self.curvature, self.batch_size)
             )
             projection[: j + 1, j] = coefficients
             if j + 1 == m:
@@ -130,18 +167,25 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
             norm = float(xp.linalg.vector_norm(w))
             if norm > 1e-10 * max(1.0, float(np.abs(projection[: j + 1, : j + 1]).max())):
                 projection[j + 1, j] = norm
-                basis.append(w / norm)
-                continue
-            # Breakdown: the Krylov space is invariant under H (a repeated or zero
-            # eigenvalue). Restart from a fresh random direction orthogonal to it, so
-            # a multi-dimensional eigenspace (e.g. softmax's null space) is spanned too.
-            fresh, _ = orthogonalise(model.from_canonical(rng.normal(size=(d, 1))), basis)
-            basis.append(fresh / xp.linalg.vector_norm(fresh))
+                latest = w / norm
+            else:
+                # Breakdown: the Krylov space is invariant under H (a repeated or zero
+                # eigenvalue). Restart from a fresh random direction orthogonal to it, so
+                # a multi-dimensional eigenspace (e.g. softmax's null space) is spanned too.
+                fresh, _ = orthogonalise(model.from_canonical(rng.normal(size=(d, 1))))
+                latest = fresh / xp.linalg.vector_norm(fresh)
+            append(latest)
         T = 0.5 * (projection + projection.T)  # symmetric H: tridiagonal up to rounding
         values, vectors = np.linalg.eigh(T)
         keep = np.argsort(values)[::-1][: self.rank]  # the LARGEST eigenvalues
-        Q = xp.concat(basis, axis=1)
-        eigenvectors = xp.matmul(Q, kernels.as_native(vectors[:, keep], floating=True))
+        # U = Q W, block by block: no second copy of the basis.
+        eigenvectors, row = None, 0
+        for Q in blocks():
+            width = int(Q.shape[1])
+            w = kernels.as_native(vectors[row : row + width][:, keep], floating=True)
+            part = xp.matmul(Q, w)
+            eigenvectors = part if eigenvectors is None else eigenvectors + part
+            row += width
         return kernels.as_native(values[keep], floating=True), eigenvectors
 
     def _solve_block(self, vectors: Array) -> Array:

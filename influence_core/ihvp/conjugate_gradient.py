@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import ConvergenceWarning, NotPositiveDefiniteError
 from ..progress import progress_counter
-from .base import DEFAULT_DAMPING, Array, InverseHessianVectorProduct
+from .base import DEFAULT_DAMPING, PER_POINT_LIMIT, Array, InverseHessianVectorProduct, known_size
 
 __all__ = ["ConjugateGradientIHVP"]
 
@@ -38,6 +38,10 @@ class ConjugateGradientIHVP(InverseHessianVectorProduct):
         maxiter: the most iterations (data passes) per solve.
         curvature: ``"hessian"`` or ``"ggn"`` (the Gauss–Newton matrix; see
             :class:`~influence_core.ihvp.InverseHessianVectorProduct`).
+        per_point_limit: the most estimated multiply-adds (d × training points ×
+            ``maxiter`` × fitted samples) that self-influence or RelatIF may take,
+            one block solve per training batch; beyond it they are refused up
+            front (:class:`~influence_core.errors.CostLimitError`). ``None``: no limit.
     """
 
     def __init__(
@@ -48,6 +52,7 @@ class ConjugateGradientIHVP(InverseHessianVectorProduct):
         curvature: str = "hessian",
         tol: float = 1e-10,
         maxiter: int = 100,
+        per_point_limit: float | None = PER_POINT_LIMIT,
     ) -> None:
         super().__init__(damping=damping, batch_size=batch_size, curvature=curvature)
         if int(maxiter) != maxiter or maxiter < 1:
@@ -59,9 +64,21 @@ class ConjugateGradientIHVP(InverseHessianVectorProduct):
             raise ValueError(f"tol must be a finite number ≥ 0, got {tol}")
         self.tol = float(tol)
         self.maxiter = int(maxiter)
+        self.per_point_limit = None if per_point_limit is None else float(per_point_limit)
 
     def get_params(self) -> dict[str, Any]:
-        return {**super().get_params(), "tol": self.tol, "maxiter": self.maxiter}
+        params = {**super().get_params(), "tol": self.tol, "maxiter": self.maxiter}
+        if self.per_point_limit != PER_POINT_LIMIT:
+            params["per_point_limit"] = self.per_point_limit
+        return params
+
+    def samples_per_solve(self) -> int | None:
+        """Up to ``maxiter`` HVP passes over the fitted samples (unknown size: no estimate)."""
+        n_fit = known_size(self.model_, self.data_, self.batch_size)
+        return None if n_fit is None else self.maxiter * n_fit
+
+    def _solve_cost_reason(self) -> str:
+        return f"up to maxiter={self.maxiter} passes over the fitted data"
 
     def _solve_block(self, vectors: Array) -> Array:
         xp = self.xp

@@ -13,7 +13,13 @@ from ..data import Batch, is_array_pair, leading_dim, rebatched, take_samples
 from ..errors import ConvergenceWarning, LissaDivergenceError
 from ..progress import progress
 from ..tree import tree_map
-from .base import DEFAULT_DAMPING, Array, InverseHessianVectorProduct
+from .base import (
+    DEFAULT_DAMPING,
+    PER_POINT_LIMIT,
+    Array,
+    InverseHessianVectorProduct,
+    known_size,
+)
 
 __all__ = ["LissaIHVP", "largest_eigenvalue"]
 
@@ -76,6 +82,10 @@ class LissaIHVP(InverseHessianVectorProduct):
         check_samples: training points the residual check uses at most.
         curvature: ``"hessian"`` or ``"ggn"`` (the Gauss–Newton matrix; see
             :class:`~influence_core.ihvp.InverseHessianVectorProduct`).
+        per_point_limit: the most estimated multiply-adds (d × training points ×
+            per-sample HVPs of one solve) that self-influence or RelatIF may
+            take; beyond it they are refused up front
+            (:class:`~influence_core.errors.CostLimitError`). ``None``: no limit.
     """
 
     def __init__(
@@ -90,6 +100,7 @@ class LissaIHVP(InverseHessianVectorProduct):
         tol: float | None = 0.1,
         check_samples: int = 4096,
         curvature: str = "hessian",
+        per_point_limit: float | None = PER_POINT_LIMIT,
     ) -> None:
         super().__init__(damping=damping, batch_size=batch_size, curvature=curvature)
         if not (math.isfinite(float(scale)) and scale > 0):
@@ -105,6 +116,7 @@ class LissaIHVP(InverseHessianVectorProduct):
         self.seed = int(seed)
         self.tol = None if tol is None else float(tol)
         self.check_samples = int(check_samples)
+        self.per_point_limit = None if per_point_limit is None else float(per_point_limit)
 
     def get_params(self) -> dict[str, Any]:
         return {
@@ -115,7 +127,26 @@ class LissaIHVP(InverseHessianVectorProduct):
             "seed": self.seed,
             "tol": self.tol,
             "check_samples": self.check_samples,
+            **(
+                {}
+                if self.per_point_limit == PER_POINT_LIMIT
+                else {"per_point_limit": self.per_point_limit}
+            ),
         }
+
+    def samples_per_solve(self) -> int | None:
+        """repetitions × depth mini-batches, plus the residual check's pass."""
+        steps = self.repetitions * self.depth * (self.batch_size or self.model_.batch_size)
+        if self.tol is None:
+            return steps
+        n_fit = known_size(self.model_, self.data_)
+        return steps + min(self.check_samples, n_fit if n_fit is not None else self.check_samples)
+
+    def _solve_cost_reason(self) -> str:
+        return (
+            f"repetitions={self.repetitions} × depth={self.depth} mini-batches of "
+            f"{self.batch_size or self.model_.batch_size}, and the residual check"
+        )
 
     def _minibatches(self, rng: np.random.Generator) -> Iterator[tuple[Any, Any]]:
         batch_size = self.batch_size or self.model_.batch_size
