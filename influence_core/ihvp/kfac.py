@@ -26,6 +26,17 @@ for every layer. Eigendecompositions run on the host in float64 and are
 retried with a growing jitter if LAPACK does not converge (``jitter_`` records
 it), so an ill-conditioned factor never fails the fit.
 
+**Low-rank query side** (``query_rank=r``, as kronfluence's
+``query_gradient_low_rank``): each test point's solved layer matrix
+P = (F̂ + λI)⁻¹ G_test ((p_in + 1) × p_out) is kept as its best rank-r
+approximation P_r = L R from a float64 SVD on the host (Eckart–Young), r (p + o)
+numbers instead of p o, and a training sample scores as Σ_t (ã_t L)·(R g_t)
+without forming P. Its error is the discarded singular values:
+‖P − P_r‖_F / ‖P‖_F = (Σ_{j>r} σ_j² / Σ_j σ_j²)^{1/2}, recorded per layer
+(worst test point) in ``query_truncation_`` on every :meth:`test_side`; the
+score error of layer l is at most ‖G_train,l‖_F ‖P_l − P_r,l‖_F (Cauchy–Schwarz).
+A layer where r (p + o) ≥ p o keeps P whole. Self-influence does not use it.
+
 Cost: one pass over the data for A and S (K-FAC), two for EK-FAC; memory per
 layer, (p_in + 1)² + p_out² for the factors and (p_in + 1) · p_out for Λ,
 never per n, and no (b, d) matrix: a solve of k right-hand sides costs two
@@ -61,6 +72,8 @@ class KFACIHVP(InverseHessianVectorProduct):
         fisher: ``"true"`` (labels sampled from the model, seeded) or ``"empirical"``.
         seed: seed of the sampled labels.
         batch_size: batch size for ``(X, y)`` arrays.
+        query_rank: keep each solved test layer matrix at this rank (see the
+            module docstring); ``None`` keeps it whole.
     """
 
     #: EK-FAC corrects the eigenvalues with a second pass; K-FAC keeps λ_A λ_Sᵀ.
@@ -73,8 +86,12 @@ class KFACIHVP(InverseHessianVectorProduct):
         fisher: Fisher = "true",
         seed: int = 0,
         batch_size: int | None = None,
+        query_rank: int | None = None,
     ) -> None:
         super().__init__(damping=0.0 if damping is None else damping, batch_size=batch_size)
+        if query_rank is not None and (int(query_rank) != query_rank or query_rank < 1):
+            raise ValueError(f"query_rank must be an integer ≥ 1 or None, got {query_rank}")
+        self.query_rank = None if query_rank is None else int(query_rank)
         self.damping = None if damping is None else self.damping  # type: ignore[assignment]
         if fisher not in ("true", "empirical"):
             raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
@@ -87,6 +104,7 @@ class KFACIHVP(InverseHessianVectorProduct):
             "fisher": self.fisher,
             "seed": self.seed,
             "batch_size": self.batch_size,
+            **({} if self.query_rank is None else {"query_rank": self.query_rank}),
         }
 
     # -- fitting --------------------------------------------------------------------
@@ -277,8 +295,22 @@ class KFACIHVP(InverseHessianVectorProduct):
         k = int(matrices[0].shape[0])
         return xp.matrix_transpose(xp.concat([xp.reshape(m, (k, -1)) for m in matrices], axis=1))
 
+    def query_ranks(self) -> list[int | None]:
+        """Per layer, the rank its solved test matrices are kept at (``None``: whole)."""
+        self._check_fitted()
+        ranks: list[int | None] = []
+        for block in self.blocks_:
+            p, o = block.rows, block.layer.outputs
+            r = None if self.query_rank is None else min(self.query_rank, p, o)
+            ranks.append(r if r is not None and r * (p + o) < p * o else None)
+        return ranks
+
     def test_side(self, grads: Array) -> Array:
-        """(F̂ + λI)⁻¹ gᵢ as per-layer matrices, flattened: shape (d, n) for gradients (n, d)."""
+        """(F̂ + λI)⁻¹ gᵢ as per-layer matrices, flattened: shape (m, n) for gradients (n, d).
+
+        m = d when whole; with ``query_rank`` a layer contributes its factors
+        L ((p, r), σ folded in) and R ((r, o)) instead, r (p + o) rows.
+        """
         self._check_fitted()
         xp = self.xp
         rotated = self._rotated(
@@ -290,11 +322,28 @@ class KFACIHVP(InverseHessianVectorProduct):
                 rotated, self._scales(), self.eigenvectors_a_, self.eigenvectors_s_, strict=True
             )
         ]
-        return self._flat(solved)
+        if self.query_rank is None:
+            return self._flat(solved)
+        pieces, self.query_truncation_ = [], []
+        for matrix, rank in zip(solved, self.query_ranks(), strict=True):
+            k = int(matrix.shape[0])
+            if rank is None:
+                pieces.append(xp.reshape(matrix, (k, -1)))
+                self.query_truncation_.append(0.0)
+                continue
+            left, right, error = _low_rank(self.model_, matrix, rank)
+            pieces += [xp.reshape(left, (k, -1)), xp.reshape(right, (k, -1))]
+            self.query_truncation_.append(error)
+        return xp.matrix_transpose(xp.concat(pieces, axis=1))
 
     def train_side(self, grads: Array) -> Array:
         """Gradients (b, d) as per-layer matrices, flattened like :meth:`test_side`: (b, d)."""
         self._check_fitted()
+        if self.query_rank is not None:
+            raise ValueError(
+                "with query_rank the test side holds low-rank factors, not matrices a flat "
+                "gradient can meet; score training batches through training_side()"
+            )
         xp = self.xp
         matrices = self._matrices(self.model_.to_canonical(xp.matrix_transpose(grads)))
         return xp.matrix_transpose(self._flat(matrices))
@@ -324,29 +373,62 @@ class _LayerwiseTrainingSide(TrainingSide):
         vec(ã gᵀ)ᵀ vec(P) = ãᵀ P g, so its scores are (ã P) ⊙ g summed over the
         outputs, O(b p o n) with no (b, p, o) array. With T > 1 positions,
         forming G_l (b p o T) and one product (b p o n) is cheaper than T of those.
+        A low-rank layer (P = L R) scores Σ_t (ã_t L)·(R g_t): O(b T r (p + o) n).
         """
         xp, total, start = self.xp, None, 0
         n = int(solved.shape[1])
-        for block in self.solver.blocks_:
-            size = block.rows * block.layer.outputs
-            P = solved[start : start + size, :]
-            start += size
-            a, g = self.stats[block.layer.name]
-            if int(a.shape[1]) == 1:
-                b, p_out = int(a.shape[0]), block.layer.outputs
-                a = a[:, 0, :]
-                if block.bias_offset is not None:
-                    a = xp.concat([a, xp.ones((b, 1), dtype=a.dtype)], axis=1)
-                projected = xp.reshape(
-                    xp.matmul(a, xp.reshape(P, (block.rows, p_out * n))), (b, p_out, n)
-                )
-                part = xp.sum(projected * g[:, 0, :, None], axis=1)  # (b, n)
+        for block, rank in zip(self.solver.blocks_, self.solver.query_ranks(), strict=True):
+            p, o = block.rows, block.layer.outputs
+            if rank is not None:
+                left = solved[start : start + p * rank, :]
+                right = solved[start + p * rank : start + rank * (p + o), :]
+                start += rank * (p + o)
+                part = self._low_rank_scores(block, left, right, rank, n)
             else:
-                (matrix,) = layer_gradient_matrices(xp, [block], self.stats)
-                part = xp.matmul(xp.reshape(matrix, (int(matrix.shape[0]), -1)), P)
+                P = solved[start : start + p * o, :]
+                start += p * o
+                part = self._whole_scores(block, P, n)
             self._check(part, block)  # finite statistics can still overflow in the products
             total = part if total is None else total + part
         return xp.matrix_transpose(total)
+
+    def _inputs(self, block: LayerBlock) -> Array:
+        """ã, the layer's inputs with the bias's constant 1 appended: (b, T, p)."""
+        xp = self.xp
+        a = self.stats[block.layer.name][0]
+        if block.bias_offset is None:
+            return a
+        ones = xp.ones((int(a.shape[0]), int(a.shape[1]), 1), dtype=a.dtype)
+        return xp.concat([a, ones], axis=2)
+
+    def _whole_scores(self, block: LayerBlock, P: Array, n: int) -> Array:
+        xp = self.xp
+        a, g = self.stats[block.layer.name]
+        if int(a.shape[1]) == 1:
+            b, p_out = int(a.shape[0]), block.layer.outputs
+            projected = xp.reshape(
+                xp.matmul(self._inputs(block)[:, 0, :], xp.reshape(P, (block.rows, p_out * n))),
+                (b, p_out, n),
+            )
+            return xp.sum(projected * g[:, 0, :, None], axis=1)  # (b, n)
+        (matrix,) = layer_gradient_matrices(xp, [block], self.stats)
+        return xp.matmul(xp.reshape(matrix, (int(matrix.shape[0]), -1)), P)
+
+    def _low_rank_scores(
+        self, block: LayerBlock, left: Array, right: Array, rank: int, n: int
+    ) -> Array:
+        """Σ_t Σ_r (ã_t L)_r (R g_t)_r per test point, with L (p, r) and R (r, o) per column."""
+        xp = self.xp
+        a = self._inputs(block)
+        g = self.stats[block.layer.name][1]
+        b, T = int(a.shape[0]), int(a.shape[1])
+        p, o = block.rows, block.layer.outputs
+        # left: (p·r, n) → (p, r·n); right: (r·o, n) → (r, o, n) → (o, r·n).
+        L = xp.reshape(left, (p, rank * n))
+        R = xp.reshape(xp.permute_dims(xp.reshape(right, (rank, o, n)), (1, 0, 2)), (o, rank * n))
+        aL = xp.matmul(xp.reshape(a, (b * T, p)), L)  # (b T, r n)
+        gR = xp.matmul(xp.reshape(g, (b * T, o)), R)
+        return xp.sum(xp.reshape(aL * gR, (b, T * rank, n)), axis=1)
 
     def _check(self, values: Array, block: LayerBlock) -> None:
         """NaN/inf in a layer's scores or quadratic forms (b, ·) names the samples."""
@@ -373,6 +455,27 @@ class _LayerwiseTrainingSide(TrainingSide):
 
     def solved_norms(self) -> Array:
         return self.xp.sqrt(self._weighted(2))
+
+
+def _low_rank(model: InfluenceModel, matrices: Array, rank: int) -> tuple[Array, Array, float]:
+    """Best rank-r factors of each (p, o) matrix: L = U_r diag(σ_r) (k, p, r), R = V_rᵀ (k, r, o).
+
+    A float64 SVD on the host; also the worst relative Frobenius error
+    (Σ_{j>r} σ_j² / Σ σ_j²)^{1/2} over the k matrices.
+    """
+    host = np.asarray(model.to_numpy(matrices), np.float64)
+    u, sigma, vt = np.linalg.svd(host, full_matrices=False)
+    left = u[:, :, :rank] * sigma[:, None, :rank]
+    right = vt[:, :rank, :]
+    total = np.sum(sigma**2, axis=1)
+    kept = np.sum(sigma[:, :rank] ** 2, axis=1)
+    error = np.sqrt(np.maximum(total - kept, 0.0) / np.where(total > 0, total, 1.0))
+    native = model.kernels.as_native
+    return (
+        native(np.ascontiguousarray(left), floating=True),
+        native(np.ascontiguousarray(right), floating=True),
+        float(error.max()) if len(error) else 0.0,
+    )
 
 
 def _check_statistics(

@@ -92,6 +92,11 @@ def estimates(backend: str, spec_name: str) -> dict[str, np.ndarray]:
         "EK-FAC, true Fisher": host(
             FirstOrderInfluenceCalculator(model, EKFACIHVP(seed=3)).fit(train).influence(test)
         ),
+        "EK-FAC, empirical Fisher, rank-2 query side": host(
+            FirstOrderInfluenceCalculator(model, EKFACIHVP(fisher="empirical", query_rank=2))
+            .fit(train)
+            .influence(test)
+        ),
         "TracIn, projected, two checkpoints": host(
             TracIn(model, [halfway, model.kernels.save_state()], [0.3, 0.1], projection_dim=8)
             .fit(train)
