@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .specs import Conv2D, Dense, ModelSpec
+from .specs import Conv2D, Dense, GlobalAveragePool, ModelSpec
 
 __all__ = [
     "closed_form_hessian",
@@ -64,6 +64,9 @@ def _forward(spec: ModelSpec, weights: list[np.ndarray], X: np.ndarray, record: 
             k = layer.kernel_size
             windows = sliding_window_view(h, (k, k), axis=(1, 2))  # (n, H', W', C, k, k)
             a = np.einsum("nhwcij,ijco->nhwo", windows, kernel) + bias
+        elif isinstance(layer, GlobalAveragePool):
+            h = h.mean(axis=(1, 2))
+            continue
         else:
             h = h.reshape(h.shape[0], -1)
             continue

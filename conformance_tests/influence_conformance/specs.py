@@ -23,6 +23,7 @@ __all__ = [
     "Conv2D",
     "Dense",
     "Flatten",
+    "GlobalAveragePool",
     "ModelSpec",
     "ReferenceModel",
     "canonical_offsets",
@@ -53,12 +54,17 @@ class Flatten:
 
 
 @dataclass(frozen=True)
+class GlobalAveragePool:
+    """The mean over an image's positions: (h, w, c) → (c,) (Keras' GlobalAveragePooling2D)."""
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A sequential reference model, its loss and how its per-sample gradients are checked."""
 
     name: str
     input_shape: tuple[int, ...]
-    layers: tuple[Dense | Conv2D | Flatten, ...]
+    layers: tuple[Dense | Conv2D | Flatten | GlobalAveragePool, ...]
     loss: Literal["mse", "cross_entropy"]
     #: "closed_form" for the regressions, "finite_differences" for the rest.
     reference: Literal["closed_form", "finite_differences"]
@@ -79,6 +85,8 @@ class ModelSpec:
                 k = layer.kernel_size
                 shapes.append(((k, k, shape[-1], layer.filters), (layer.filters,)))
                 shape = (shape[0] - k + 1, shape[1] - k + 1, layer.filters)
+            elif isinstance(layer, GlobalAveragePool):
+                shape = (shape[-1],)
             else:
                 shape = (int(np.prod(shape)),)
         return shapes

@@ -12,7 +12,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from influence_conformance.specs import Conv2D, Dense, Flatten, ModelSpec, ReferenceModel
+from influence_conformance.specs import (
+    Conv2D,
+    Dense,
+    Flatten,
+    GlobalAveragePool,
+    ModelSpec,
+    ReferenceModel,
+)
 
 
 def build(spec: ModelSpec, weights: list[np.ndarray], dtype: str) -> ReferenceModel:
@@ -34,6 +41,9 @@ def build(spec: ModelSpec, weights: list[np.ndarray], dtype: str) -> ReferenceMo
                     name=name,
                 )
             )
+        elif isinstance(layer, GlobalAveragePool):
+            layers.append(keras.layers.GlobalAveragePooling2D(dtype=dtype, name=name))
+            continue
         else:
             assert isinstance(layer, Flatten)
             layers.append(keras.layers.Flatten(dtype=dtype, name=name))

@@ -17,6 +17,7 @@ from influence_conformance.specs import (
     Conv2D,
     Dense,
     Flatten,
+    GlobalAveragePool,
     ModelSpec,
     ReferenceModel,
     canonical_offsets,
@@ -28,6 +29,11 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 class _ToChannelsFirst(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.permute(0, 3, 1, 2)
+
+
+class _MeanOverPositions(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))  # NCHW
 
 
 class _FlattenChannelsLast(torch.nn.Module):
@@ -55,6 +61,11 @@ def build(spec: ModelSpec, weights: list[np.ndarray], dtype: str) -> ReferenceMo
         name = f"layer{i}"
         if isinstance(layer, Flatten):
             modules[name] = _FlattenChannelsLast() if channels_first else torch.nn.Flatten()
+            channels_first = False
+            continue
+        if isinstance(layer, GlobalAveragePool):
+            assert channels_first, "global average pooling follows a convolution"
+            modules[name] = _MeanOverPositions()
             channels_first = False
             continue
         kernel, bias = next(w), next(w)

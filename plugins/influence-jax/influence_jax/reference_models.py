@@ -19,6 +19,7 @@ from influence_conformance.specs import (
     Conv2D,
     Dense,
     Flatten,
+    GlobalAveragePool,
     ModelSpec,
     ReferenceModel,
     canonical_offsets,
@@ -47,6 +48,10 @@ class Reference(nnx.Module):
             if isinstance(layer, Flatten):
                 activations.append("flatten")
                 shape = (int(np.prod(shape)),)
+                continue
+            if isinstance(layer, GlobalAveragePool):
+                activations.append("mean")
+                shape = (shape[-1],)
                 continue
             kernel, bias = next(kernels)
             rngs = nnx.Rngs(0)
@@ -78,9 +83,15 @@ class Reference(nnx.Module):
         for i, activation in enumerate(self.activations):
             if activation == "flatten":
                 x = x.reshape(x.shape[0], -1)
+            elif activation == "mean":
+                x = x.mean(axis=(1, 2))
             else:
                 x = ACTIVATIONS[activation](getattr(self, f"layer{i}")(x))
         return x
+
+
+def _parameterless(layer: Any) -> bool:
+    return isinstance(layer, Flatten | GlobalAveragePool)
 
 
 def loss_for(spec: ModelSpec) -> Any:
@@ -98,7 +109,7 @@ def loss_for(spec: ModelSpec) -> Any:
 def positions(spec: ModelSpec, names: list[str]) -> np.ndarray:
     """Canonical position of every entry of the backend's flat θ (nnx order: names sorted)."""
     offsets = canonical_offsets(spec)
-    parametric = [i for i, layer in enumerate(spec.layers) if not isinstance(layer, Flatten)]
+    parametric = [i for i, layer in enumerate(spec.layers) if not _parameterless(layer)]
     sizes = [int(np.prod(s)) for pair in spec.parameter_shapes() for s in pair]
     out = []
     for name in names:
@@ -121,7 +132,7 @@ def build(spec: ModelSpec, weights: list[np.ndarray], dtype: str) -> ReferenceMo
         loss_fn=loss,
         canonical_positions=positions(spec, names),
         layer_names=[
-            f"layer{i}" for i, layer in enumerate(spec.layers) if not isinstance(layer, Flatten)
+            f"layer{i}" for i, layer in enumerate(spec.layers) if not _parameterless(layer)
         ],
         native_dataset=None,
         scalar_loss_fn=lambda outputs, targets: jnp.mean(loss(outputs, targets)),

@@ -1,0 +1,35 @@
+"""The three model sizes of the EK-FAC scaling benchmark, as conformance-suite specs.
+
+Both sides build the same network from these specs and the same canonical
+weights: ours through each backend's reference-model builder, kronfluence
+through the torch one (``run_kronfluence_spec.py``).
+"""
+
+from __future__ import annotations
+
+from influence_conformance.specs import Conv2D, Dense, GlobalAveragePool, ModelSpec
+
+SPECS = {
+    "mlp-0.1M": ModelSpec("mlp", (784,), (Dense(128, "tanh"), Dense(10)), "cross_entropy", "-"),
+    "cnn-1M": ModelSpec(
+        "cnn",
+        (16, 16, 3),
+        (  # four 3×3 convolutions, then the mean over positions, as a ResNet's head
+            Conv2D(64, 3, "relu"),
+            Conv2D(128, 3, "relu"),
+            Conv2D(256, 3, "relu"),
+            Conv2D(256, 3, "relu"),
+            GlobalAveragePool(),
+            Dense(10),
+        ),
+        "cross_entropy",
+        "-",
+    ),
+    "wide-10M": ModelSpec(
+        "wide",
+        (1024,),
+        (Dense(2048, "tanh"), Dense(2048, "tanh"), Dense(2048, "tanh"), Dense(10)),
+        "cross_entropy",
+        "-",
+    ),
+}
