@@ -308,3 +308,26 @@ def test_an_unknown_curvature_is_refused() -> None:
         ExactIHVP(curvature="fisher")
     with pytest.raises(ValueError, match="curvature must be 'hessian' or 'ggn'"):
         model.curvature_vp(train, torch.ones(model.num_parameters), "fisher")
+
+
+def test_a_wide_convolution_rotates_its_statistics_before_forming_the_gradient() -> None:
+    """T (p² + o²) < p² o + p o²: Q_Aᵀ G Q_S = Σ_t (Q_Aᵀ ã_t)(Q_Sᵀ g_t)ᵀ, same as rotating G."""
+    from influence_core.ihvp import kfac
+    from influence_core.layerwise import covering_layers, layer_gradient_matrices
+
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(16, 32, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(128, 3)
+    ).double()
+    model = InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"))
+    x, y = torch.randn(6, 16, 4, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    stats = model.kernels.layer_statistics(x, y)
+    block = covering_layers(model)[0]
+    T, p, o = int(stats[block.layer.name][0].shape[1]), block.rows, block.layer.outputs
+    assert T * (p * p + o * o) < p * p * o + p * o * o  # the rotate-first order is taken
+    qa = torch.linalg.qr(torch.randn(p, p, dtype=torch.float64))[0]
+    qs = torch.linalg.qr(torch.randn(o, o, dtype=torch.float64))[0]
+    (G,) = layer_gradient_matrices(model.xp, [block], stats)
+    expected = (qa.T @ G @ qs) ** 2
+    got = kfac._rotated_matrix_squares(model.xp, block, stats, qa, qs)
+    assert float((got - expected).abs().max() / expected.abs().max()) < 1e-13

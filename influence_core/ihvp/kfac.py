@@ -515,9 +515,23 @@ def _rank_one_factors(
 def _rotated_matrix_squares(
     xp: Any, block: LayerBlock, stats: dict[str, tuple[Array, Array]], qa: Array, qs: Array
 ) -> Array:
-    """(Q_Aᵀ G_i Q_S)² per sample, (b, p, o), G formed (a layer with T > 1 positions)."""
-    (matrix,) = layer_gradient_matrices(xp, [block], stats)
-    rotated = xp.matmul(xp.matmul(xp.matrix_transpose(qa), matrix), qs)
+    """(Q_Aᵀ G_i Q_S)² per sample, (b, p, o), for a layer with T > 1 positions.
+
+    Q_Aᵀ G Q_S = Σ_t (Q_Aᵀ ã_t)(Q_Sᵀ g_t)ᵀ: rotating the statistics first costs
+    T (p² + o²) + T p o per sample, rotating the formed G costs T p o + p² o + p o²;
+    the cheaper order is taken (the first for a wide convolution: 4x fewer
+    multiply-adds at p = 2305, o = 256, T = 64).
+    """
+    a, g = stats[block.layer.name]
+    T, p, o = int(a.shape[1]), block.rows, block.layer.outputs
+    if T * (p * p + o * o) < p * p * o + p * o * o:
+        if block.bias_offset is not None:
+            ones = xp.ones((int(a.shape[0]), T, 1), dtype=a.dtype)
+            a = xp.concat([a, ones], axis=2)
+        rotated = xp.matmul(xp.matrix_transpose(xp.matmul(a, qa)), xp.matmul(g, qs))
+    else:
+        (matrix,) = layer_gradient_matrices(xp, [block], stats)
+        rotated = xp.matmul(xp.matmul(xp.matrix_transpose(qa), matrix), qs)
     return rotated * rotated
 
 
