@@ -44,6 +44,7 @@ from .errors import (
 from .estimators import (
     ArnoldiInfluenceCalculator,
     FirstOrderInfluenceCalculator,
+    GradientSimilarity,
     InfluenceCalculator,
     RepresenterPointL2,
     RepresenterPointLJE,
@@ -85,6 +86,7 @@ __all__ = [
     "ExactIHVP",
     "FingerprintMismatchError",
     "FirstOrderInfluenceCalculator",
+    "GradientSimilarity",
     "InfluenceCalculator",
     "InfluenceModel",
     "InvalidBackendSpecError",

@@ -39,6 +39,17 @@ def test_quickstart_runs(page: str) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.parametrize("framework", ["PyTorch", "TensorFlow / Keras", "JAX"])
+def test_the_evaluation_examples_run(framework: str) -> None:
+    """Each framework's LDS example on docs/evaluation.md runs as pasted and prints a score."""
+    page = (ROOT / "docs" / "evaluation.md").read_text()
+    section = page.split(f"## {framework}\n", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    result = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"LDS -?\d\.\d\d ± \d\.\d\d", result.stdout), result.stdout
+
+
 def test_fault13_the_readme_use_snippets_run_verbatim() -> None:
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     assert len(blocks) >= 2

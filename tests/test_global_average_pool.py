@@ -35,8 +35,10 @@ def canonical_grads(backend: str) -> np.ndarray:
         import jax
 
         jax.config.update("jax_enable_x64", True)
-    reference = get_registry().by_name(backend).load_reference_models()(
-        SPEC, make_weights(SPEC, seed=2), "float64"
+    reference = (
+        get_registry()
+        .by_name(backend)
+        .load_reference_models()(SPEC, make_weights(SPEC, seed=2), "float64")
     )
     model = InfluenceModel(reference.model, reference.loss_fn)
     rng = np.random.default_rng(0)

@@ -86,9 +86,15 @@ def ours(backend: str, spec_name: str, strategy: str, setup_path: str, out_path:
     build = get_registry().by_name(backend).load_reference_models()
     reference = build(SPECS[spec_name], weights, "float32")
     model = InfluenceModel(reference.model, reference.loss_fn, batch_size=int(setup["batch_size"]))
-    solver = {"ekfac": EKFACIHVP, "kfac": KFACIHVP}[strategy]
+    name, _, rank = strategy.partition(":r")  # "ekfac:r32": the rank-32 query side
+    solver = {"ekfac": EKFACIHVP, "kfac": KFACIHVP}[name]
     calc = FirstOrderInfluenceCalculator(
-        model, solver(damping=float(setup["damping"]), fisher="empirical")
+        model,
+        solver(
+            damping=float(setup["damping"]),
+            fisher="empirical",
+            query_rank=int(rank) if rank else None,
+        ),
     )
     train = (setup["X_train"], setup["y_train"])
     test = (setup["X_test"], setup["y_test"])
@@ -133,6 +139,10 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-test", type=int, default=50)
     parser.add_argument("--timeout", type=int, default=1800)
+    parser.add_argument(
+        "--query-rank", type=int, help="also run ours (torch) with this low-rank query side"
+    )
+    parser.add_argument("--no-kronfluence", action="store_true")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -157,7 +167,7 @@ def main() -> None:
             np.savez(f"{tmp}/setup.npz", **setup)
             for strategy in args.strategies:
                 results, errors = {}, {}
-                if KRONFLUENCE.exists():
+                if KRONFLUENCE.exists() and not args.no_kronfluence:
                     out = f"{tmp}/kronfluence-{strategy}.npz"
                     script = str(HERE / "run_kronfluence_spec.py")
                     command = [
@@ -173,14 +183,18 @@ def main() -> None:
                         errors["kronfluence"] = error
                     else:
                         results["kronfluence"] = dict(np.load(out))
-                for backend in args.backends:
-                    out = f"{tmp}/{backend}-{strategy}.npz"
-                    command = [sys.executable, __file__, "--worker", backend, spec_name, strategy]
+                runs = [(backend, strategy, f"ours, {backend}") for backend in args.backends]
+                if args.query_rank:
+                    label = f"ours, torch, query rank {args.query_rank}"
+                    runs.append(("torch", f"{strategy}:r{args.query_rank}", label))
+                for backend, variant, label in runs:
+                    out = f"{tmp}/{backend}-{variant}.npz"
+                    command = [sys.executable, __file__, "--worker", backend, spec_name, variant]
                     error = run([*command, f"{tmp}/setup.npz", out], args.timeout)
                     if error:
-                        errors[f"ours, {backend}"] = error
+                        errors[label] = error
                     else:
-                        results[f"ours, {backend}"] = dict(np.load(out))
+                        results[label] = dict(np.load(out))
                 theirs = results.get("kronfluence")
                 for library, result in results.items():
                     seconds = result["seconds"]

@@ -3,6 +3,7 @@
 from .arnoldi_influence import ArnoldiInfluenceCalculator
 from .base import InfluenceCalculator
 from .first_order import FirstOrderInfluenceCalculator
+from .gradient_similarity import GradientSimilarity
 from .representer_l2 import RepresenterPointL2
 from .representer_lje import RepresenterPointLJE
 from .second_order import SecondOrderInfluenceCalculator
@@ -12,6 +13,7 @@ from .tracin import TracIn
 __all__ = [
     "ArnoldiInfluenceCalculator",
     "FirstOrderInfluenceCalculator",
+    "GradientSimilarity",
     "InfluenceCalculator",
     "RepresenterPointL2",
     "RepresenterPointLJE",

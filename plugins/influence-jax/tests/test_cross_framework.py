@@ -23,6 +23,7 @@ from influence_core import (  # noqa: E402
     ConjugateGradientIHVP,
     ExactIHVP,
     FirstOrderInfluenceCalculator,
+    GradientSimilarity,
     RepresenterPointL2,
     RepresenterPointLJE,
     SecondOrderInfluenceCalculator,
@@ -97,6 +98,7 @@ def estimates(backend: str, spec_name: str) -> dict[str, np.ndarray]:
             .fit(train)
             .influence(test)
         ),
+        "Grad-Cos": host(GradientSimilarity(model, "cosine").fit(train).influence(test)),
         "TracIn, projected, two checkpoints": host(
             TracIn(model, [halfway, model.kernels.save_state()], [0.3, 0.1], projection_dim=8)
             .fit(train)

@@ -1,0 +1,353 @@
+"""How faithful is an estimator on *your* model? Leave-one-out, LDS and mislabel detection.
+
+Every metric compares a calculator's scores with what retraining actually
+does. ``retrain`` is your own training loop, in your framework::
+
+    def retrain(indices: np.ndarray) -> Any:  # sorted training indices to train on
+        ...                                   # train from your usual initialisation
+        return weights                        # anything InfluenceModel.checkpoint_loaded takes
+
+(a torch ``state_dict``, Keras weights or a saved-weights path, an nnx
+state). The calculator's model is evaluated with those weights loaded (and
+restored afterwards) on the test points' **loss-like measurement**: the
+per-sample loss by default, −f for a measurement f that proponents raise, so
+that a proponent's presence lowers it whatever the measurement.
+
+* :func:`linear_datamodeling_score` (Park et al., TRAK, ICML 2023): random
+  subsets S_j of ``fraction`` × n training points, retrained; per test point,
+  the Spearman correlation over j of the additive prediction
+  −Σ_{i ∈ S_j} τ(z_i, z_test) with the retrained loss-like value; the mean
+  over test points and a 95 % interval (± 1.96 standard errors over test
+  points).
+* :func:`loo_correlation` (Koh and Liang 2017, Fig. 2): for chosen training
+  points, retrained without each; Pearson and Spearman of the predicted change
+  τ / n with the actual change of the loss-like value.
+* :func:`mislabel_detection`: checking training points in decreasing order
+  of a score (self-influence, say), the fraction of the flipped labels found
+  after each fraction of the data checked, and the ROC AUC.
+
+Scores are streamed: the test side is prepared once and the training data
+scored in batches, each batch's scores folded into the (subsets × n_test)
+predictions at once, so no (n_test, n_train) matrix is formed. Subsets are
+drawn from ``numpy.random.default_rng(seed)``; retrainings run under a
+progress bar; a result saves (``.save``) with the fingerprints of the model
+and data through the results layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import pearsonr, rankdata, spearmanr
+
+from .estimators.base import InfluenceCalculator
+from .io import host, save_result
+from .progress import progress
+
+__all__ = [
+    "LDSResult",
+    "LOOResult",
+    "MislabelResult",
+    "linear_datamodeling_score",
+    "loo_correlation",
+    "mislabel_detection",
+]
+
+Retrain = Callable[[np.ndarray], Any]
+
+
+# -- what retraining does -------------------------------------------------------------
+def loss_like_values(calculator: InfluenceCalculator, test_data: Any) -> np.ndarray:
+    """The test points' loss-like measurement at the model's current weights: shape (n_test,)."""
+    model, measurement = calculator.model, calculator.measurement
+    if measurement.is_loss:
+        return np.asarray(host(model, model.per_sample_loss(test_data)), np.float64)
+    function = measurement.loss_like(model.xp)
+    parts = [
+        host(model, function(model.kernels.outputs(batch.inputs), batch.targets))
+        for batch in model.batches(test_data, calculator.batch_size)
+    ]
+    return np.concatenate(parts).astype(np.float64)
+
+
+def _retrained_values(
+    calculator: InfluenceCalculator, retrain: Retrain, test_data: Any, subsets: Sequence[np.ndarray]
+) -> np.ndarray:
+    """Loss-like test values after retraining on each subset: shape (len(subsets), n_test)."""
+    rows = []
+    for subset in progress(subsets, desc="retraining", total=len(subsets)):
+        weights = retrain(np.asarray(subset))
+        with calculator.model.checkpoint_loaded(weights):
+            rows.append(loss_like_values(calculator, test_data))
+    return np.stack(rows)
+
+
+def _folded_scores(
+    calculator: InfluenceCalculator, test_data: Any, train_data: Any, weights: np.ndarray
+) -> np.ndarray:
+    """weights @ τᵀ, shape (m, n_test), for weights (m, n_train), scoring batch by batch."""
+    model = calculator.model
+    prepared = calculator.prepare_test(test_data)
+    total = None
+    for batch in model.batches(train_data, calculator.batch_size):
+        scores = np.asarray(
+            host(
+                model, calculator.influence_from_prepared(prepared, [(batch.inputs, batch.targets)])
+            ),
+            np.float64,
+        )  # (n_test, b)
+        part = weights[:, batch.start : batch.start + batch.size] @ scores.T
+        total = part if total is None else total + part
+    return total
+
+
+def _fingerprinted_save(
+    directory: str | Path,
+    arrays: dict[str, np.ndarray],
+    method: str,
+    calculator: InfluenceCalculator,
+    parameters: dict[str, Any],
+    data: dict[str, Any],
+) -> Path:
+    return save_result(
+        directory,
+        arrays,
+        method=method,
+        model=calculator.model,
+        parameters={"calculator": type(calculator).__name__, **parameters},
+        data=data,
+        batch_size=calculator.batch_size,
+    )
+
+
+# -- LDS --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LDSResult:
+    """A linear datamodeling score.
+
+    Attributes:
+        score: the mean Spearman correlation over test points.
+        interval: half-width of its 95 % interval, 1.96 × the standard error over test points.
+        per_test: each test point's Spearman correlation, shape (n_test,).
+        subsets: the training indices of each subset, shape (m, size).
+        predicted: −Σ_{i ∈ S_j} τ(z_i, z_test), shape (m, n_test).
+        actual: the loss-like test values after retraining on S_j, shape (m, n_test).
+    """
+
+    score: float
+    interval: float
+    per_test: np.ndarray
+    subsets: np.ndarray
+    predicted: np.ndarray
+    actual: np.ndarray
+    _provenance: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def save(self, directory: str | Path) -> Path:
+        """``arrays.npz`` + ``metadata.json`` with the model's and the data's fingerprints."""
+        p = self._provenance
+        arrays = {k: getattr(self, k) for k in ("per_test", "subsets", "predicted", "actual")}
+        parameters = {**p["parameters"], "score": self.score, "interval": self.interval}
+        return _fingerprinted_save(
+            directory, arrays, "linear_datamodeling_score", p["calculator"], parameters, p["data"]
+        )
+
+
+def linear_datamodeling_score(
+    calculator: InfluenceCalculator,
+    retrain: Retrain,
+    test_data: Any,
+    *,
+    subsets: int | Sequence[Sequence[int]] = 50,
+    fraction: float = 0.5,
+    seed: int = 0,
+    train_data: Any = None,
+) -> LDSResult:
+    """The LDS of a fitted calculator's scores (see the module docstring).
+
+    Args:
+        calculator: fitted; its training data (or ``train_data``) is what subsets index.
+        retrain: ``retrain(indices) -> weights`` (sorted indices of the subset).
+        test_data: the test points.
+        subsets: how many random subsets to draw, or the subsets themselves.
+        fraction: each drawn subset's share of the training set.
+        seed: seeds the subsets.
+        train_data: the training data to score (default: the calculator's).
+    """
+    train = calculator.training_data(train_data)
+    n = calculator.model.count(train, calculator.batch_size)
+    if isinstance(subsets, int):
+        if subsets < 2 or not 0.0 < fraction < 1.0:
+            raise ValueError(
+                f"need at least 2 subsets and 0 < fraction < 1, got {subsets} and {fraction}"
+            )
+        size = max(1, round(fraction * n))
+        rng = np.random.default_rng(seed)
+        drawn = np.stack([np.sort(rng.permutation(n)[:size]) for _ in range(subsets)])
+    else:
+        drawn = np.asarray(subsets, dtype=np.int64)
+        if drawn.ndim != 2 or len(drawn) < 2 or drawn.min() < 0 or drawn.max() >= n:
+            raise ValueError(
+                f"subsets must be at least 2 equal-sized rows of indices into the {n} training "
+                f"points, got an array of shape {drawn.shape}"
+            )
+    membership = np.zeros((len(drawn), n))
+    np.put_along_axis(membership, drawn, 1.0, axis=1)
+    predicted = -_folded_scores(calculator, test_data, train, membership)
+    actual = _retrained_values(calculator, retrain, test_data, list(drawn))
+    per_test = np.array([_spearman(predicted[:, t], actual[:, t]) for t in range(actual.shape[1])])
+    valid = per_test[np.isfinite(per_test)]
+    interval = (
+        float(1.96 * np.std(valid, ddof=1) / np.sqrt(len(valid))) if len(valid) > 1 else np.nan
+    )
+    return LDSResult(
+        score=float(np.mean(valid)) if len(valid) else np.nan,
+        interval=interval,
+        per_test=per_test,
+        subsets=drawn,
+        predicted=predicted,
+        actual=actual,
+        _provenance={
+            "calculator": calculator,
+            "parameters": {"fraction": fraction, "seed": seed, "subsets": len(drawn)},
+            "data": {"train": train, "test": test_data},
+        },
+    )
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's ρ; NaN when either side is constant (no ranking to compare)."""
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return np.nan
+    return float(spearmanr(a, b).statistic)
+
+
+# -- leave-one-out -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class LOOResult:
+    """Predicted against actual leave-one-out changes.
+
+    Attributes:
+        pearson, spearman: correlations over all (test point, removed point) pairs.
+        removed: the training indices retrained without, shape (k,).
+        predicted: τ(z_i, z_test) / n, shape (k, n_test): the predicted rise of
+            the loss-like value when z_i is removed.
+        actual: the measured change after retraining without z_i, shape (k, n_test).
+    """
+
+    pearson: float
+    spearman: float
+    removed: np.ndarray
+    predicted: np.ndarray
+    actual: np.ndarray
+    _provenance: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def save(self, directory: str | Path) -> Path:
+        p = self._provenance
+        arrays = {k: getattr(self, k) for k in ("removed", "predicted", "actual")}
+        parameters = {"pearson": self.pearson, "spearman": self.spearman}
+        return _fingerprinted_save(
+            directory, arrays, "loo_correlation", p["calculator"], parameters, p["data"]
+        )
+
+
+def loo_correlation(
+    calculator: InfluenceCalculator,
+    retrain: Retrain,
+    test_data: Any,
+    removed: Sequence[int],
+    *,
+    train_data: Any = None,
+) -> LOOResult:
+    """Leave-one-out: retrain without each of ``removed`` and correlate with τ / n.
+
+    ``retrain(indices)`` is given every training index but one; the baseline is
+    the model's current weights, so train ``retrain`` the way those were
+    trained (for a non-convex model, warm-started from them is the usual choice).
+    """
+    train = calculator.training_data(train_data)
+    n = calculator.model.count(train, calculator.batch_size)
+    removed = np.asarray(removed, dtype=np.int64)
+    if removed.ndim != 1 or len(removed) < 2 or removed.min() < 0 or removed.max() >= n:
+        raise ValueError(
+            f"removed must be at least 2 indices into the {n} training points, got {removed!r}"
+        )
+    selector = np.zeros((len(removed), n))
+    selector[np.arange(len(removed)), removed] = 1.0
+    predicted = _folded_scores(calculator, test_data, train, selector) / n
+    baseline = loss_like_values(calculator, test_data)
+    everyone = np.arange(n)
+    actual = (
+        _retrained_values(
+            calculator, retrain, test_data, [everyone[everyone != i] for i in removed]
+        )
+        - baseline
+    )
+    return LOOResult(
+        pearson=float(pearsonr(predicted.ravel(), actual.ravel()).statistic),
+        spearman=float(spearmanr(predicted.ravel(), actual.ravel()).statistic),
+        removed=removed,
+        predicted=predicted,
+        actual=actual,
+        _provenance={"calculator": calculator, "data": {"train": train, "test": test_data}},
+    )
+
+
+# -- mislabel detection -------------------------------------------------------------------
+@dataclass(frozen=True)
+class MislabelResult:
+    """How fast checking points by decreasing score finds the flipped labels.
+
+    Attributes:
+        checked: fractions of the training set checked, shape (n + 1,), from 0 to 1.
+        found: the fraction of the flipped points found by then, shape (n + 1,).
+        auc: the ROC AUC of the score as a detector of the flipped points.
+    """
+
+    checked: np.ndarray
+    found: np.ndarray
+    auc: float
+
+    def found_at(self, fraction: float) -> float:
+        """The fraction of flipped points found after checking ``fraction`` of the data."""
+        k = int(np.floor(fraction * (len(self.checked) - 1) + 1e-9))
+        return float(self.found[k])
+
+
+def mislabel_detection(scores: Any, flipped: Any) -> MislabelResult:
+    """Rank training points by decreasing ``scores``; how many ``flipped`` ones come first.
+
+    ``scores``: one value per training point (self-influence, say; NumPy or a
+    native array); ``flipped``: a boolean mask of the same length, or the
+    flipped indices. Ties in the ranking are broken by index (stable). The AUC
+    is the Mann–Whitney statistic with ties counted half.
+    """
+    values = np.asarray(_to_host(scores), np.float64).ravel()
+    n = len(values)
+    mask = np.asarray(_to_host(flipped))
+    if mask.dtype != bool:
+        indices, mask = mask.astype(np.int64), np.zeros(n, bool)
+        mask[indices] = True
+    if mask.shape != (n,) or not 0 < mask.sum() < n:
+        raise ValueError(
+            f"flipped must mark some but not all of the {n} scored points, got {mask.sum()} of "
+            f"shape {mask.shape}"
+        )
+    if not np.all(np.isfinite(values)):
+        raise ValueError(
+            f"scores hold NaN or inf at indices {np.flatnonzero(~np.isfinite(values))[:10]}"
+        )
+    order = np.argsort(-values, kind="stable")
+    found = np.concatenate([[0.0], np.cumsum(mask[order]) / mask.sum()])
+    ranks = rankdata(values)
+    positives = int(mask.sum())
+    auc = (ranks[mask].sum() - positives * (positives + 1) / 2) / (positives * (n - positives))
+    return MislabelResult(checked=np.arange(n + 1) / n, found=found, auc=float(auc))
+
+
+def _to_host(values: Any) -> np.ndarray:
+    """A host copy through the array protocol (NumPy, or a native CPU array without gradients)."""
+    return np.asarray(values)

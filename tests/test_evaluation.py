@@ -1,0 +1,124 @@
+"""influence_core.evaluation on the convex digits problem, where retraining is exact and cheap.
+
+The streamed predictions equal −(membership @ τᵀ) from the full score matrix;
+the actual values equal the hand-computed loss at the retrained θ; exact
+influence scores a high LDS and LOO correlation, and the same scores negated
+score exactly the opposite (a metric that can fail); mislabel detection
+agrees with scikit-learn's AUC.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from digits_problem import MU, N_TRAIN, digits_model, fit, loss_at, problem
+from sklearn.metrics import roc_auc_score
+
+from influence_core import ExactIHVP, FirstOrderInfluenceCalculator, load_result
+from influence_core.evaluation import (
+    linear_datamodeling_score,
+    loo_correlation,
+    mislabel_detection,
+)
+
+
+@pytest.fixture(scope="module")
+def setting():
+    p = problem()
+    model = digits_model("torch")
+    calc = FirstOrderInfluenceCalculator(model, ExactIHVP(damping=MU)).fit((p["X"], p["y"]))
+    thetas: dict[tuple[int, ...], np.ndarray] = {}
+
+    def theta_for(indices: np.ndarray) -> np.ndarray:
+        key = tuple(int(i) for i in indices)
+        if key not in thetas:
+            thetas[key] = fit(p["X"][indices], p["y"][indices], p["theta"])
+        return thetas[key]
+
+    def retrain(indices: np.ndarray) -> dict:
+        import torch
+
+        theta = theta_for(indices)
+        return {
+            "layer0.weight": torch.tensor(theta[:640].reshape(64, 10).T.copy()),
+            "layer0.bias": torch.tensor(theta[640:]),
+        }
+
+    return p, model, calc, retrain, theta_for
+
+
+def test_lds_of_exact_influence_is_high_and_its_negation_is_its_opposite(setting) -> None:
+    p, model, calc, retrain, theta_for = setting
+    test = (p["X_test"], p["y_test"])
+    result = linear_datamodeling_score(calc, retrain, test, subsets=12, fraction=0.9, seed=3)
+    # The predictions are −Σ_{i∈S} τ, streamed; against the whole score matrix.
+    scores = model.to_numpy(calc.influence(test))
+    membership = np.zeros((12, N_TRAIN))
+    np.put_along_axis(membership, result.subsets, 1.0, axis=1)
+    np.testing.assert_allclose(result.predicted, -(membership @ scores.T), rtol=1e-10)
+    # The actual values are the test losses at the retrained θ, by hand.
+    for j, subset in enumerate(result.subsets):
+        expected = loss_at(theta_for(subset), p["X_test"], p["y_test"])
+        np.testing.assert_allclose(result.actual[j], expected, rtol=1e-10)
+    assert result.subsets.shape == (12, 900)
+    assert result.score > 0.8, result  # exact influence on a convex model
+    assert 0 < result.interval < 0.5
+    assert model.model.layer0.weight.shape == (10, 64)  # the model's weights are back
+
+    class Negated(FirstOrderInfluenceCalculator):
+        def influence_from_prepared(self, prepared, train_data=None):
+            return -super().influence_from_prepared(prepared, train_data)
+
+    negated = Negated(model, ExactIHVP(damping=MU)).fit((p["X"], p["y"]))
+    flipped = linear_datamodeling_score(negated, retrain, test, subsets=12, fraction=0.9, seed=3)
+    np.testing.assert_allclose(flipped.per_test, -result.per_test, atol=1e-12)
+
+
+def test_lds_subsets_are_seeded_and_can_be_given(setting) -> None:
+    p, _, calc, retrain, _ = setting
+    test = (p["X_test"], p["y_test"])
+    a = linear_datamodeling_score(calc, retrain, test, subsets=3, fraction=0.95, seed=1)
+    b = linear_datamodeling_score(calc, retrain, test, subsets=a.subsets)
+    np.testing.assert_array_equal(a.subsets, b.subsets)
+    np.testing.assert_allclose(a.per_test, b.per_test)
+    with pytest.raises(ValueError, match="subsets"):
+        linear_datamodeling_score(calc, retrain, test, subsets=[[0, N_TRAIN]])
+    with pytest.raises(ValueError, match="fraction"):
+        linear_datamodeling_score(calc, retrain, test, subsets=3, fraction=1.0)
+
+
+def test_loo_correlation_of_exact_influence(setting, tmp_path) -> None:
+    p, model, calc, retrain, _ = setting
+    test = (p["X_test"], p["y_test"])
+    scores = model.to_numpy(calc.influence(test))
+    removed = np.argsort(-np.abs(scores[0]), kind="stable")[:8]
+    result = loo_correlation(calc, retrain, test, removed)
+    np.testing.assert_allclose(result.predicted, scores[:, removed].T / N_TRAIN, rtol=1e-10)
+    assert result.actual.shape == (8, 3)
+    assert result.pearson > 0.98, result
+    saved = load_result(result.save(tmp_path / "loo"), model=model, data={"test": test})
+    np.testing.assert_array_equal(saved.arrays["removed"], removed)
+    assert saved.metadata["method"] == "loo_correlation"
+    assert saved.metadata["parameters"]["pearson"] == result.pearson
+
+
+def test_mislabel_detection_against_scikit_learn() -> None:
+    rng = np.random.default_rng(0)
+    flipped = rng.random(200) < 0.1
+    scores = rng.normal(size=200) + 2.0 * flipped
+    scores[:20] = scores[0]  # ties count half in the AUC
+    result = mislabel_detection(scores, flipped)
+    assert result.auc == pytest.approx(roc_auc_score(flipped, scores), abs=1e-12)
+    order = np.argsort(-scores, kind="stable")
+    k = 30
+    assert result.found_at(k / 200) == pytest.approx(flipped[order[:k]].sum() / flipped.sum())
+    assert result.found[0] == 0 and result.found[-1] == 1
+    perfect = mislabel_detection(flipped.astype(float), np.flatnonzero(flipped))
+    assert perfect.auc == 1.0 and perfect.found_at(flipped.mean()) == 1.0
+    assert mislabel_detection(-flipped.astype(float), flipped).auc == 0.0
+    with pytest.raises(ValueError, match="some but not all"):
+        mislabel_detection(scores, np.zeros(200, bool))
+    bad = scores.copy()
+    bad[5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        mislabel_detection(bad, flipped)
