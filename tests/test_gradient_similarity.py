@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from influence_conformance.cases import build_case
 
+from influence_conformance.cases import build_case
 from influence_core import GradientSimilarity, TracIn
 
 

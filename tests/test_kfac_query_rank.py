@@ -86,3 +86,28 @@ def test_query_rank_is_validated_and_the_flat_train_side_refused() -> None:
     with pytest.raises(ValueError, match="training_side"):
         solver.train_side(case.model.per_sample_grads((case.X[:2], case.y[:2])))
     assert solver.get_params()["query_rank"] == 1
+
+
+def test_a_large_layer_takes_the_randomized_range_finder_near_the_optimum() -> None:
+    """min(p, o) > 2 (r + 10): randomized; its recorded error is exact and near the SVD's."""
+    from influence_core import InfluenceModel
+    from influence_core.ihvp.kfac import _low_rank
+
+    model = InfluenceModel(torch.nn.Linear(3, 2).double(), torch.nn.MSELoss(reduction="none"))
+    rng = np.random.default_rng(1)
+    decay = np.exp(-0.15 * np.arange(40))  # a decaying spectrum, as solved gradients have
+    host = np.stack(
+        [
+            np.linalg.qr(rng.normal(size=(65, 40)))[0]
+            * decay
+            @ np.linalg.qr(rng.normal(size=(48, 40)))[0].T
+            for _ in range(11)  # more than one chunk of 8
+        ]
+    )
+    left, right, error = _low_rank(model, torch.from_numpy(host), 3)
+    approx = (left @ right).numpy()
+    assert left.shape == (11, 65, 3) and right.shape == (11, 3, 48)
+    actual = np.linalg.norm(host - approx, axis=(1, 2)) / np.linalg.norm(host, axis=(1, 2))
+    assert error == pytest.approx(actual.max(), rel=1e-9)
+    _, optimal = truncated(host, 3)
+    assert np.all(actual <= optimal * 1.05 + 1e-12), (actual, optimal)
