@@ -87,9 +87,17 @@ def _retrained_values(
 
 
 def _folded_scores(
-    calculator: InfluenceCalculator, test_data: Any, train_data: Any, weights: np.ndarray
+    calculator: InfluenceCalculator,
+    test_data: Any,
+    train_data: Any,
+    weights_of: Callable[[int, int], np.ndarray],
 ) -> np.ndarray:
-    """weights @ τᵀ, shape (m, n_test), for weights (m, n_train), scoring batch by batch."""
+    """Σ_batches weights_of(start, b) @ τ_batchᵀ, shape (m, n_test), scoring batch by batch.
+
+    ``weights_of(start, size)`` gives the (m, size) weights of one training
+    batch, so neither the (n_test, n_train) scores nor an (m, n_train) weight
+    matrix exists.
+    """
     model = calculator.model
     prepared = calculator.prepare_test(test_data)
     total = None
@@ -100,9 +108,23 @@ def _folded_scores(
             ),
             np.float64,
         )  # (n_test, b)
-        part = weights[:, batch.start : batch.start + batch.size] @ scores.T
+        part = weights_of(batch.start, batch.size) @ scores.T
         total = part if total is None else total + part
     return total
+
+
+def _member_weights(subsets: np.ndarray) -> Callable[[int, int], np.ndarray]:
+    """(m, size) 0/1 weights of training points start … start + size in each sorted subset."""
+
+    def weights_of(start: int, size: int) -> np.ndarray:
+        out = np.zeros((len(subsets), size))
+        for j, row in enumerate(subsets):  # one slice per subset (m of them), not per sample
+            lo = np.searchsorted(row, start)
+            hi = np.searchsorted(row, start + size)
+            out[j, row[lo:hi] - start] = 1.0
+        return out
+
+    return weights_of
 
 
 def _fingerprinted_save(
@@ -124,9 +146,32 @@ def _fingerprinted_save(
     )
 
 
+class _Saved:
+    """What a result saves: ``_ARRAYS`` by attribute name, ``_parameters()``, under ``_METHOD``."""
+
+    _ARRAYS: tuple[str, ...] = ()
+    _METHOD = ""
+    _provenance: dict[str, Any]
+
+    def _parameters(self) -> dict[str, Any]:
+        return {}
+
+    def save(self, directory: str | Path) -> Path:
+        """``arrays.npz`` + ``metadata.json`` with the model's and the data's fingerprints."""
+        p = self._provenance
+        return _fingerprinted_save(
+            directory,
+            {k: getattr(self, k) for k in self._ARRAYS},
+            self._METHOD,
+            p["calculator"],
+            {**p.get("parameters", {}), **self._parameters()},
+            p["data"],
+        )
+
+
 # -- LDS --------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class LDSResult:
+class LDSResult(_Saved):
     """A linear datamodeling score.
 
     Attributes:
@@ -145,15 +190,11 @@ class LDSResult:
     predicted: np.ndarray
     actual: np.ndarray
     _provenance: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    _ARRAYS = ("per_test", "subsets", "predicted", "actual")
+    _METHOD = "linear_datamodeling_score"
 
-    def save(self, directory: str | Path) -> Path:
-        """``arrays.npz`` + ``metadata.json`` with the model's and the data's fingerprints."""
-        p = self._provenance
-        arrays = {k: getattr(self, k) for k in ("per_test", "subsets", "predicted", "actual")}
-        parameters = {**p["parameters"], "score": self.score, "interval": self.interval}
-        return _fingerprinted_save(
-            directory, arrays, "linear_datamodeling_score", p["calculator"], parameters, p["data"]
-        )
+    def _parameters(self) -> dict[str, Any]:
+        return {"score": self.score, "interval": self.interval}
 
 
 def linear_datamodeling_score(
@@ -194,9 +235,8 @@ def linear_datamodeling_score(
                 f"subsets must be at least 2 equal-sized rows of indices into the {n} training "
                 f"points, got an array of shape {drawn.shape}"
             )
-    membership = np.zeros((len(drawn), n))
-    np.put_along_axis(membership, drawn, 1.0, axis=1)
-    predicted = -_folded_scores(calculator, test_data, train, membership)
+    drawn = np.sort(drawn, axis=1)
+    predicted = -_folded_scores(calculator, test_data, train, _member_weights(drawn))
     actual = _retrained_values(calculator, retrain, test_data, list(drawn))
     per_test = np.array([_spearman(predicted[:, t], actual[:, t]) for t in range(actual.shape[1])])
     valid = per_test[np.isfinite(per_test)]
@@ -227,7 +267,7 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 # -- leave-one-out -----------------------------------------------------------------------
 @dataclass(frozen=True)
-class LOOResult:
+class LOOResult(_Saved):
     """Predicted against actual leave-one-out changes.
 
     Attributes:
@@ -244,14 +284,11 @@ class LOOResult:
     predicted: np.ndarray
     actual: np.ndarray
     _provenance: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    _ARRAYS = ("removed", "predicted", "actual")
+    _METHOD = "loo_correlation"
 
-    def save(self, directory: str | Path) -> Path:
-        p = self._provenance
-        arrays = {k: getattr(self, k) for k in ("removed", "predicted", "actual")}
-        parameters = {"pearson": self.pearson, "spearman": self.spearman}
-        return _fingerprinted_save(
-            directory, arrays, "loo_correlation", p["calculator"], parameters, p["data"]
-        )
+    def _parameters(self) -> dict[str, Any]:
+        return {"pearson": self.pearson, "spearman": self.spearman}
 
 
 def loo_correlation(
@@ -275,9 +312,14 @@ def loo_correlation(
         raise ValueError(
             f"removed must be at least 2 indices into the {n} training points, got {removed!r}"
         )
-    selector = np.zeros((len(removed), n))
-    selector[np.arange(len(removed)), removed] = 1.0
-    predicted = _folded_scores(calculator, test_data, train, selector) / n
+
+    def picks(start: int, size: int) -> np.ndarray:  # row j picks training point removed[j]
+        out = np.zeros((len(removed), size))
+        inside = (removed >= start) & (removed < start + size)
+        out[np.flatnonzero(inside), removed[inside] - start] = 1.0
+        return out
+
+    predicted = _folded_scores(calculator, test_data, train, picks) / n
     baseline = loss_like_values(calculator, test_data)
     everyone = np.arange(n)
     actual = (

@@ -506,8 +506,7 @@ class InfluenceModel:
         self, data: Any, vectors: Any, curvature: str = "hessian", batch_size: int | None = None
     ) -> Array:
         """:meth:`hvp` (``curvature="hessian"``) or :meth:`ggn_vp` (``"ggn"``), streamed over ``data``."""
-        if curvature not in ("hessian", "ggn"):
-            raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
+        check_curvature(curvature)
         v = self.kernels.as_native(vectors, floating=True)
         d = self.num_parameters
         single = len(v.shape) == 1
@@ -529,9 +528,8 @@ class InfluenceModel:
         """One batch's mean-loss Hessian or Gauss–Newton product with ``vectors`` (d, k)."""
         if curvature == "hessian":
             return self.kernels.mean_loss_hvp(inputs, targets, vectors)
-        if curvature == "ggn":
-            return self.kernels.mean_loss_ggn_vp(inputs, targets, vectors)
-        raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
+        check_curvature(curvature)
+        return self.kernels.mean_loss_ggn_vp(inputs, targets, vectors)
 
     def hessian(
         self,
@@ -655,3 +653,13 @@ def _describe_data(data: Any) -> str:
     if is_array_pair(data):
         return f"arrays of leading dimension {leading_dim(data[1])}"
     return f"a {type(data).__name__} that yielded no samples"
+
+
+#: The curvatures the HVP-based solvers take (see :meth:`InfluenceModel.curvature_vp`).
+CURVATURES = ("hessian", "ggn")
+
+
+def check_curvature(curvature: str) -> None:
+    """Refuse a curvature other than ``"hessian"`` or ``"ggn"``, naming it."""
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")

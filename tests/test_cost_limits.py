@@ -86,11 +86,12 @@ def test_relatif_scores_through_cg_are_refused_but_plain_scores_are_not(data) ->
 
 
 def test_a_chunked_run_is_judged_on_all_its_chunks(data, tmp_path) -> None:
-    model, train, _ = data
-    # One chunk of 100 would be 9.8e8 (under 1e9); the run of 300 is 2.9e9.
-    calc = FirstOrderInfluenceCalculator(
-        model, ConjugateGradientIHVP(damping=MU, maxiter=50, per_point_limit=1e9)
-    ).fit(train)
+    _, train, _ = data
+    model = digits_model("torch", batch_size=50)  # chunks of 100 are two batches of 50
+    # One chunk of 100 is 9.75e8 (under 1e9); the run of 300 is 2.9e9.
+    solver = ConjugateGradientIHVP(damping=MU, maxiter=50, per_point_limit=1e9)
+    calc = FirstOrderInfluenceCalculator(model, solver).fit(train)
+    solver.check_per_point_solves(100, "self-influence")  # a chunk alone would pass
     with pytest.raises(CostLimitError):
         run_self_influence(calc, tmp_path / "run", chunk_size=100)
     assert not (tmp_path / "run" / "metadata.json").exists()

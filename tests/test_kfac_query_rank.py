@@ -110,4 +110,5 @@ def test_a_large_layer_takes_the_randomized_range_finder_near_the_optimum() -> N
     actual = np.linalg.norm(host - approx, axis=(1, 2)) / np.linalg.norm(host, axis=(1, 2))
     assert error == pytest.approx(actual.max(), rel=1e-9)
     _, optimal = truncated(host, 3)
-    assert np.all(actual <= optimal * 1.05 + 1e-12), (actual, optimal)
+    # Within 0.5 % of the optimum here; without the power iterations it is 3 % off.
+    assert np.all(actual <= optimal * 1.005 + 1e-12), actual / optimal

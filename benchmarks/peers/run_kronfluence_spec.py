@@ -21,10 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
-from kronfluence.task import Task
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,17 +41,8 @@ sys.modules["influence_conformance"] = package
 _load("influence_conformance.specs", ROOT / "conformance_tests/influence_conformance/specs.py")
 reference = _load("torch_reference", ROOT / "backends/torch/influence_torch/reference_models.py")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_kronfluence import Classification  # noqa: E402  (the same task: empirical Fisher)
 from scale_specs import SPECS  # noqa: E402
-
-
-class Classification(Task):
-    def compute_train_loss(self, batch, model, sample=False):
-        inputs, labels = batch
-        return F.cross_entropy(model(inputs), labels, reduction="sum")
-
-    def compute_measurement(self, batch, model):
-        inputs, labels = batch
-        return F.cross_entropy(model(inputs), labels, reduction="sum")
 
 
 def main(spec_name: str, strategy: str, setup_path: str, out_path: str) -> None:

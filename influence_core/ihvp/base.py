@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..data import is_array_pair, leading_dim
+from ..data import Batch, is_array_pair, leading_dim
 from ..errors import CostLimitError, FingerprintMismatchError, NotFittedError
 from ..io import (
     data_fingerprint,
@@ -24,7 +24,7 @@ from ..io import (
     save_result,
     weights_fingerprint,
 )
-from ..model import InfluenceModel
+from ..model import InfluenceModel, check_curvature
 from ..plugin.namespace import ArrayNamespace
 
 __all__ = [
@@ -117,8 +117,7 @@ class InverseHessianVectorProduct(ABC):
         batch_size: int | None = None,
         curvature: str = "hessian",
     ) -> None:
-        if curvature not in ("hessian", "ggn"):
-            raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
+        check_curvature(curvature)
         self.curvature = curvature
         damping = float(damping)
         if not math.isfinite(damping) or damping < 0:
@@ -383,10 +382,18 @@ class InverseHessianVectorProduct(ABC):
 
 
 def known_size(model: InfluenceModel, data: Any, batch_size: int | None = None) -> int | None:
-    """The samples in ``data`` when known without a pass (arrays exactly, else batches × size)."""
+    """The samples in ``data`` when known without a pass.
+
+    Exact for ``(X, y)`` arrays and for a list of ``(x, y)`` batches or
+    :class:`~influence_core.data.Batch` es (a chunk of a run); otherwise
+    batches × batch size, an upper bound.
+    """
     if data is None:
         return None
     if is_array_pair(data):
         return leading_dim(data[1])
+    if isinstance(data, list | tuple) and data:
+        if all(isinstance(b, Batch) or is_array_pair(b) for b in data):
+            return sum(leading_dim(b[1]) for b in data)
     batches = model.num_batches(data, batch_size)
     return None if batches is None else batches * (batch_size or model.batch_size)
