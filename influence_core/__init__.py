@@ -42,6 +42,7 @@ from .errors import (
     UnknownParameterError,
 )
 from .estimators import (
+    TRAK,
     ArnoldiInfluenceCalculator,
     FirstOrderInfluenceCalculator,
     GradientSimilarity,
@@ -67,11 +68,13 @@ from .model import InfluenceModel
 from .plugin.protocol import UnsupportedByBackendError
 from .plugin.registry import get_registry
 from .progress import set_progress
+from .projection import KroneckerProjection, RandomProjection
 from .runs import run_influence, run_self_influence, run_top_k
 
 __all__ = [
     "EKFACIHVP",
     "KFACIHVP",
+    "TRAK",
     "ArnoldiIHVP",
     "ArnoldiInfluenceCalculator",
     "BackendNotFoundError",
@@ -92,6 +95,7 @@ __all__ = [
     "InvalidBackendSpecError",
     "InvalidSampleError",
     "InverseHessianVectorProduct",
+    "KroneckerProjection",
     "LissaDivergenceError",
     "LissaIHVP",
     "Measurement",
@@ -101,6 +105,7 @@ __all__ = [
     "PerSampleLossError",
     "PluginLoadWarning",
     "PrecisionWarning",
+    "RandomProjection",
     "RepresenterPointL2",
     "RepresenterPointLJE",
     "ResultFileError",

@@ -116,16 +116,25 @@ class NotPositiveDefiniteError(ValueError):
     """The damped Hessian H + λI is not positive definite."""
 
     def __init__(
-        self, smallest_eigenvalue: float, damping: float, how: str = "smallest eigenvalue"
+        self,
+        smallest_eigenvalue: float,
+        damping: float,
+        how: str = "smallest eigenvalue",
+        *,
+        matrix: str = "Hessian H",
+        advice: str = (
+            "train the model closer to a minimum, or restrict influence to layers where the "
+            "loss is convex (e.g. the last layer)"
+        ),
+        scale: float = 0.0,
     ):
         self.smallest_eigenvalue = float(smallest_eigenvalue)
         self.damping = float(damping)
-        suggestion = max(10.0 * abs(self.smallest_eigenvalue), 1e-8) + self.damping
+        suggestion = max(10.0 * abs(self.smallest_eigenvalue), 1e-8, 1e-6 * scale) + self.damping
         super().__init__(
-            f"the damped Hessian H + {damping:g} I is not positive definite: its {how} is "
+            f"the damped {matrix} + {damping:g} I is not positive definite: its {how} is "
             f"{self.smallest_eigenvalue:.3e}. Raise the damping (e.g. damping={suggestion:.1e}), "
-            "train the model closer to a minimum, or restrict influence to layers where the "
-            "loss is convex (e.g. the last layer)."
+            f"{advice}."
         )
 
 

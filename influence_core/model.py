@@ -161,6 +161,11 @@ class InfluenceModel:
         return self.kernels.layout.dtype
 
     @property
+    def itemsize(self) -> int:
+        """Bytes per entry of θ's dtype (4 for float32, 8 for float64): for memory estimates."""
+        return int(self.to_numpy(self.xp.zeros((1,), dtype=self.dtype)).dtype.itemsize)
+
+    @property
     def parameter_names(self) -> tuple[str, ...]:
         """The selected parameters making up θ, in flat order."""
         return self.kernels.layout.names
@@ -476,6 +481,26 @@ class InfluenceModel:
                 self._bad_rows(grads, batch.start),
             )
         return grads
+
+    def layer_statistics(
+        self, batch: Batch, measurement: Measurement = LOSS
+    ) -> dict[str, tuple[Array, Array]]:
+        """Each layer's inputs and output gradients for one :class:`Batch` (the loss, or a measurement).
+
+        ``{layer name: (a (b, T, p_in), g (b, T, p_out))}`` from the backend's
+        :meth:`~influence_core.plugin.ModelKernels.layer_statistics`; with a
+        measurement other than the loss, g is the gradient of its loss-like
+        form m = ∓f, as in :meth:`batch_per_sample_grads`.
+        """
+        if measurement.is_loss:
+            return self._guarded(
+                batch, lambda b: self.kernels.layer_statistics(b.inputs, b.targets)
+            )
+        function = measurement.loss_like(self.xp)
+        return self._guarded(
+            batch,
+            lambda b: self.kernels.layer_statistics(b.inputs, b.targets, measurement=function),
+        )
 
     def iter_measurement_grads(
         self, data: Any, measurement: Measurement, batch_size: int | None = None

@@ -29,31 +29,24 @@ no longer runs (killed) is taken over.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .chunk_store import check_manifest, locked, verified_chunk, write_chunk
 from .data import chunks
-from .errors import ChunkRecomputedWarning, FingerprintMismatchError, RunLockedError
+from .errors import ChunkRecomputedWarning
 from .estimators.base import InfluenceCalculator
 from .estimators.top_k import RunningTopK, TopK
 from .io import (
     FORMAT,
-    atomic_savez,
-    atomic_write_text,
     data_fingerprint,
     host,
     parameter_fingerprint,
-    read_npz,
     save_result,
-    sha256_file,
     weights_fingerprint,
 )
 from .progress import progress
@@ -228,9 +221,9 @@ def _run(
     train = calculator.training_data(train_data)
     directory = Path(directory)
     chunks_dir = directory / "chunks"
-    with _locked(directory):
+    with locked(directory):
         manifest = _manifest(calculator, what, test_data, train, chunk_size, k)
-        _check_manifest(directory, manifest)
+        check_manifest(directory, manifest)
         parts, computed = [], 0
         stream = chunks(model.batches(train, calculator.batch_size), chunk_size)
         for index, chunk in enumerate(
@@ -242,7 +235,7 @@ def _run(
         ):
             start, length = chunk[0].start, sum(b.size for b in chunk)
             path = chunks_dir / f"chunk_{index:06d}.npz"
-            stored, problem = _verified(path, start, length, valid)
+            stored, problem = verified_chunk(path, start, length, valid)
             if stored is None:
                 if problem is not None:
                     warnings.warn(
@@ -252,10 +245,7 @@ def _run(
                         stacklevel=3,
                     )
                 stored = compute([(b.inputs, b.targets) for b in chunk], start)
-                stored["start"] = np.array(start)
-                atomic_savez(path, stored)
-                record = {"start": start, "length": length, "sha256": sha256_file(path)}
-                atomic_write_text(path.with_suffix(".json"), json.dumps(record))
+                write_chunk(path, stored, start, length)
                 computed += 1
             parts.append(stored)
     return parts, computed
@@ -268,123 +258,6 @@ def _chunk_total(model: Any, train: Any, batch_size: int | None, chunk_size: int
         return None
     per_chunk = -(-chunk_size // (batch_size or model.batch_size))
     return -(-batches // per_chunk)
-
-
-def _check_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    manifest_path = directory / "run.json"
-    if not manifest_path.exists():
-        atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
-        return
-    try:
-        previous = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
-        previous = {}
-    if not isinstance(previous, dict):
-        previous = {}
-    if previous != manifest:
-        different = sorted(key for key in manifest if previous.get(key) != manifest[key])
-        detail = ""
-        if "settings" in different:
-            old, new = _flat(previous.get("settings") or {}), _flat(manifest["settings"])
-            detail = "; settings " + ", ".join(
-                f"{key}: {old.get(key)!r} → {new.get(key)!r}"
-                for key in sorted(set(old) | set(new))
-                if old.get(key) != new.get(key)
-            )
-        raise FingerprintMismatchError(
-            f"{directory} holds another run (different {', '.join(different)}{detail}); "
-            "use a new directory, or delete this one to start over"
-        )
-
-
-def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested settings as ``{"ihvp.damping": 0.01, …}``."""
-    out: dict[str, Any] = {}
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _verified(
-    path: Path, start: int, length: int, valid: Callable[[dict[str, np.ndarray], int, int], bool]
-) -> tuple[dict[str, np.ndarray] | None, str | None]:
-    """(the chunk's arrays, None) if it checks out; (None, what is wrong) if not; (None, None) if absent."""
-    record_path = path.with_suffix(".json")
-    if not path.exists():
-        return None, None
-    if not record_path.exists():  # killed between the two writes: nothing damaged, just redo
-        return None, None
-    try:
-        record = json.loads(record_path.read_text())
-    except json.JSONDecodeError:
-        return None, "has an unreadable record"
-    if not isinstance(record, dict) or record.get("sha256") != sha256_file(path):
-        return None, "does not match its checksum (damaged or edited)"
-    if record.get("start") != start or record.get("length") != length:
-        return None, (
-            f"was written for samples {record.get('start')} + {record.get('length')}, "
-            f"not {start} + {length}"
-        )
-    stored = read_npz(path)
-    if stored is None:
-        return None, "cannot be read"
-    try:
-        ok = int(stored["start"]) == start and valid(stored, start, length)
-    except (KeyError, ValueError, IndexError):
-        ok = False
-    if not ok:
-        return None, "holds arrays of the wrong length"
-    return stored, None
-
-
-@contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """Hold ``directory/run.lock`` for the run; refuse if a live process holds it."""
-    directory.mkdir(parents=True, exist_ok=True)
-    lock = directory / "run.lock"
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(2):
-        try:
-            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            holder = _lock_holder(lock)
-            if holder is not None:
-                raise RunLockedError(
-                    f"{directory} is being written by another process (pid {holder['pid']} on "
-                    f"{holder['host']}); wait for it to finish, or use another directory"
-                ) from None
-            lock.unlink(missing_ok=True)  # a stale lock: its process is gone
-            continue
-        with os.fdopen(handle, "w") as out:
-            json.dump(me, out)
-        break
-    else:  # pragma: no cover - another process won the race twice
-        raise RunLockedError(f"{directory} is being written by another process")
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _lock_holder(lock: Path) -> dict[str, Any] | None:
-    """The live holder of a lock file, or ``None`` if the lock is stale."""
-    try:
-        holder = json.loads(lock.read_text())
-        pid, host = int(holder["pid"]), str(holder["host"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if host != socket.gethostname():
-        return {"pid": pid, "host": host}  # cannot tell from here: assume it is alive
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return {"pid": pid, "host": host}
 
 
 def _save(

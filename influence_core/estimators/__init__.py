@@ -9,8 +9,10 @@ from .representer_lje import RepresenterPointLJE
 from .second_order import SecondOrderInfluenceCalculator
 from .top_k import RunningTopK, TopK
 from .tracin import TracIn
+from .trak import TRAK
 
 __all__ = [
+    "TRAK",
     "ArnoldiInfluenceCalculator",
     "FirstOrderInfluenceCalculator",
     "GradientSimilarity",

@@ -6,11 +6,11 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import numpy as np
-
 from ..data import Batch, chunks
+from ..measurements import LOSS
 from ..model import InfluenceModel
 from ..progress import progress
+from ..projection import GradientProjector, projected_features, resolve_projector
 from .base import Array, InfluenceCalculator
 
 __all__ = ["TracIn"]
@@ -34,12 +34,16 @@ class TracIn(InfluenceCalculator):
     is restored afterwards): in PyTorch a state dict or a ``torch.save`` path;
     in Keras a ``get_weights()`` list or a ``.weights.h5`` path.
 
-    **Random projection** (``projection_dim=m``): gradients are multiplied by a
-    seeded Gaussian matrix P (d × m, entries N(0, 1/m), rows drawn in the canonical
-    layout so the same seed gives the same projection in every framework), so each dot product
-    becomes (Pᵀa)·(Pᵀb), unbiased with standard deviation at most
-    √(2/m)·‖a‖‖b‖ (Johnson-Lindenstrauss). P takes d·m floats; use it when d is
-    large and many test points are kept.
+    **Random projection**: ``projection_dim=m`` multiplies gradients by a
+    seeded Gaussian :class:`~influence_core.projection.RandomProjection` P
+    (d × m, entries N(0, 1/m), drawn in blocks of the canonical layout so the
+    same seed gives the same projection in every framework); ``projector=``
+    takes any projector, e.g. a
+    :class:`~influence_core.projection.KroneckerProjection`, which projects
+    each layer's inputs and output gradients and never forms the gradient.
+    Each dot product becomes (Pᵀa)·(Pᵀb), unbiased with standard deviation at
+    most √(2/m)·‖a‖‖b‖ (Johnson-Lindenstrauss). The same P serves every
+    checkpoint.
 
     Memory and loads: :meth:`influence` and :meth:`self_influence` load each
     checkpoint once and stream training batches; to have both, call
@@ -53,8 +57,10 @@ class TracIn(InfluenceCalculator):
         model: the :class:`~influence_core.InfluenceModel`.
         checkpoints: the checkpoints θ_k, in any order.
         learning_rates: η_k, one per checkpoint, or one for all.
-        projection_dim: m for a random projection of gradients; ``None`` for exact.
-        seed: seed of the projection.
+        projection_dim: m for a dense random projection of gradients; ``None`` for exact.
+        seed: seed of that projection.
+        projector: any :class:`~influence_core.projection.GradientProjector`
+            (instead of ``projection_dim``).
         measurement: what a test point's score explains (default its loss;
             :mod:`influence_core.measurements`).
         batch_size: batch size for ``(X, y)`` arrays.
@@ -69,6 +75,7 @@ class TracIn(InfluenceCalculator):
         *,
         projection_dim: int | None = None,
         seed: int = 0,
+        projector: GradientProjector | None = None,
         measurement: Any = None,
         batch_size: int | None = None,
         chunk_size: int = 4096,
@@ -93,8 +100,8 @@ class TracIn(InfluenceCalculator):
                 f"learning rates must be finite and positive (η_k > 0, the step the optimiser "
                 f"took after checkpoint k), got {bad}"
             )
-        if projection_dim is not None and int(projection_dim) < 1:
-            raise ValueError(f"projection_dim must be a positive integer, got {projection_dim}")
+        #: The projector of the gradients, or ``None`` without projection.
+        self.projector = resolve_projector(projection_dim, seed, projector)
         self.checkpoints = checkpoints
         self.learning_rates = rates
         self.projection_dim = None if projection_dim is None else int(projection_dim)
@@ -109,33 +116,25 @@ class TracIn(InfluenceCalculator):
                 for i, c in enumerate(self.checkpoints)
             ],
             "learning_rates": self.learning_rates,
-            "projection_dim": self.projection_dim,
-            "seed": self.seed,
+            "projector": None if self.projector is None else self.projector.get_params(),
         }
 
-    def _fit(self, train_data: Any) -> None:
-        #: The seeded projection P (d × m), or ``None`` without projection.
-        self.projection_: Array | None = None
-        if self.projection_dim is not None:
-            rng = np.random.default_rng(self.seed)
-            matrix = rng.normal(
-                scale=1.0 / np.sqrt(self.projection_dim),
-                size=(self.model.num_parameters, self.projection_dim),
-            )
-            # Drawn in the canonical layout: the same seed projects the same way everywhere.
-            self.projection_ = self.model.from_canonical(matrix)
-
     # -- building blocks ---------------------------------------------------------------
-    def _project(self, grads: Array) -> Array:
-        return grads if self.projection_ is None else self.xp.matmul(grads, self.projection_)
+    def _train_features(self, data: Any) -> Iterator[tuple[Batch, Array]]:
+        """Training-loss gradients, projected if asked: ``(batch, (b, m))``."""
+        return projected_features(self.model, data, self.projector, LOSS, self.batch_size)
 
-    def _projected(self, stream: Iterator[tuple[Batch, Array]]) -> Iterator[tuple[Batch, Array]]:
-        for batch, g in stream:
-            yield batch, self._project(g)
+    def _batch_features(self, batch: Batch) -> Array:
+        if self.projector is None:
+            return self.model.batch_per_sample_grads(batch)
+        return self.projector.features(self.model, batch, LOSS)
 
     def _test_block(self, test_data: Any) -> Array:
         """The projected test-measurement gradients at the loaded checkpoint: (n_test, m)."""
-        return self._stack(g for _, g in self._projected(self._test_gradients(test_data)))
+        stream = projected_features(
+            self.model, test_data, self.projector, self.measurement, self.batch_size
+        )
+        return self._stack(g for _, g in stream)
 
     def _checkpoints(self) -> Iterator[float]:
         """Load each checkpoint in turn (restoring the model after the last); yield η_k."""
@@ -157,9 +156,7 @@ class TracIn(InfluenceCalculator):
                     (
                         xp.matmul(
                             test,
-                            xp.matrix_transpose(
-                                self._project(self.model.batch_per_sample_grads(b))
-                            ),
+                            xp.matrix_transpose(self._batch_features(b)),
                         )
                         for b in chunk
                     ),
@@ -182,7 +179,7 @@ class TracIn(InfluenceCalculator):
         for rate in self._checkpoints():
             test = None if test_data is None else self._test_block(test_data)
             blocks, parts = [], []
-            for _, g in self._projected(self._gradients(train)):
+            for _, g in self._train_features(train):
                 if test is not None:
                     blocks.append(xp.matmul(test, xp.matrix_transpose(g)))
                 if squared_norms:
@@ -215,9 +212,16 @@ class TracIn(InfluenceCalculator):
         n_group = self.model.count(group_data, self.batch_size)
         total = None
         for rate in self._checkpoints():
-            summed = self._project(
-                xp.reshape(self.model.loss_grad(group_data, batch_size=self.batch_size), (1, -1))
-            )
+            if self.projector is None:
+                summed = xp.reshape(
+                    self.model.loss_grad(group_data, batch_size=self.batch_size), (1, -1)
+                )
+            else:  # the mean projected gradient, summed batch by batch
+                summed = None
+                for _, g in self._train_features(group_data):
+                    part = xp.sum(g, axis=0, keepdims=True)
+                    summed = part if summed is None else summed + part
+                summed = summed / n_group
             values = (
                 rate
                 * n_group

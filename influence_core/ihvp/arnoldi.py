@@ -94,7 +94,7 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
             raise ValueError(
                 f"need rank ≤ iterations ≤ d={d}; got rank={self.rank}, iterations={iterations}"
             )
-        itemsize = model.to_numpy(model.xp.zeros((1,), dtype=model.dtype)).dtype.itemsize
+        itemsize = model.itemsize
         #: Estimated bytes of the basis, the eigenvectors and one block in flight.
         self.memory_bytes_ = d * (iterations + self.rank + self.BLOCK) * itemsize
         if self.memory_budget is not None and self.memory_bytes_ > self.memory_budget:

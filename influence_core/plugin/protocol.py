@@ -365,13 +365,20 @@ class ModelKernels(ABC):
         """
         raise self._unsupported("layers (needed by K-FAC and EK-FAC)")
 
-    def layer_statistics(self, inputs: Array, targets: Array) -> dict[str, tuple[Array, Array]]:
+    def layer_statistics(
+        self,
+        inputs: Array,
+        targets: Array,
+        measurement: Callable[[Array, Array], Array] | None = None,
+    ) -> dict[str, tuple[Array, Array]]:
         """Per layer of :meth:`layers`, from one forward and one backward pass (inference mode).
 
         Returns ``{layer.name: (a, g)}`` with ``a`` of shape ``(b, T, p_in)``,
         the layer's input at each position, and ``g`` of shape ``(b, T, p_out)``,
         ∂ℓ(z_i)/∂z at the layer's output z = a W + b (before any activation),
-        for the per-sample loss ℓ at ``targets``. Sample i's gradient is then
+        for the per-sample loss ℓ at ``targets``, or, given ``measurement``
+        (a native ``m(outputs, targets) -> (b,)`` as in
+        :meth:`per_sample_measurement_grads`), for m instead of ℓ. Sample i's gradient is then
         Σ_t a_itᵀ g_it for the canonical kernel ``(p_in, p_out)`` and Σ_t g_it
         for the bias: the core builds gradients and Kronecker factors from
         these without a ``(b, d)`` matrix.

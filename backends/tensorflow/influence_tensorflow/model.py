@@ -350,8 +350,15 @@ class TensorFlowKernels(ModelKernels):
     def layers(self) -> tuple[Layer, ...]:
         return self._layer_statistics_of().layers
 
-    def layer_statistics(self, inputs: Any, targets: Any) -> dict[str, tuple[Any, Any]]:
-        return self._layer_statistics_of()(self.loss_fn, inputs, targets)
+    def layer_statistics(
+        self, inputs: Any, targets: Any, measurement: Any = None
+    ) -> dict[str, tuple[Any, Any]]:
+        if measurement is None:
+            return self._layer_statistics_of()(self.loss_fn, inputs, targets)
+        # Keras losses take (targets, outputs); a measurement takes (outputs, targets).
+        return self._layer_statistics_of()(
+            lambda y, outputs: measurement(outputs, y), inputs, targets
+        )
 
     # -- the last linear layer ----------------------------------------------------
     def _flat_layers(self, layer: Any) -> Iterator[Any]:

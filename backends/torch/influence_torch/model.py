@@ -377,11 +377,12 @@ class TorchKernels(ModelKernels):
 
     @in_inference_mode
     def layer_statistics(
-        self, inputs: Any, targets: torch.Tensor
+        self, inputs: Any, targets: torch.Tensor, measurement: Any = None
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         layers = self.layers()
+        function = self.loss_fn if measurement is None else measurement
         with recorded_layers(self.module, layers) as records, torch.enable_grad():
-            losses = self.loss_fn(self.module(inputs, **self._call_kwargs), targets)
+            losses = function(self.module(inputs, **self._call_kwargs), targets)
             return statistics(self.module, layers, records, losses)
 
     @in_inference_mode

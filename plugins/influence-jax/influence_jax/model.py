@@ -125,7 +125,7 @@ class JaxKernels(ModelKernels):
         self.loss_fn = loss_fn
         self._call_kwargs = dict(call_kwargs or {})
         self._bound: tuple[Any, Any] | None = None  # (params, rest) as values, or None: live
-        self._layer_kernels: tuple[tuple[Layer, ...], Any] | None = None
+        self._layer_kernels: tuple[tuple[Layer, ...], Any, dict] | None = None
         self._functional = isinstance(model, Functional)
         if not self._functional:
             from flax import nnx
@@ -356,7 +356,8 @@ class JaxKernels(ModelKernels):
         return self._hvp(theta, leaves, rest, inputs, targets, vectors)
 
     # -- layer-wise statistics (K-FAC, EK-FAC) ---------------------------------------------
-    def _layer_statistics_kernel(self) -> tuple[tuple[Layer, ...], Any]:
+    def _layer_statistics_kernel(self, measurement: Any = None) -> tuple[tuple[Layer, ...], Any]:
+        """(layers, jitted statistics function) for the loss or one measurement, built once each."""
         if self._layer_kernels is None:
             if self._functional:
                 raise self._unsupported(
@@ -371,15 +372,25 @@ class JaxKernels(ModelKernels):
                 state = jax.tree_util.tree_unflatten(self._rest_treedef, rest)
                 return nnx.merge(graphdef, self._params(leaves), state)(x, **self._call_kwargs)
 
-            function = jax.jit(statistics_function(layers, modules, apply, self.loss_fn))
-            self._layer_kernels = (layers, function)
-        return self._layer_kernels
+            self._layer_kernels = (layers, (modules, apply), {})
+        layers, (modules, apply), functions = self._layer_kernels
+        key = None if measurement is None else id(measurement)
+        if key not in functions:
+            target = self.loss_fn if measurement is None else measurement
+            # The measurement object is kept with its function, so its id stays its own.
+            functions[key] = (
+                measurement,
+                jax.jit(statistics_function(layers, modules, apply, target)),
+            )
+        return layers, functions[key][1]
 
     def layers(self) -> tuple[Layer, ...]:
         return self._layer_statistics_kernel()[0]
 
-    def layer_statistics(self, inputs: Any, targets: Any) -> dict[str, tuple[Any, Any]]:
-        _, function = self._layer_statistics_kernel()
+    def layer_statistics(
+        self, inputs: Any, targets: Any, measurement: Any = None
+    ) -> dict[str, tuple[Any, Any]]:
+        _, function = self._layer_statistics_kernel(measurement)
         _, leaves, rest = self._state()
         return function(leaves, rest, inputs, targets)
 

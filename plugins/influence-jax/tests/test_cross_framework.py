@@ -18,12 +18,14 @@ from influence_conformance.selection_checks import last_layer_names  # noqa: E40
 from influence_core import (  # noqa: E402
     EKFACIHVP,
     KFACIHVP,
+    TRAK,
     ArnoldiIHVP,
     ArnoldiInfluenceCalculator,
     ConjugateGradientIHVP,
     ExactIHVP,
     FirstOrderInfluenceCalculator,
     GradientSimilarity,
+    KroneckerProjection,
     RepresenterPointL2,
     RepresenterPointLJE,
     SecondOrderInfluenceCalculator,
@@ -101,6 +103,21 @@ def estimates(backend: str, spec_name: str) -> dict[str, np.ndarray]:
         "Grad-Cos": host(GradientSimilarity(model, "cosine").fit(train).influence(test)),
         "TracIn, projected, two checkpoints": host(
             TracIn(model, [halfway, model.kernels.save_state()], [0.3, 0.1], projection_dim=8)
+            .fit(train)
+            .influence(test)
+        ),
+        "TRAK, projected, two checkpoints": host(
+            TRAK(model, [halfway, model.kernels.save_state()], projection_dim=6, damping=0.1)
+            .fit(train)
+            .influence(test)
+        ),
+        "TRAK, Kronecker-projected, self-influence": host(
+            TRAK(model, projector=KroneckerProjection(3, 2, seed=4), damping=0.1)
+            .fit(train)
+            .self_influence()
+        ),
+        "Grad-Dot, Kronecker-projected": host(
+            GradientSimilarity(model, projector=KroneckerProjection(3, 2))
             .fit(train)
             .influence(test)
         ),
