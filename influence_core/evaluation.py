@@ -26,6 +26,16 @@ that a proponent's presence lowers it whatever the measurement.
   of a score (self-influence, say), the fraction of the flipped labels found
   after each fraction of the data checked, and the ROC AUC.
 
+**Several estimators, one set of retrainings.** Pass the result of an
+earlier call as ``retrain`` to reuse its subsets (or removed points) and
+its retrained values, and pass an (n_test, n_train) array of scores in
+place of a calculator to evaluate another library's scores by the same
+protocol::
+
+    reference = linear_datamodeling_score(exact, retrain, test, subsets=100)
+    trak = linear_datamodeling_score(TRAK(model).fit(train), reference, test)
+    theirs = linear_datamodeling_score(scores_from_elsewhere, reference)
+
 Scores are streamed: the test side is prepared once and the training data
 scored in batches, each batch's scores folded into the (subsets × n_test)
 predictions at once, so no (n_test, n_train) matrix is formed. Subsets are
@@ -58,6 +68,8 @@ __all__ = [
 ]
 
 Retrain = Callable[[np.ndarray], Any]
+#: A fitted calculator, or an (n_test, n_train) array of scores from elsewhere.
+Scores = Any
 
 
 # -- what retraining does -------------------------------------------------------------
@@ -101,14 +113,11 @@ def _folded_scores(
     model = calculator.model
     prepared = calculator.prepare_test(test_data)
     total = None
-    for batch in model.batches(train_data, calculator.batch_size):
-        scores = np.asarray(
-            host(
-                model, calculator.influence_from_prepared(prepared, [(batch.inputs, batch.targets)])
-            ),
-            np.float64,
-        )  # (n_test, b)
-        part = weights_of(batch.start, batch.size) @ scores.T
+    # The calculator's own stream of score blocks: what influence() and top_k() consume, so
+    # a TRAK reads its stored features and a TracIn loads each checkpoint once per chunk.
+    for start, block in calculator._scores_from_prepared(prepared, train_data):
+        scores = np.asarray(host(model, block), np.float64)  # (n_test, b)
+        part = weights_of(start, scores.shape[1]) @ scores.T
         total = part if total is None else total + part
     return total
 
@@ -196,11 +205,29 @@ class LDSResult(_Saved):
     def _parameters(self) -> dict[str, Any]:
         return {"score": self.score, "interval": self.interval}
 
+    @classmethod
+    def from_retrained(cls, subsets: Any, actual: Any) -> LDSResult:
+        """A reference built from retrainings done elsewhere (a cluster, another script).
+
+        ``subsets`` (m, size): the training indices of each subset; ``actual``
+        (m, n_test): the test points' loss-like values after training on each.
+        Pass it as ``retrain`` to score calculators or arrays against it.
+        """
+        drawn = np.sort(np.asarray(subsets, dtype=np.int64), axis=1)
+        values = np.asarray(actual, dtype=np.float64)
+        if drawn.ndim != 2 or values.ndim != 2 or len(drawn) != len(values) or len(drawn) < 2:
+            raise ValueError(
+                f"need (m, size) subsets and (m, n_test) values with m ≥ 2, got shapes "
+                f"{drawn.shape} and {values.shape}"
+            )
+        nothing = np.full(values.shape[1], np.nan)
+        return cls(np.nan, np.nan, nothing, drawn, np.zeros_like(values), values)
+
 
 def linear_datamodeling_score(
-    calculator: InfluenceCalculator,
-    retrain: Retrain,
-    test_data: Any,
+    calculator: Scores,
+    retrain: Retrain | LDSResult,
+    test_data: Any = None,
     *,
     subsets: int | Sequence[Sequence[int]] = 50,
     fraction: float = 0.5,
@@ -210,14 +237,31 @@ def linear_datamodeling_score(
     """The LDS of a fitted calculator's scores (see the module docstring).
 
     Args:
-        calculator: fitted; its training data (or ``train_data``) is what subsets index.
-        retrain: ``retrain(indices) -> weights`` (sorted indices of the subset).
-        test_data: the test points.
+        calculator: fitted; its training data (or ``train_data``) is what subsets
+            index. Or an (n_test, n_train) array of scores (with a previous
+            result as ``retrain``).
+        retrain: ``retrain(indices) -> weights`` (sorted indices of the subset),
+            or an earlier :class:`LDSResult` whose subsets and retrained values are reused.
+        test_data: the test points (not needed for an array of scores).
         subsets: how many random subsets to draw, or the subsets themselves.
         fraction: each drawn subset's share of the training set.
         seed: seeds the subsets.
         train_data: the training data to score (default: the calculator's).
     """
+    if isinstance(retrain, LDSResult):
+        drawn, actual = retrain.subsets, retrain.actual
+        if not isinstance(calculator, InfluenceCalculator):
+            predicted = -_array_folded(calculator, _member_weights(drawn), actual.shape[1])
+            return _lds_result(predicted, drawn, actual, retrain._provenance, "external scores")
+        train = calculator.training_data(train_data)
+        predicted = -_folded_scores(calculator, test_data, train, _member_weights(drawn))
+        provenance = {"calculator": calculator, "data": {"train": train, "test": test_data}}
+        return _lds_result(predicted, drawn, actual, {**retrain._provenance, **provenance})
+    if not isinstance(calculator, InfluenceCalculator):
+        raise TypeError(
+            "an array of scores has no model to retrain: pass the LDSResult of an earlier "
+            "call (with a calculator) as retrain, to reuse its subsets and retrained values"
+        )
     train = calculator.training_data(train_data)
     n = calculator.model.count(train, calculator.batch_size)
     if isinstance(subsets, int):
@@ -238,11 +282,29 @@ def linear_datamodeling_score(
     drawn = np.sort(drawn, axis=1)
     predicted = -_folded_scores(calculator, test_data, train, _member_weights(drawn))
     actual = _retrained_values(calculator, retrain, test_data, list(drawn))
+    provenance = {
+        "calculator": calculator,
+        "parameters": {"fraction": fraction, "seed": seed, "subsets": len(drawn)},
+        "data": {"train": train, "test": test_data},
+    }
+    return _lds_result(predicted, drawn, actual, provenance)
+
+
+def _lds_result(
+    predicted: np.ndarray,
+    drawn: np.ndarray,
+    actual: np.ndarray,
+    provenance: dict[str, Any],
+    scored: str | None = None,
+) -> LDSResult:
     per_test = np.array([_spearman(predicted[:, t], actual[:, t]) for t in range(actual.shape[1])])
     valid = per_test[np.isfinite(per_test)]
     interval = (
         float(1.96 * np.std(valid, ddof=1) / np.sqrt(len(valid))) if len(valid) > 1 else np.nan
     )
+    if scored is not None:
+        parameters = {**provenance.get("parameters", {}), "scores": scored}
+        provenance = {**provenance, "parameters": parameters}
     return LDSResult(
         score=float(np.mean(valid)) if len(valid) else np.nan,
         interval=interval,
@@ -250,12 +312,23 @@ def linear_datamodeling_score(
         subsets=drawn,
         predicted=predicted,
         actual=actual,
-        _provenance={
-            "calculator": calculator,
-            "parameters": {"fraction": fraction, "seed": seed, "subsets": len(drawn)},
-            "data": {"train": train, "test": test_data},
-        },
+        _provenance=provenance,
     )
+
+
+def _array_folded(
+    scores: Any, weights_of: Callable[[int, int], np.ndarray], n_test: int
+) -> np.ndarray:
+    """weights_of(0, n_train) @ scoresᵀ for a given (n_test, n_train) array: shape (m, n_test)."""
+    matrix = np.asarray(_to_host(scores), np.float64)
+    if matrix.ndim != 2 or matrix.shape[0] != n_test:
+        raise ValueError(
+            f"scores must be an (n_test, n_train) array with n_test = {n_test} (the earlier "
+            f"result's test points), got shape {matrix.shape}"
+        )
+    if not np.all(np.isfinite(matrix)):
+        raise ValueError("the scores hold NaN or inf")
+    return weights_of(0, matrix.shape[1]) @ matrix.T
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -276,6 +349,7 @@ class LOOResult(_Saved):
         predicted: τ(z_i, z_test) / n, shape (k, n_test): the predicted rise of
             the loss-like value when z_i is removed.
         actual: the measured change after retraining without z_i, shape (k, n_test).
+        n_train: n, the size of the training set the scores were divided by.
     """
 
     pearson: float
@@ -283,6 +357,7 @@ class LOOResult(_Saved):
     removed: np.ndarray
     predicted: np.ndarray
     actual: np.ndarray
+    n_train: int = 0
     _provenance: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     _ARRAYS = ("removed", "predicted", "actual")
     _METHOD = "loo_correlation"
@@ -292,10 +367,10 @@ class LOOResult(_Saved):
 
 
 def loo_correlation(
-    calculator: InfluenceCalculator,
-    retrain: Retrain,
-    test_data: Any,
-    removed: Sequence[int],
+    calculator: Scores,
+    retrain: Retrain | LOOResult,
+    test_data: Any = None,
+    removed: Sequence[int] | None = None,
     *,
     train_data: Any = None,
 ) -> LOOResult:
@@ -304,7 +379,27 @@ def loo_correlation(
     ``retrain(indices)`` is given every training index but one; the baseline is
     the model's current weights, so train ``retrain`` the way those were
     trained (for a non-convex model, warm-started from them is the usual choice).
+    ``retrain`` may be an earlier :class:`LOOResult` (its removed points and
+    retrained changes are reused), and then ``calculator`` may be an
+    (n_test, n_train) array of scores from elsewhere.
     """
+    if isinstance(retrain, LOOResult):
+        removed, actual = retrain.removed, retrain.actual
+        if isinstance(calculator, InfluenceCalculator):
+            train = calculator.training_data(train_data)
+            n = calculator.model.count(train, calculator.batch_size)
+            predicted = _folded_scores(calculator, test_data, train, _picks(removed)) / n
+        else:
+            n = retrain.n_train
+            predicted = _array_folded(calculator, _picks(removed), actual.shape[1]) / n
+        return _loo_result(predicted, removed, actual, retrain._provenance, n)
+    if not isinstance(calculator, InfluenceCalculator):
+        raise TypeError(
+            "an array of scores has no model to retrain: pass the LOOResult of an earlier "
+            "call (with a calculator) as retrain"
+        )
+    if removed is None:
+        raise TypeError("loo_correlation needs removed=, the training indices to leave out")
     train = calculator.training_data(train_data)
     n = calculator.model.count(train, calculator.batch_size)
     removed = np.asarray(removed, dtype=np.int64)
@@ -313,13 +408,7 @@ def loo_correlation(
             f"removed must be at least 2 indices into the {n} training points, got {removed!r}"
         )
 
-    def picks(start: int, size: int) -> np.ndarray:  # row j picks training point removed[j]
-        out = np.zeros((len(removed), size))
-        inside = (removed >= start) & (removed < start + size)
-        out[np.flatnonzero(inside), removed[inside] - start] = 1.0
-        return out
-
-    predicted = _folded_scores(calculator, test_data, train, picks) / n
+    predicted = _folded_scores(calculator, test_data, train, _picks(removed)) / n
     baseline = loss_like_values(calculator, test_data)
     everyone = np.arange(n)
     actual = (
@@ -328,13 +417,37 @@ def loo_correlation(
         )
         - baseline
     )
+    provenance = {"calculator": calculator, "data": {"train": train, "test": test_data}}
+    return _loo_result(predicted, removed, actual, provenance, n)
+
+
+def _picks(removed: np.ndarray) -> Callable[[int, int], np.ndarray]:
+    """(k, size) weights: row j picks training point removed[j] when it is in the batch."""
+
+    def picks(start: int, size: int) -> np.ndarray:
+        out = np.zeros((len(removed), size))
+        inside = (removed >= start) & (removed < start + size)
+        out[np.flatnonzero(inside), removed[inside] - start] = 1.0
+        return out
+
+    return picks
+
+
+def _loo_result(
+    predicted: np.ndarray,
+    removed: np.ndarray,
+    actual: np.ndarray,
+    provenance: dict[str, Any],
+    n_train: int,
+) -> LOOResult:
     return LOOResult(
         pearson=float(pearsonr(predicted.ravel(), actual.ravel()).statistic),
         spearman=float(spearmanr(predicted.ravel(), actual.ravel()).statistic),
         removed=removed,
         predicted=predicted,
         actual=actual,
-        _provenance={"calculator": calculator, "data": {"train": train, "test": test_data}},
+        n_train=n_train,
+        _provenance=provenance,
     )
 
 

@@ -16,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 
 from influence_core import ExactIHVP, FirstOrderInfluenceCalculator, load_result
 from influence_core.evaluation import (
+    LDSResult,
     linear_datamodeling_score,
     loo_correlation,
     mislabel_detection,
@@ -85,6 +86,40 @@ def test_lds_subsets_are_seeded_and_can_be_given(setting) -> None:
         linear_datamodeling_score(calc, retrain, test, subsets=[[0, N_TRAIN]])
     with pytest.raises(ValueError, match="fraction"):
         linear_datamodeling_score(calc, retrain, test, subsets=3, fraction=1.0)
+
+
+def test_earlier_results_reuse_their_retrainings_and_arrays_score_by_the_same_protocol(
+    setting,
+) -> None:
+    p, model, calc, retrain, _ = setting
+    test = (p["X_test"], p["y_test"])
+    first = linear_datamodeling_score(calc, retrain, test, subsets=4, fraction=0.9, seed=5)
+
+    def no_retraining(indices):
+        raise AssertionError("retrained again")
+
+    again = linear_datamodeling_score(calc, first, test)
+    np.testing.assert_array_equal(again.per_test, first.per_test)
+    scores = model.to_numpy(calc.influence(test))
+    external = linear_datamodeling_score(scores, first)
+    np.testing.assert_allclose(external.per_test, first.per_test, atol=1e-12)
+    np.testing.assert_allclose(external.predicted, first.predicted, rtol=1e-10)
+    # Another library's scores that are wrong (reversed) score the opposite.
+    np.testing.assert_allclose(linear_datamodeling_score(-scores, first).per_test, -first.per_test)
+    with pytest.raises(TypeError, match="earlier"):
+        linear_datamodeling_score(scores, no_retraining, test)
+    with pytest.raises(ValueError, match="n_test"):
+        linear_datamodeling_score(scores[:2], first)
+    elsewhere = LDSResult.from_retrained(first.subsets, first.actual)
+    np.testing.assert_array_equal(
+        linear_datamodeling_score(scores, elsewhere).per_test, external.per_test
+    )
+    with pytest.raises(ValueError, match="m ≥ 2"):
+        LDSResult.from_retrained(first.subsets[:1], first.actual[:1])
+    loo = loo_correlation(calc, retrain, test, [1, 2, 3])
+    reused = loo_correlation(scores, loo)
+    np.testing.assert_allclose(reused.predicted, loo.predicted, rtol=1e-10)
+    assert reused.pearson == pytest.approx(loo.pearson, abs=1e-12)
 
 
 def test_loo_correlation_of_exact_influence(setting, tmp_path) -> None:
