@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .arrays import join
+from .measurements import LOSS, Measurement
 from .model import InfluenceModel
 from .plugin.protocol import Layer
 
@@ -105,16 +106,19 @@ def layer_gradient_matrices(
     return out
 
 
-def per_sample_grads_from_layers(model: InfluenceModel, batch: Any) -> Array:
+def per_sample_grads_from_layers(
+    model: InfluenceModel, batch: Any, measurement: Measurement = LOSS
+) -> Array:
     """∇_θ ℓ(z_i) for each sample of ``batch`` (b, d), in the backend's θ order, from layer statistics.
 
-    Equal to :meth:`InfluenceModel.per_sample_grads`; here to check the
+    Equal to :meth:`InfluenceModel.per_sample_grads` (with a ``measurement``,
+    to :meth:`InfluenceModel.batch_per_sample_grads` of it); here to check the
     statistics (it builds the (b, d) matrix the layer-wise solvers avoid).
     """
     xp = model.xp
     single = model._single_batch(batch)
     blocks = covering_layers(model)
-    stats = model.kernels.layer_statistics(single.inputs, single.targets)
+    stats = model.layer_statistics(single, measurement)
     pieces = []
     for block, matrix in zip(blocks, layer_gradient_matrices(xp, blocks, stats), strict=True):
         b, p_in, p_out = single.size, block.layer.inputs, block.layer.outputs

@@ -278,6 +278,22 @@ def test_the_layer_check_catches_patches_in_the_wrong_order() -> None:
     ).test_layer_statistics_rebuild_the_per_sample_gradients("convnet", "float64")
 
 
+class StatisticsOfTheLoss(TorchKernels):
+    """Ignores the measurement in the layer statistics (the loss's output gradients instead)."""
+
+    def layer_statistics(self, inputs, targets, measurement=None):
+        return super().layer_statistics(inputs, targets)
+
+
+def test_the_layer_check_catches_statistics_that_ignore_the_measurement() -> None:
+    checks = checks_on(StatisticsOfTheLoss, BackendConformance)
+    with pytest.raises(AssertionError, match="Σ_t aᵀg of the margin"):
+        checks.test_layer_statistics_of_a_measurement_rebuild_its_gradients("convnet")
+    checks_on(
+        TorchKernels, BackendConformance
+    ).test_layer_statistics_of_a_measurement_rebuild_its_gradients("convnet")
+
+
 class HessianForGaussNewton(TorchKernels):
     """Returns the full Hessian product where the Gauss–Newton one is asked for."""
 

@@ -4,7 +4,7 @@ For every reference model (dense and convolutional): the last layer's inputs
 equal the NumPy penultimate features and its output gradients equal ∂ℓ/∂Φ;
 the per-sample gradients rebuilt from every layer's statistics equal the
 backend's flat per-sample gradients (which the rest of the suite checks
-against NumPy); and EK-FAC is exact where the factorisation is (a linear model
+against NumPy), of the loss and of a measurement; and EK-FAC is exact where the factorisation is (a linear model
 whose empirical Fisher is its Hessian is not among the specs, so the suite
 checks the solver on the statistics instead: its damped curvature applied to
 a vector equals the Kronecker formula built from NumPy).
@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 
 from influence_core.layerwise import covering_layers, per_sample_grads_from_layers
+from influence_core.measurements import logit, margin
 
 from . import numpy_reference as ref
 from .cases import Case, assert_close, optional, to_numpy
@@ -41,6 +42,20 @@ class LayerChecks:
         assert len(blocks) == len(case.spec.parameter_shapes()), "one layer per spec layer"
         rebuilt = per_sample_grads_from_layers(model, case.data)
         assert_close(rebuilt, model.per_sample_grads(case.data), case.rtol, "Σ_t aᵀg = ∇ℓ")
+
+    @pytest.mark.parametrize("spec_name", ["mlp_tanh", "convnet"])
+    @optional
+    def test_layer_statistics_of_a_measurement_rebuild_its_gradients(self, spec_name: str) -> None:
+        """With ``measurement=``, g is ∂m/∂z of that function (the Kronecker projection's input)."""
+        case = self.build_case(spec_name, "float64")
+        model = case.model
+        batch = next(iter(model.batches(case.data, len(case.y))))
+        for measurement in (margin(), logit(1)):
+            rebuilt = per_sample_grads_from_layers(model, case.data, measurement)
+            expected = model.batch_per_sample_grads(batch, measurement)
+            assert_close(
+                rebuilt, to_numpy(expected), case.rtol, f"Σ_t aᵀg of the {measurement.name}"
+            )
 
     @pytest.mark.parametrize("spec_name", ALL_SPECS)
     @optional
