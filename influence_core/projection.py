@@ -16,10 +16,12 @@ with NumPy, block by block, then handed to the backend.
 
 * :class:`RandomProjection`: a dense d × k Gaussian or Rademacher matrix,
   drawn in blocks of ``block_rows`` canonical rows (block j from the seed
-  sequence ``(seed, j)``, so any block can be redrawn alone). It is kept on the
-  device when d·k fits in ``memory_budget``; otherwise it is redrawn block by
-  block at every call, so the d × k matrix never exists whole (project large
-  batches then: the draw costs d·k random numbers per call).
+  sequence ``(seed, j)``, so any block can be redrawn alone) and handed to the
+  backend in slabs of at most 2^16 rows. The slabs are kept on the device when
+  d·k fits in ``memory_budget`` (as one matrix in the backend's layout when
+  its float64 draw takes at most a quarter of it); otherwise they are redrawn
+  at every call, so the d × k matrix never exists whole (project large batches then: the draw
+  costs d·k random numbers per call).
 * :class:`KroneckerProjection`: per layer, P_l = P_in ⊗ P_out (LoGra; Choe et
   al. 2024, "What is Your Data Worth to GPT?"). Layer l's gradient
   G = Σ_t ã_tᵀ g_t (p_in+1 × p_out) becomes P_inᵀ G P_out = Σ_t (ã_t P_in)ᵀ(g_t P_out),
@@ -164,24 +166,58 @@ class RandomProjection(GradientProjector):
         """Whether the d × k matrix fits in ``memory_budget`` on the device (and is kept)."""
         return model.num_parameters * self.k * model.itemsize <= self.memory_budget
 
-    def project(self, model: InfluenceModel, grads: Array) -> Array:
-        """Pᵀ g for each row of ``grads`` (b, d) in ``model``'s θ order: shape (b, k)."""
-        xp = model.xp
-        d = model.num_parameters
+    #: Most canonical rows drawn on the host at once (float64): 2^16 × k × 8 bytes.
+    SLAB_ROWS = 2**16
+
+    def _slab_rows(self, model: InfluenceModel) -> int:
+        budget = self.memory_budget // (2 * self.k * model.itemsize)
+        rows = min(self.SLAB_ROWS, max(self.block_rows, budget))
+        return max(self.block_rows, rows // self.block_rows * self.block_rows)
+
+    def _slabs(self, model: InfluenceModel) -> Iterator[tuple[int, int, Array]]:
+        """(start, stop, native P[start:stop]) over the canonical rows: kept, or drawn anew."""
+        d, native = model.num_parameters, model.kernels.as_native
         if self.fits(model):
             key = (id(model.kernels), model.layout.names, d, str(model.dtype))
             if self._kept is None or self._kept[0] != key:
-                self._kept = (key, model.from_canonical(self.matrix(d)))
+                step = self._slab_rows(model)
+                slabs = [
+                    (a, min(d, a + step), native(self.rows(a, min(d, a + step)), floating=True))
+                    for a in range(0, d, step)
+                ]
+                self._kept = (key, slabs)
+            yield from self._kept[1]
+            return
+        step = self._slab_rows(model)
+        self.largest_slab_rows_ = 0
+        for start in range(0, d, step):
+            stop = min(d, start + step)
+            self.largest_slab_rows_ = max(self.largest_slab_rows_, stop - start)
+            yield start, stop, native(self.rows(start, stop), floating=True)
+
+    def _whole(self, model: InfluenceModel) -> bool:
+        """Small enough to keep as one matrix in the backend's layout (one matmul per batch)."""
+        return model.num_parameters * self.k * 8 <= self.memory_budget // 4
+
+    def project(self, model: InfluenceModel, grads: Array) -> Array:
+        """Pᵀ g for each row of ``grads`` (b, d) in ``model``'s θ order: shape (b, k).
+
+        A matrix whose host draw (d·k float64) fits in a quarter of the budget
+        is kept whole in the backend's layout: one matmul per batch. A larger
+        one is kept (or redrawn) in slabs of canonical rows, and the gradients
+        are put in the canonical layout (a copy of the batch, none where the
+        backend's layout is canonical) and multiplied slab by slab, so neither
+        side needs the d × k matrix as one array.
+        """
+        xp = model.xp
+        if self._whole(model):
+            key = ("whole", id(model.kernels), model.layout.names, str(model.dtype))
+            if self._kept is None or self._kept[0] != key:
+                self._kept = (key, model.from_canonical(self.matrix(model.num_parameters)))
             return xp.matmul(grads, self._kept[1])
         canonical = xp.matrix_transpose(model.to_canonical(xp.matrix_transpose(grads)))
-        slab = max(self.block_rows, self.memory_budget // (2 * self.k * model.itemsize))
-        slab = max(self.block_rows, slab // self.block_rows * self.block_rows)
-        self.largest_slab_rows_ = 0
         total = None
-        for start in range(0, d, slab):
-            stop = min(d, start + slab)
-            self.largest_slab_rows_ = max(self.largest_slab_rows_, stop - start)
-            part = model.kernels.as_native(self.rows(start, stop), floating=True)
+        for start, stop, part in self._slabs(model):
             value = xp.matmul(canonical[:, start:stop], part)
             total = value if total is None else total + value
         return total

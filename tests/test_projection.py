@@ -38,6 +38,13 @@ def test_dense_projection_is_the_canonical_matrix_kept_or_drawn_in_slabs(
     np.testing.assert_allclose(
         host(kept.features(case.model, one_batch(case), LOSS)), expected, atol=1e-13
     )
+    # Kept, but in slabs of canonical rows (too large to keep whole in the backend's layout).
+    slabbed = RandomProjection(7, seed=3, kind=kind, block_rows=5, memory_budget=d * 7 * 8)
+    assert slabbed.fits(case.model) and not slabbed._whole(case.model)
+    np.testing.assert_allclose(
+        host(slabbed.features(case.model, one_batch(case), LOSS)), expected, atol=1e-13
+    )
+    assert kept._whole(case.model)
     # A budget of 7 × 8 × 10 bytes holds 5 rows per slab: the d × k matrix is never whole.
     drawn = RandomProjection(7, seed=3, kind=kind, block_rows=5, memory_budget=7 * 8 * 10)
     assert not drawn.fits(case.model)
