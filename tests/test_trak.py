@@ -151,3 +151,21 @@ def test_a_singular_feature_kernel_names_its_eigenvalue_and_the_damping() -> Non
         TRAK(case.model, damping=-1.0)
     with pytest.raises(ValueError, match="empty"):
         TRAK(case.model, [])
+
+
+def test_relative_damping_is_scale_free_and_each_model_keeps_its_projector() -> None:
+    case = build_case("torch", "mlp_tanh", "float64")
+    projector = KroneckerProjection(16, 16)  # every side exact: the softmax's null direction stays
+    with pytest.raises(NotPositiveDefiniteError, match="feature kernel"):
+        TRAK(case.model, projector=projector).fit(case.data)
+    calc = TRAK(case.model, projector=projector, relative_damping=1e-3).fit(case.data)
+    F = case.model.to_numpy(
+        projector.features(
+            case.model, next(iter(case.model.batches(case.data, 64))), calc.measurement
+        )
+    )
+    np.testing.assert_allclose(calc.dampings_[0], 1e-3 * np.trace(F.T @ F) / F.shape[1], rtol=1e-10)
+    dense = TRAK(case.model, projection_dim=6, damping=0.1).fit(case.data)
+    kept = dense._projectors[0]._kept
+    dense.influence((case.X[:2], case.y[:2]))
+    assert dense._projectors[0]._kept is kept  # the test side reuses the fitted matrix

@@ -76,6 +76,9 @@ class TRAK(InfluenceCalculator):
             (a :class:`~influence_core.projection.KroneckerProjection` for
             per-layer projection from layer statistics).
         damping: λ ≥ 0 added to ΦᵀΦ.
+        relative_damping: ρ ≥ 0: λ_s = damping + ρ · tr(Φ_sᵀΦ_s)/k, scale-free. A
+            Kronecker projection of a softmax model's margin needs it (its last
+            layer's features sum to zero over classes, so ΦᵀΦ is singular).
         measurement: f, the output explained (default ``"margin"``).
         weighting: Q: ``"margin"`` (1 − p_y, for a softmax model trained with
             cross-entropy), ``None`` (Q = 1), or ``weighting(xp, outputs, targets) -> (b,)``.
@@ -93,6 +96,7 @@ class TRAK(InfluenceCalculator):
         seed: int = 0,
         projector: GradientProjector | None = None,
         damping: float = 0.0,
+        relative_damping: float = 0.0,
         measurement: Any = "margin",
         weighting: str | Weighting | None = "margin",
         features_dir: str | Path | None = None,
@@ -108,9 +112,16 @@ class TRAK(InfluenceCalculator):
             if not checkpoints:
                 raise ValueError("checkpoints is empty; pass None to use the model's own weights")
         self.checkpoints = checkpoints
-        if not (float(damping) >= 0.0):
-            raise ValueError(f"damping must be ≥ 0, got {damping}")
+        # One projector per model, made once: a dense one keeps its matrix on the device.
+        self._projectors = [
+            None if self.projector is None else self.projector.reseeded(self.projector.seed + s)
+            for s in range(self.num_models)
+        ]
+        for name, value in (("damping", damping), ("relative_damping", relative_damping)):
+            if not (float(value) >= 0.0):
+                raise ValueError(f"{name} must be ≥ 0, got {value}")
         self.damping = float(damping)
+        self.relative_damping = float(relative_damping)
         if weighting == "margin":
             self.weighting: Weighting | None = one_minus_probability
         elif weighting is None or callable(weighting):
@@ -139,6 +150,7 @@ class TRAK(InfluenceCalculator):
             ],
             "projector": None if self.projector is None else self.projector.get_params(),
             "damping": self.damping,
+            "relative_damping": self.relative_damping,
             "weighting": self._weighting_name,
             "chunk_size": self.chunk_size,
         }
@@ -154,9 +166,7 @@ class TRAK(InfluenceCalculator):
         if desc is not None and self.num_models > 1:
             order = progress(order, desc=desc, total=self.num_models)
         for s in order:
-            projector = (
-                None if self.projector is None else self.projector.reseeded(self.projector.seed + s)
-            )
+            projector = self._projectors[s]
             loading = (
                 nullcontext()
                 if self.checkpoints is None
@@ -209,6 +219,7 @@ class TRAK(InfluenceCalculator):
             self.kernels_: list[Array] = []
             #: The smallest eigenvalue of Φ_sᵀΦ_s per model s.
             self.smallest_eigenvalues_: list[float] = []
+            self.dampings_: list[float] = []
             host = self.model.to_numpy
             for s, projector in self._models(desc="TRAK models"):
                 store.check_checkpoint(s)
@@ -233,11 +244,14 @@ class TRAK(InfluenceCalculator):
         """(ΦᵀΦ + λI)⁻¹ in float64 on the host (eigh), checked positive definite."""
         values, vectors = np.linalg.eigh(gram)
         self.smallest_eigenvalues_.append(float(values[0]))
-        damped = values + self.damping
+        damping = self.damping + self.relative_damping * float(np.trace(gram)) / len(values)
+        #: λ_s, the damping each model's kernel was inverted with.
+        self.dampings_.append(damping)
+        damped = values + damping
         if damped[0] <= 1e-12 * max(float(damped[-1]), 1e-300):
             raise NotPositiveDefiniteError(
                 float(values[0]),
-                self.damping,
+                damping,
                 how=f"smallest eigenvalue (model {s}, k = {len(values)} features)",
                 matrix="feature kernel ΦᵀΦ",
                 advice=(
