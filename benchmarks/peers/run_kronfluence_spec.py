@@ -11,12 +11,10 @@ self-influence, the seconds of fit, pairwise and self, and the peak RSS.
 
 from __future__ import annotations
 
-import importlib.util
 import resource
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -24,32 +22,16 @@ import torch
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(name: str, path: Path) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-package = types.ModuleType("influence_conformance")
-package.__path__ = []
-sys.modules["influence_conformance"] = package
-_load("influence_conformance.specs", ROOT / "conformance_tests/influence_conformance/specs.py")
-reference = _load("torch_reference", ROOT / "backends/torch/influence_torch/reference_models.py")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_kronfluence import Classification  # noqa: E402  (the same task: empirical Fisher)
-from scale_specs import SPECS  # noqa: E402
+from run_kronfluence import Classification  # the same task: empirical Fisher
+from spec_models import torch_model
 
 
 def main(spec_name: str, strategy: str, setup_path: str, out_path: str) -> None:
     torch.set_num_threads(2)
     setup = np.load(setup_path)
     weights = [setup[f"w{i}"] for i in range(int(setup["count"]))]
-    model = reference.build(SPECS[spec_name], weights, "float32").model
+    model = torch_model(spec_name, weights)
     train = torch.utils.data.TensorDataset(
         torch.from_numpy(setup["X_train"]), torch.from_numpy(setup["y_train"])
     )

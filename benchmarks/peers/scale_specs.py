@@ -25,6 +25,13 @@ SPECS = {
         "cross_entropy",
         "-",
     ),
+    "mlp-5.2M": ModelSpec(  # the TracIn-projection issue's 5.2M-parameter model
+        "mlp5",
+        (1024,),
+        (Dense(2048, "tanh"), Dense(1512, "tanh"), Dense(10)),
+        "cross_entropy",
+        "-",
+    ),
     "wide-10M": ModelSpec(
         "wide",
         (1024,),
