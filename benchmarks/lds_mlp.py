@@ -8,7 +8,8 @@ n_train = 2000, n_test = 50. Training is deterministic: the same seeded
 initialisation, 300 full-batch Adam steps (lr 1e-3), mean cross-entropy +
 (μ/2)‖θ‖² with μ = 1e-3; checkpoints every 60 steps feed TracIn.
 
-LDS (Park et al., TRAK, ICML 2023): M random subsets S_j of half the training
+LDS (Park et al., TRAK, ICML 2023; ``influence_core.evaluation``, scoring
+each estimator's score matrix against the cached retrainings): M random subsets S_j of half the training
 set, the model retrained on each from the same initialisation, and for each
 test point the Spearman correlation over j between the actual test loss
 after training on S_j and the additive prediction −Σ_{i ∈ S_j} τ(z_i, z_test)
@@ -32,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 
 from influence_core import (
     EKFACIHVP,
@@ -46,6 +46,7 @@ from influence_core import (
     TracIn,
     set_progress,
 )
+from influence_core.evaluation import LDSResult, linear_datamodeling_score
 
 HERE = Path(__file__).resolve().parent
 KRONFLUENCE = HERE / ".envs" / "kronfluence" / "bin" / "python"
@@ -108,14 +109,9 @@ def retrained(X, y, subsets: np.ndarray) -> np.ndarray:
 
 
 def lds(scores: np.ndarray, subsets: np.ndarray, losses: np.ndarray) -> tuple[float, float]:
-    """Mean Spearman over test points of −Σ_{i∈S_j} τ against the loss, and its 95 % half-width."""
-    mask = np.zeros((len(subsets), N))
-    np.put_along_axis(mask, subsets, 1.0, axis=1)
-    predicted = -(mask @ scores.T)  # (M, n_test)
-    rho = np.array(
-        [spearmanr(predicted[:, t], losses[:, t]).statistic for t in range(losses.shape[1])]
-    )
-    return float(np.mean(rho)), float(1.96 * np.std(rho, ddof=1) / np.sqrt(len(rho)))
+    """The library's LDS (influence_core.evaluation) of a score matrix against the cached retrainings."""
+    result = linear_datamodeling_score(scores, LDSResult.from_retrained(subsets, losses))
+    return result.score, result.interval
 
 
 def kronfluence_scores(net: torch.nn.Sequential, X, y) -> tuple[np.ndarray, float]:
