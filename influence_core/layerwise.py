@@ -30,7 +30,9 @@ from .plugin.protocol import Layer
 __all__ = [
     "LayerBlock",
     "covering_layers",
+    "layer_gradient_dots",
     "layer_gradient_matrices",
+    "layer_gradient_squared_norms",
     "per_sample_grads_from_layers",
 ]
 
@@ -129,3 +131,62 @@ def per_sample_grads_from_layers(
     pieces.sort(key=lambda piece: piece[0])
     canonical = join(xp, [piece for _, piece in pieces], axis=1)  # (b, d), canonical
     return xp.matrix_transpose(model.from_canonical(xp.matrix_transpose(canonical)))
+
+
+def _with_bias_input(xp: Any, block: LayerBlock, a: Array) -> Array:
+    """ã = [a, 1] when the layer has a bias (its gradient is then Σ_t ã_tᵀ g_t), else a."""
+    if block.bias_offset is None:
+        return a
+    return xp.concat([a, xp.ones_like(a[:, :, :1])], axis=2)
+
+
+def layer_gradient_dots(
+    xp: Any,
+    blocks: Sequence[LayerBlock],
+    left: dict[str, tuple[Array, Array]],
+    right: dict[str, tuple[Array, Array]],
+) -> Array:
+    """∇ℓ(z_i)·∇ℓ(z_j) for every pair (i of ``left``, j of ``right``): shape (n_left, n_right).
+
+    Summed over layers without the (b, d) gradients. A layer applied once
+    (T = 1, a dense layer) contributes (Ã_L Ã_Rᵀ) ⊙ (G_L G_Rᵀ), since
+    ⟨ãᵀg, ã'ᵀg'⟩_F = (ã·ã')(g·g'): (p + o) multiply-adds per pair instead of
+    p·o. A layer applied at T > 1 positions (a convolution) forms each
+    sample's gradient matrix Σ_t ã_tᵀ g_t and takes the dot products of those.
+    """
+    total = None
+    for block in blocks:
+        (a_l, g_l), (a_r, g_r) = left[block.layer.name], right[block.layer.name]
+        a_l, a_r = _with_bias_input(xp, block, a_l), _with_bias_input(xp, block, a_r)
+        if int(a_l.shape[1]) == 1 and int(a_r.shape[1]) == 1:
+            part = xp.matmul(a_l[:, 0, :], xp.matrix_transpose(a_r[:, 0, :])) * xp.matmul(
+                g_l[:, 0, :], xp.matrix_transpose(g_r[:, 0, :])
+            )
+        else:
+            n_l, n_r = int(a_l.shape[0]), int(a_r.shape[0])
+            m_l = xp.reshape(xp.matmul(xp.matrix_transpose(a_l), g_l), (n_l, -1))
+            m_r = xp.reshape(xp.matmul(xp.matrix_transpose(a_r), g_r), (n_r, -1))
+            part = xp.matmul(m_l, xp.matrix_transpose(m_r))
+        total = part if total is None else total + part
+    return total
+
+
+def layer_gradient_squared_norms(
+    xp: Any, blocks: Sequence[LayerBlock], stats: dict[str, tuple[Array, Array]]
+) -> Array:
+    """‖∇ℓ(z_i)‖² for each sample, from layer statistics: shape (b,).
+
+    (‖ã‖²)(‖g‖²) per dense layer (T = 1); the squared Frobenius norm of
+    Σ_t ã_tᵀ g_t otherwise.
+    """
+    total = None
+    for block in blocks:
+        a, g = stats[block.layer.name]
+        a = _with_bias_input(xp, block, a)
+        if int(a.shape[1]) == 1:
+            part = xp.sum(a[:, 0, :] * a[:, 0, :], axis=1) * xp.sum(g[:, 0, :] * g[:, 0, :], axis=1)
+        else:
+            matrix = xp.reshape(xp.matmul(xp.matrix_transpose(a), g), (int(a.shape[0]), -1))
+            part = xp.sum(matrix * matrix, axis=1)
+        total = part if total is None else total + part
+    return total

@@ -212,3 +212,32 @@ def test_tracin_explains_a_measurement_with_the_library_sign() -> None:
         return out[t, test[1][t]]
 
     assert logit_at(theta - 1e-3 * G[i]) > logit_at(theta)
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+@pytest.mark.parametrize("spec", ["mlp_tanh", "convnet"])
+def test_layerwise_dot_products_equal_the_per_sample_gradients(backend: str, spec: str) -> None:
+    from influence_conformance.cases import build_case
+
+    case = build_case(backend, spec, "float64")
+    model, host = case.model, case.model.to_numpy
+    with model.parameters_set_to(model.get_parameters() * 0.5):
+        halfway = model.kernels.save_state()
+    checkpoints = [halfway, model.kernels.save_state()]
+    test, group = (case.X[:3], case.y[:3]), (case.X[:5], case.y[:5])
+    results = {}
+    for layerwise in (True, False):
+        calc = TracIn(model, checkpoints, [0.3, 0.1], layerwise=layerwise, measurement="margin")
+        scores, own = calc.fit(case.data).influence_and_self_influence(test)
+        top = calc.top_k(test, k=2)
+        results[layerwise] = [
+            host(scores),
+            host(own),
+            host(calc.group_influence(test, group)),
+            host(top.proponent_scores),
+        ]
+    assert TracIn(model, checkpoints, 0.1).fit(case.data)._layer_blocks() is not None  # the default
+    for a, b in zip(results[True], results[False], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match="no projection"):
+        TracIn(model, checkpoints, 0.1, projection_dim=4, layerwise=True)

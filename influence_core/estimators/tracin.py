@@ -7,8 +7,16 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..data import Batch, chunks
-from ..measurements import LOSS
+from ..errors import NonFiniteGradientError
+from ..layerwise import (
+    LayerBlock,
+    covering_layers,
+    layer_gradient_dots,
+    layer_gradient_squared_norms,
+)
+from ..measurements import LOSS, Measurement
 from ..model import InfluenceModel
+from ..plugin.protocol import UnsupportedByBackendError
 from ..progress import progress
 from ..projection import GradientProjector, projected_features, resolve_projector
 from .base import Array, InfluenceCalculator
@@ -45,6 +53,15 @@ class TracIn(InfluenceCalculator):
     most √(2/m)·‖a‖‖b‖ (Johnson-Lindenstrauss). The same P serves every
     checkpoint.
 
+    **Exact, from layer statistics** (``layerwise``): without a projection, on
+    a backend with layer statistics that cover θ (dense and convolution
+    layers), the dot products are taken from each layer's inputs and output
+    gradients without forming per-sample gradients: a dense layer's
+    g_i·g_j = (ã_i·ã_j)(δ_i·δ_j), p + o multiply-adds per pair instead of p·o
+    (:func:`~influence_core.layerwise.layer_gradient_dots`). The same numbers
+    (to rounding); ``layerwise=None`` (default) uses it where available,
+    ``False`` never.
+
     Memory and loads: :meth:`influence` and :meth:`self_influence` load each
     checkpoint once and stream training batches; to have both, call
     :meth:`influence_and_self_influence`, which takes each checkpoint's training
@@ -61,6 +78,8 @@ class TracIn(InfluenceCalculator):
         seed: seed of that projection.
         projector: any :class:`~influence_core.projection.GradientProjector`
             (instead of ``projection_dim``).
+        layerwise: dot products from layer statistics (``None``: where the
+            backend offers them and there is no projection; ``True``: required).
         measurement: what a test point's score explains (default its loss;
             :mod:`influence_core.measurements`).
         batch_size: batch size for ``(X, y)`` arrays.
@@ -76,6 +95,7 @@ class TracIn(InfluenceCalculator):
         projection_dim: int | None = None,
         seed: int = 0,
         projector: GradientProjector | None = None,
+        layerwise: bool | None = None,
         measurement: Any = None,
         batch_size: int | None = None,
         chunk_size: int = 4096,
@@ -102,6 +122,10 @@ class TracIn(InfluenceCalculator):
             )
         #: The projector of the gradients, or ``None`` without projection.
         self.projector = resolve_projector(projection_dim, seed, projector)
+        if layerwise and self.projector is not None:
+            raise ValueError("layerwise=True computes exact dot products: give no projection")
+        self.layerwise = layerwise
+        self._blocks: list[LayerBlock] | None = None
         self.checkpoints = checkpoints
         self.learning_rates = rates
         self.projection_dim = None if projection_dim is None else int(projection_dim)
@@ -120,21 +144,61 @@ class TracIn(InfluenceCalculator):
         }
 
     # -- building blocks ---------------------------------------------------------------
+    def _layer_blocks(self) -> list[LayerBlock] | None:
+        """The layers whose statistics give exact dot products, or ``None`` (features instead)."""
+        if self.projector is not None or self.layerwise is False:
+            return None
+        if self._blocks is None:
+            try:
+                self._blocks = covering_layers(self.model)
+            except (UnsupportedByBackendError, ValueError):
+                if self.layerwise:
+                    raise
+                self.layerwise = False
+                return None
+        return self._blocks
+
     def _train_features(self, data: Any) -> Iterator[tuple[Batch, Array]]:
         """Training-loss gradients, projected if asked: ``(batch, (b, m))``."""
         return projected_features(self.model, data, self.projector, LOSS, self.batch_size)
 
-    def _batch_features(self, batch: Batch) -> Array:
+    def _side(self, batch: Batch, measurement: Measurement) -> Any:
+        """One batch's side of the dot products: layer statistics, or (projected) gradients (b, m)."""
+        if self._layer_blocks() is not None:
+            return self.model.layer_statistics(batch, measurement)
         if self.projector is None:
-            return self.model.batch_per_sample_grads(batch)
-        return self.projector.features(self.model, batch, LOSS)
+            return self.model.batch_per_sample_grads(batch, measurement)
+        return self.projector.features(self.model, batch, measurement)
 
-    def _test_block(self, test_data: Any) -> Array:
-        """The projected test-measurement gradients at the loaded checkpoint: (n_test, m)."""
-        stream = projected_features(
-            self.model, test_data, self.projector, self.measurement, self.batch_size
-        )
-        return self._stack(g for _, g in stream)
+    def _dots(self, test: Any, side: Any) -> Array:
+        """(n_test, b) dot products of the test side with one training batch's side."""
+        blocks = self._layer_blocks()
+        if blocks is None:
+            return self.xp.matmul(test, self.xp.matrix_transpose(side))
+        return layer_gradient_dots(self.xp, blocks, test, side)
+
+    def _norms(self, side: Any, batch: Batch) -> Array:
+        """‖g‖² of each sample of one batch's side: shape (b,), finite-checked from statistics."""
+        xp, blocks = self.xp, self._layer_blocks()
+        if blocks is None:
+            return xp.sum(side * side, axis=1)
+        norms = layer_gradient_squared_norms(xp, blocks, side)
+        if self.model.check_finite and not self.model._all_finite(norms):
+            rows = self.model._bad_rows(xp.reshape(norms, (-1, 1)), batch.start)
+            raise NonFiniteGradientError("per-sample gradients (from layer statistics)", rows)
+        return norms
+
+    def _test_block(self, test_data: Any) -> Any:
+        """The test side at the loaded checkpoint: (n_test, m), or layer statistics of n_test."""
+        sides = [
+            self._side(b, self.measurement) for b in self.model.batches(test_data, self.batch_size)
+        ]
+        if self._layer_blocks() is None:
+            return self._stack(sides)
+        return {
+            name: tuple(self._stack([side[name][i] for side in sides]) for i in (0, 1))
+            for name in sides[0]
+        }
 
     def _checkpoints(self) -> Iterator[float]:
         """Load each checkpoint in turn (restoring the model after the last); yield η_k."""
@@ -147,20 +211,12 @@ class TracIn(InfluenceCalculator):
     def _scores_from_prepared(self, prepared: Any, train_data: Any) -> Iterator[tuple[int, Array]]:
         """Scores per training chunk; the test gradients are retaken at each checkpoint."""
         test_data = prepared
-        xp = self.xp
         for chunk in chunks(self.model.batches(train_data, self.batch_size), self.chunk_size):
             total = None
             for rate in self._checkpoints():
                 test = self._test_block(test_data)  # (n_test, m)
                 scores = rate * self._stack(
-                    (
-                        xp.matmul(
-                            test,
-                            xp.matrix_transpose(self._batch_features(b)),
-                        )
-                        for b in chunk
-                    ),
-                    axis=1,
+                    (self._dots(test, self._side(b, LOSS)) for b in chunk), axis=1
                 )
                 total = scores if total is None else total + scores
             yield chunk[0].start, total
@@ -173,17 +229,20 @@ class TracIn(InfluenceCalculator):
         Each checkpoint is loaded once and its training gradients taken once,
         whichever of the two results are asked for.
         """
-        xp = self.xp
         train = self.training_data(train_data)
         totals: list[Array | None] = [None, None]
+        checked = self._layer_blocks() is not None and self.model.check_finite
         for rate in self._checkpoints():
             test = None if test_data is None else self._test_block(test_data)
             blocks, parts = [], []
-            for _, g in self._train_features(train):
+            for batch in self.model.batches(train, self.batch_size):
+                side = self._side(batch, LOSS)
                 if test is not None:
-                    blocks.append(xp.matmul(test, xp.matrix_transpose(g)))
-                if squared_norms:
-                    parts.append(xp.sum(g * g, axis=1))
+                    blocks.append(self._dots(test, side))
+                if squared_norms or checked:  # statistics are finite-checked through the norms
+                    norms = self._norms(side, batch)
+                    if squared_norms:
+                        parts.append(norms)
             for i, (pieces, axis) in enumerate(((blocks, 1), (parts, 0))):
                 if pieces:
                     value = rate * self._stack(pieces, axis=axis)
@@ -209,25 +268,20 @@ class TracIn(InfluenceCalculator):
         """Σ_{z∈U} score(z, z_test) = Σ_k η_k g(z_test; θ_k) · Σ_{z∈U} g(z; θ_k): shape (n_test,)."""
         self._check_fitted()
         xp = self.xp
-        n_group = self.model.count(group_data, self.batch_size)
         total = None
         for rate in self._checkpoints():
-            if self.projector is None:
-                summed = xp.reshape(
+            test = self._test_block(test_data)
+            if self.projector is None and self._layer_blocks() is None:
+                n_group = self.model.count(group_data, self.batch_size)
+                summed = xp.reshape(  # one mean-gradient pass, no per-sample gradients
                     self.model.loss_grad(group_data, batch_size=self.batch_size), (1, -1)
                 )
-            else:  # the mean projected gradient, summed batch by batch
-                summed = None
-                for _, g in self._train_features(group_data):
-                    part = xp.sum(g, axis=0, keepdims=True)
-                    summed = part if summed is None else summed + part
-                summed = summed / n_group
-            values = (
-                rate
-                * n_group
-                * xp.reshape(
-                    xp.matmul(self._test_block(test_data), xp.matrix_transpose(summed)), (-1,)
-                )
-            )
+                values = n_group * xp.reshape(xp.matmul(test, xp.matrix_transpose(summed)), (-1,))
+            else:  # the group's dot products, summed batch by batch
+                values = None
+                for batch in self.model.batches(group_data, self.batch_size):
+                    part = xp.sum(self._dots(test, self._side(batch, LOSS)), axis=1)
+                    values = part if values is None else values + part
+            values = rate * values
             total = values if total is None else total + values
         return total
