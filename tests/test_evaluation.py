@@ -67,8 +67,9 @@ def test_lds_of_exact_influence_is_high_and_its_negation_is_its_opposite(setting
     assert model.model.layer0.weight.shape == (10, 64)  # the model's weights are back
 
     class Negated(FirstOrderInfluenceCalculator):
-        def influence_from_prepared(self, prepared, train_data=None):
-            return -super().influence_from_prepared(prepared, train_data)
+        def _scores_from_prepared(self, prepared, train_data):
+            for start, block in super()._scores_from_prepared(prepared, train_data):
+                yield start, -block
 
     negated = Negated(model, ExactIHVP(damping=MU)).fit((p["X"], p["y"]))
     flipped = linear_datamodeling_score(negated, retrain, test, subsets=12, fraction=0.9, seed=3)

@@ -161,7 +161,6 @@ class SelectionChecks:
                     states.append(case.model.kernels.save_state())
         except UnsupportedByBackendError as error:
             pytest.skip(f"checkpoints are optional: {error}")
-        tracin = TracIn(head, states, [rate for _, rate in schedule]).fit(case.data)
         test = (case.X[:4], case.y[:4])
         expected = sum(
             rate
@@ -169,6 +168,12 @@ class SelectionChecks:
             @ self._expected(case, weights)["grads"].T
             for weights, rate in schedule
         )
-        assert_close(
-            tracin.influence(test), expected, 1e-8, "TracIn over checkpoints of every weight"
-        )
+        # Per-sample gradients (layerwise=False), then the layer statistics where offered.
+        for layerwise in (False, None):
+            tracin = TracIn(head, states, [rate for _, rate in schedule], layerwise=layerwise)
+            assert_close(
+                tracin.fit(case.data).influence(test),
+                expected,
+                1e-8,
+                "TracIn over checkpoints of every weight",
+            )
