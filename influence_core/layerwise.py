@@ -34,6 +34,7 @@ __all__ = [
     "layer_gradient_matrices",
     "layer_gradient_squared_norms",
     "per_sample_grads_from_layers",
+    "with_bias_input",
 ]
 
 Array = Any
@@ -133,7 +134,7 @@ def per_sample_grads_from_layers(
     return xp.matrix_transpose(model.from_canonical(xp.matrix_transpose(canonical)))
 
 
-def _with_bias_input(xp: Any, block: LayerBlock, a: Array) -> Array:
+def with_bias_input(xp: Any, block: LayerBlock, a: Array) -> Array:
     """ã = [a, 1] when the layer has a bias (its gradient is then Σ_t ã_tᵀ g_t), else a."""
     if block.bias_offset is None:
         return a
@@ -157,7 +158,7 @@ def layer_gradient_dots(
     total = None
     for block in blocks:
         (a_l, g_l), (a_r, g_r) = left[block.layer.name], right[block.layer.name]
-        a_l, a_r = _with_bias_input(xp, block, a_l), _with_bias_input(xp, block, a_r)
+        a_l, a_r = with_bias_input(xp, block, a_l), with_bias_input(xp, block, a_r)
         if int(a_l.shape[1]) == 1 and int(a_r.shape[1]) == 1:
             part = xp.matmul(a_l[:, 0, :], xp.matrix_transpose(a_r[:, 0, :])) * xp.matmul(
                 g_l[:, 0, :], xp.matrix_transpose(g_r[:, 0, :])
@@ -182,7 +183,7 @@ def layer_gradient_squared_norms(
     total = None
     for block in blocks:
         a, g = stats[block.layer.name]
-        a = _with_bias_input(xp, block, a)
+        a = with_bias_input(xp, block, a)
         if int(a.shape[1]) == 1:
             part = xp.sum(a[:, 0, :] * a[:, 0, :], axis=1) * xp.sum(g[:, 0, :] * g[:, 0, :], axis=1)
         else:

@@ -42,7 +42,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .data import Batch
-from .layerwise import LayerBlock, covering_layers
+from .layerwise import LayerBlock, covering_layers, with_bias_input
 from .measurements import Measurement
 from .model import InfluenceModel
 
@@ -309,9 +309,7 @@ class KroneckerProjection(GradientProjector):
         for block, p_in, p_out in self._prepared(model):
             a, g = stats[block.layer.name]  # (b, T, p_in), (b, T, p_out)
             if p_in is None:
-                side = a
-                if block.bias_offset is not None:
-                    side = xp.concat([a, xp.ones_like(a[:, :, :1])], axis=2)
+                side = with_bias_input(xp, block, a)
             else:
                 p = block.layer.inputs
                 side = xp.matmul(a, p_in[:p, :])

@@ -111,6 +111,8 @@ def test_earlier_results_reuse_their_retrainings_and_arrays_score_by_the_same_pr
         linear_datamodeling_score(scores, no_retraining, test)
     with pytest.raises(ValueError, match="n_test"):
         linear_datamodeling_score(scores[:2], first)
+    with pytest.raises(ValueError, match="NaN"):
+        linear_datamodeling_score(np.where(scores > 0, np.nan, scores), first)
     elsewhere = LDSResult.from_retrained(first.subsets, first.actual)
     np.testing.assert_array_equal(
         linear_datamodeling_score(scores, elsewhere).per_test, external.per_test

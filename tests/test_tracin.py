@@ -241,3 +241,15 @@ def test_layerwise_dot_products_equal_the_per_sample_gradients(backend: str, spe
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
     with pytest.raises(ValueError, match="no projection"):
         TracIn(model, checkpoints, 0.1, projection_dim=4, layerwise=True)
+
+
+def test_layerwise_tracin_names_the_samples_with_non_finite_gradients() -> None:
+    from influence_conformance.cases import build_case
+    from influence_core import NonFiniteGradientError
+
+    case = build_case("torch", "mlp_tanh", "float64")
+    X = case.X.copy()
+    X[6, 0] = np.nan
+    calc = TracIn(case.model, [case.model.kernels.save_state()], 0.1, layerwise=True)
+    with pytest.raises(NonFiniteGradientError, match=r"\[6\]"):
+        calc.fit((X, case.y)).self_influence()

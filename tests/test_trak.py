@@ -169,3 +169,17 @@ def test_relative_damping_is_scale_free_and_each_model_keeps_its_projector() -> 
     kept = dense._projectors[0]._kept
     dense.influence((case.X[:2], case.y[:2]))
     assert dense._projectors[0]._kept is kept  # the test side reuses the fitted matrix
+
+
+def test_a_damaged_feature_chunk_is_recomputed_with_a_warning(tmp_path) -> None:
+    from influence_core import ChunkRecomputedWarning
+
+    case = build_case("torch", "mlp_tanh", "float64")
+    settings = dict(projection_dim=6, damping=0.1, chunk_size=5, features_dir=tmp_path / "f")
+    first = TRAK(case.model, **settings).fit(case.data)
+    expected = case.model.to_numpy(first.self_influence())
+    chunk = tmp_path / "f" / "checkpoint_000" / "chunk_000001.npz"
+    chunk.write_bytes(chunk.read_bytes()[:-7] + b"damaged")
+    with pytest.warns(ChunkRecomputedWarning, match="chunk_000001.npz does not match"):
+        again = TRAK(case.model, **settings).fit(case.data)
+    np.testing.assert_array_equal(case.model.to_numpy(again.self_influence()), expected)

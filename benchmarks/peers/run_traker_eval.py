@@ -10,41 +10,14 @@ Writes ``scores:<label>`` (n_test × n_train) and ``seconds:<label>``.
 from __future__ import annotations
 
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from trak import TRAKer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_setup import network, states
-
-
-def trak_scores(model, checkpoints, X, y, Xt, yt, k: int) -> np.ndarray:
-    with tempfile.TemporaryDirectory() as save_dir:
-        traker = TRAKer(
-            model=model,
-            task="image_classification",
-            train_set_size=len(X),
-            save_dir=save_dir,
-            device="cpu",
-            proj_dim=k,
-            use_half_precision=False,
-        )
-        for s, state in enumerate(checkpoints):
-            traker.load_checkpoint(state, model_id=s)
-            for start in range(0, len(X), 250):
-                batch = [X[start : start + 250], y[start : start + 250]]
-                traker.featurize(batch=batch, num_samples=len(batch[0]))
-        traker.finalize_features()
-        for s, state in enumerate(checkpoints):
-            traker.start_scoring_checkpoint(
-                exp_name="test", checkpoint=state, model_id=s, num_targets=len(Xt)
-            )
-            traker.score(batch=[Xt, yt], num_samples=len(Xt))
-        return np.asarray(traker.finalize_scores(exp_name="test"), np.float64).T
+from run_traker_spec import trak_scores
 
 
 def main(setup_path: str, out_path: str) -> None:
@@ -62,9 +35,9 @@ def main(setup_path: str, out_path: str) -> None:
         (f"traker TRAK-1 (k = {k})", as_float(states(setup, "final"))),
         (f"traker TRAK-5 (k = {k})", as_float(states(setup, "ensemble"))),
     ):
-        began = time.perf_counter()
-        out[f"scores:{label}"] = trak_scores(model, checkpoints, X, y, Xt, yt, k)
-        out[f"seconds:{label}"] = np.array(time.perf_counter() - began)
+        scores, featurise, score = trak_scores(model, checkpoints, X, y, Xt, yt, k, 250)
+        out[f"scores:{label}"] = scores
+        out[f"seconds:{label}"] = np.array(featurise + score)
     np.savez(out_path, **out)
 
 

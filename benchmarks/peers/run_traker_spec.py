@@ -48,27 +48,13 @@ class GivenMatrices(AbstractProjector):
         pass
 
 
-def batches(X: np.ndarray, y: np.ndarray, size: int):
+def batches(X, y, size: int):
     for start in range(0, len(X), size):
-        yield [torch.from_numpy(X[start : start + size]), torch.from_numpy(y[start : start + size])]
+        yield [torch.as_tensor(X[start : start + size]), torch.as_tensor(y[start : start + size])]
 
 
-def main(spec_name: str, setup_path: str, out_path: str, matrices_path: str | None = None) -> None:
-    torch.set_num_threads(2)
-    setup = np.load(setup_path)
-    models, count = int(setup["models"]), int(setup["count"])
-    states = [
-        torch_model(spec_name, [setup[f"m{s}_w{i}"] for i in range(count)]).state_dict()
-        for s in range(models)
-    ]
-    model = torch_model(spec_name, [setup[f"m0_w{i}"] for i in range(count)])
-    projector = None
-    if matrices_path:
-        stored = np.load(matrices_path)
-        projector = GivenMatrices([torch.from_numpy(stored[f"P{s}"]) for s in range(models)])
-    X, y = setup["X_train"], setup["y_train"]
-    Xt, yt = setup["X_test"], setup["y_test"]
-    size = int(setup["batch_size"])
+def trak_scores(model, states, X, y, Xt, yt, k: int, size: int, projector=None):
+    """traker's TRAK over the models ``states``: (scores (n_test, n_train), featurise s, score s)."""
     with tempfile.TemporaryDirectory() as save_dir:
         traker = TRAKer(
             model=model,
@@ -76,7 +62,7 @@ def main(spec_name: str, setup_path: str, out_path: str, matrices_path: str | No
             train_set_size=len(X),
             save_dir=save_dir,
             device="cpu",
-            proj_dim=int(setup["k"]),
+            proj_dim=k,
             projector=projector,
             use_half_precision=False,
             proj_max_batch_size=size,
@@ -95,11 +81,37 @@ def main(spec_name: str, setup_path: str, out_path: str, matrices_path: str | No
             for batch in batches(Xt, yt, size):
                 traker.score(batch=batch, num_samples=len(batch[0]))
         scores = np.asarray(traker.finalize_scores(exp_name="test"), dtype=np.float64).T
-        done = time.perf_counter()
+    return scores, featurised - began, time.perf_counter() - featurised
+
+
+def main(spec_name: str, setup_path: str, out_path: str, matrices_path: str | None = None) -> None:
+    torch.set_num_threads(2)
+    setup = np.load(setup_path)
+    models, count = int(setup["models"]), int(setup["count"])
+    states = [
+        torch_model(spec_name, [setup[f"m{s}_w{i}"] for i in range(count)]).state_dict()
+        for s in range(models)
+    ]
+    model = torch_model(spec_name, [setup[f"m0_w{i}"] for i in range(count)])
+    projector = None
+    if matrices_path:
+        stored = np.load(matrices_path)
+        projector = GivenMatrices([torch.from_numpy(stored[f"P{s}"]) for s in range(models)])
+    scores, featurise, score = trak_scores(
+        model,
+        states,
+        setup["X_train"],
+        setup["y_train"],
+        setup["X_test"],
+        setup["y_test"],
+        int(setup["k"]),
+        int(setup["batch_size"]),
+        projector,
+    )
     np.savez(
         out_path,
         scores=scores,
-        seconds=np.array([featurised - began, done - featurised]),
+        seconds=np.array([featurise, score]),
         rss_gb=np.array(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20),
     )
 
