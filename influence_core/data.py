@@ -20,7 +20,15 @@ from typing import Any, NamedTuple
 from .errors import DatasetFormatError
 from .tree import tree_leaves, tree_map
 
-__all__ = ["Batch", "chunks", "is_array_pair", "iter_batches", "leading_dim", "take_samples"]
+__all__ = [
+    "Batch",
+    "OffsetData",
+    "chunks",
+    "is_array_pair",
+    "iter_batches",
+    "leading_dim",
+    "take_samples",
+]
 
 
 class Batch(NamedTuple):
@@ -33,6 +41,20 @@ class Batch(NamedTuple):
     @property
     def size(self) -> int:
         return leading_dim(self.targets)
+
+
+class OffsetData(NamedTuple):
+    """``data`` whose samples are numbered from ``start``: one shard of a larger training set.
+
+    Every :class:`Batch` of it starts at ``start`` plus its place in ``data``,
+    so what is keyed by sample index (top-k indices, the samples an error
+    names, the seeded labels of a true Fisher) is the same as for the whole
+    set. ``size``, when known, saves a pass to count the samples.
+    """
+
+    data: Any
+    start: int
+    size: int | None = None
 
 
 def leading_dim(tree: Any) -> int:
@@ -111,6 +133,10 @@ def iter_batches(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if isinstance(data, OffsetData):
+        for batch in iter_batches(data.data, batch_size, native_batches, as_native):
+            yield batch._replace(start=batch.start + data.start)
+        return
     if is_array_pair(data):
         inputs, targets = data
         n = leading_dim(targets)

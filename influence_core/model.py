@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from .arrays import join
-from .data import Batch, is_array_pair, iter_batches, leading_dim
+from .data import Batch, OffsetData, is_array_pair, iter_batches, leading_dim
 from .errors import (
     EmptyDataError,
     InvalidSampleError,
@@ -42,6 +42,7 @@ from .plugin.namespace import ArrayNamespace
 from .plugin.protocol import LastLayer, ModelKernels, ParameterLayout
 from .plugin.registry import BackendRegistry, get_registry
 from .progress import progress
+from .sums import ShardedData, curvature_sum, hessian_sum
 from .tree import tree_map
 
 __all__ = ["DEFAULT_BATCH_SIZE", "MAX_HESSIAN_PARAMETERS", "InfluenceModel"]
@@ -275,6 +276,33 @@ class InfluenceModel:
         finally:
             self.kernels.load_checkpoint(saved)
 
+    def load_weights(self, checkpoint: Any) -> None:
+        """Compute at a checkpoint's weights from now on (what a model factory does on a worker).
+
+        Accepts what :meth:`checkpoint_loaded` does, and the NumPy form of
+        :meth:`weights_as_numpy`. An in-place backend writes it into the model;
+        a functional one binds kernels at it (the user's model is untouched).
+        """
+        if self.kernels.functional:
+            self.kernels, self._bound = self.kernels.with_checkpoint(checkpoint), True
+        else:
+            self.kernels.load_checkpoint(checkpoint)
+
+    def weights_as_numpy(self) -> Any:
+        """Every weight of the model (not only θ) as NumPy, in the backend's checkpoint form.
+
+        A state dict of arrays in PyTorch, the ``get_weights()`` list in Keras,
+        the ``save_state()`` dict in JAX: what :meth:`load_weights` and
+        :meth:`checkpoint_loaded` take back, in this or another process,
+        without pickling a framework tensor.
+        """
+        import numpy as np
+
+        def host(leaf: Any) -> Any:
+            return leaf if isinstance(leaf, np.ndarray) else np.asarray(self.to_numpy(leaf))
+
+        return tree_map(host, self.kernels.save_state())
+
     _bound = False  # True while a functional backend's kernels are at other weights
 
     @contextmanager
@@ -295,8 +323,16 @@ class InfluenceModel:
         """Iterate ``data`` as :class:`~influence_core.data.Batch` es of native arrays.
 
         ``data``: ``(X, y)`` arrays, a torch ``DataLoader``/``Dataset``, a
-        ``tf.data.Dataset`` (batched or not), or an iterable of ``(x, y)`` batches.
+        ``tf.data.Dataset`` (batched or not), an iterable of ``(x, y)`` batches,
+        or any of these as an :class:`~influence_core.data.OffsetData` shard.
         """
+        if isinstance(data, ShardedData):
+            raise TypeError(
+                f"{type(data).__name__} is iterated on its workers, shard by shard, never in "
+                "this process; this operation streams its data here. The solvers' fits "
+                "(exact, CG, Arnoldi, K-FAC, EK-FAC) and the scores of "
+                "influence_core.distributed.DistributedInfluence run on sharded data"
+            )
         n = 0
         for batch in iter_batches(
             data,
@@ -318,6 +354,10 @@ class InfluenceModel:
     def num_batches(self, data: Any, batch_size: int | None = None) -> int | None:
         """How many batches :meth:`batches` yields, when known without a pass (for progress bars)."""
         batch_size = batch_size or self.batch_size
+        if isinstance(data, ShardedData):
+            return None
+        if isinstance(data, OffsetData):
+            data = data.data
         if is_array_pair(data):
             return -(-leading_dim(data[1]) // batch_size)
         if isinstance(data, (list, tuple)):
@@ -326,6 +366,12 @@ class InfluenceModel:
 
     def count(self, data: Any, batch_size: int | None = None) -> int:
         """The number of samples in ``data`` (free for arrays; one pass over a dataset)."""
+        if isinstance(data, ShardedData):
+            return data.num_samples
+        if isinstance(data, OffsetData):
+            if data.size is not None:
+                return int(data.size)
+            data = data.data
         if is_array_pair(data):
             return leading_dim(data[1])
         return sum(batch.size for batch in self.batches(data, batch_size))
@@ -539,6 +585,14 @@ class InfluenceModel:
             v = self.xp.reshape(v, (d, 1))
         if len(v.shape) != 2 or int(v.shape[0]) != d:
             raise ValueError(f"vectors must have shape ({d},) or ({d}, k), got {tuple(v.shape)}")
+        if isinstance(data, ShardedData):  # one pass over every shard, where it is
+            sums = data.sum_over_shards(
+                self,
+                curvature_sum,
+                {"vectors": v, "curvature": curvature, "batch_size": batch_size},
+            )
+            out = sums["sum"] / sums["n"]
+            return self.xp.reshape(out, (d,)) if single else out
         out = self._weighted_mean(
             data,
             batch_size,
@@ -579,6 +633,18 @@ class InfluenceModel:
                 f"float64, above max_parameters={max_parameters}. Select fewer parameters "
                 "(e.g. parameters=['<last layer>']) or raise max_parameters."
             )
+        if isinstance(data, ShardedData):  # each shard's Hessian where it is, then summed
+            sums = data.sum_over_shards(
+                self,
+                hessian_sum,
+                {
+                    "curvature": curvature,
+                    "batch_size": batch_size,
+                    "block_size": block_size,
+                    "max_parameters": max_parameters,
+                },
+            )
+            return sums["sum"] / sums["n"]
         xp = self.xp
         eye = self.kernels.as_native(
             xp.eye(d, dtype=self.dtype), floating=True

@@ -85,6 +85,48 @@ class InfluenceCalculator(ABC):
     def is_fitted(self) -> bool:
         return hasattr(self, "train_data_")
 
+    # -- the fitted state, as NumPy (to fit in one process and score in others) --------
+    #: Whether :meth:`fitted_state` can export this calculator's fit (its fit is a
+    #: solver's state, or nothing). Calculators that refit a model or keep
+    #: per-training-point features (representer points, TRAK) do not, yet.
+    exports_fitted_state = False
+
+    def fitted_state(self) -> dict[str, Any]:
+        """What :meth:`fit` computed, as NumPy arrays by name: enough to score in another process.
+
+        :meth:`restore_fitted` on a calculator built the same way (the same
+        settings, a model at the same weights) makes it score as this one
+        does, without refitting. Raises ``TypeError`` for a calculator whose
+        fit cannot be exported (``exports_fitted_state`` is false).
+        """
+        self._check_fitted()
+        if not self.exports_fitted_state:
+            raise TypeError(
+                f"{type(self).__name__} cannot export its fitted state to score in another "
+                "process; FirstOrderInfluenceCalculator, ArnoldiInfluenceCalculator, TracIn and "
+                "GradientSimilarity can"
+            )
+        return self._fitted_state()
+
+    def _fitted_state(self) -> dict[str, Any]:
+        return {}
+
+    def restore_fitted(self: Calculator, state: dict[str, Any], train_data: Any) -> Calculator:
+        """This (unfitted) calculator, fitted elsewhere: ``state`` from :meth:`fitted_state`.
+
+        ``train_data`` is what it scores when a method is given none (for a
+        worker, its shard); the fit itself (H, the solver's factors) is the
+        one ``state`` records, made on the whole training set. Returns the calculator.
+        """
+        if not self.exports_fitted_state:
+            raise TypeError(f"{type(self).__name__} cannot restore a fitted state")
+        self._restore_fitted(state)
+        self.train_data_ = train_data
+        return self
+
+    def _restore_fitted(self, state: dict[str, Any]) -> None:
+        return None
+
     def _check_fitted(self) -> None:
         if not self.is_fitted:
             raise NotFittedError(self, "it needs its training data")

@@ -78,6 +78,15 @@ class FirstOrderInfluenceCalculator(InfluenceCalculator):
     def _fit(self, train_data: Any) -> None:
         self.ihvp.fitted_for(self.model, train_data)
 
+    exports_fitted_state = True
+
+    def _fitted_state(self) -> dict[str, Any]:
+        return {f"ihvp.{name}": value for name, value in self.ihvp.fitted_state().items()}
+
+    def _restore_fitted(self, state: dict[str, Any]) -> None:
+        arrays = {name[5:]: value for name, value in state.items() if name.startswith("ihvp.")}
+        self.ihvp.restore_state(self.model, arrays)
+
     # -- building blocks ----------------------------------------------------------
     def solve_test_gradients(self, test_data: Any) -> Array:
         """The solver's test side of ``test_data``: S = (H + λI)⁻¹ G_testᵀ, shape (d, n_test).

@@ -70,6 +70,9 @@ class GradientSimilarity(InfluenceCalculator):
         #: The projector of the gradients, or ``None`` without projection.
         self.projector = resolve_projector(projection_dim, seed, projector)
 
+    #: Nothing is fitted: a model at the same weights scores the same anywhere.
+    exports_fitted_state = True
+
     def get_params(self) -> dict[str, Any]:
         return {
             **super().get_params(),

@@ -46,6 +46,9 @@ class SecondOrderInfluenceCalculator(FirstOrderInfluenceCalculator):
     for |U| = 1 the q² term is O(1/n²).
     """
 
+    #: Its fit also holds n and ∇L(θ̂), which are not exported (yet).
+    exports_fitted_state = False
+
     def _fit(self, train_data: Any) -> None:
         super()._fit(train_data)
         #: n and ∇L(θ̂) of the training set the solver's H was fitted on.

@@ -132,6 +132,9 @@ class TracIn(InfluenceCalculator):
         self.seed = int(seed)
         self.chunk_size = int(chunk_size)
 
+    #: Nothing is fitted: a model at the same weights scores the same anywhere.
+    exports_fitted_state = True
+
     def get_params(self) -> dict[str, Any]:
         return {
             **super().get_params(),

@@ -15,6 +15,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+
 from ..data import Batch, is_array_pair, leading_dim
 from ..errors import CostLimitError, FingerprintMismatchError, NotFittedError
 from ..io import (
@@ -26,6 +28,7 @@ from ..io import (
 )
 from ..model import InfluenceModel, check_curvature
 from ..plugin.namespace import ArrayNamespace
+from ..sums import ShardedData
 
 __all__ = [
     "DEFAULT_DAMPING",
@@ -260,14 +263,39 @@ class InverseHessianVectorProduct(ABC):
             method=cls.__name__,
         )
         solver = cls(**saved.metadata["parameters"])
-        solver.model_ = model
-        solver.data_ = data
+        solver.restore_state(model, saved.arrays, data=data)
         solver.parameter_fingerprint_ = saved.metadata["parameter_fingerprint"]
         solver.weights_fingerprint_ = saved.metadata.get("weights_fingerprint")
         solver._data_fingerprint = saved.metadata["data"].get("train")
-        native = model.kernels.as_native
-        solver._restore({name: native(value) for name, value in saved.arrays.items()})
         return solver
+
+    # -- the fitted state, as NumPy (to save, or to send to another process) ---------
+    def fitted_state(self) -> dict[str, Any]:
+        """The fitted state as NumPy arrays by name (what :meth:`save` writes), no framework object."""
+        self._check_fitted()
+        return {
+            name: np.asarray(self.model_.to_numpy(value))
+            for name, value in self._fitted_arrays().items()
+        }
+
+    def restore_state(
+        self: Solver, model: InfluenceModel, arrays: dict[str, Any], data: Any = None
+    ) -> Solver:
+        """This (unfitted) solver, fitted: its state from :meth:`fitted_state` of a solver fitted elsewhere.
+
+        For ``model`` at the same weights as the one it was fitted with (in
+        this or another process; the fingerprints are taken from ``model``).
+        ``data`` is what later HVPs (CG, LiSSA) run over; without it only the
+        fitted state is usable. Returns the solver.
+        """
+        self.model_ = model
+        self.data_ = data
+        self.parameter_fingerprint_ = parameter_fingerprint(model)
+        self.weights_fingerprint_ = weights_fingerprint(model)
+        self._data_fingerprint = None
+        native = model.kernels.as_native
+        self._restore({name: native(value) for name, value in arrays.items()})
+        return self
 
     # -- what per-point solves cost ---------------------------------------------------
     def samples_per_solve(self) -> int | None:
@@ -390,6 +418,8 @@ def known_size(model: InfluenceModel, data: Any, batch_size: int | None = None) 
     """
     if data is None:
         return None
+    if isinstance(data, ShardedData):
+        return data.num_samples
     if is_array_pair(data):
         return leading_dim(data[1])
     if isinstance(data, list | tuple) and data:

@@ -60,6 +60,7 @@ from ..errors import NonFiniteGradientError
 from ..layerwise import LayerBlock, covering_layers, layer_gradient_matrices
 from ..model import InfluenceModel
 from ..progress import progress
+from ..sums import dataset_sum
 from .base import Array, InverseHessianVectorProduct, TrainingSide
 
 __all__ = ["EKFACIHVP", "KFACIHVP"]
@@ -138,31 +139,16 @@ class KFACIHVP(InverseHessianVectorProduct):
             _check_statistics(model, batch, stats)
         return stats
 
+    def settings(self) -> KFACIHVP:
+        """An unfitted copy with the same settings (small: what a statistic needs on a worker)."""
+        return type(self)(**self.get_params())
+
     def _fit(self, model: InfluenceModel, data: Any) -> None:
-        xp = model.xp
         blocks = covering_layers(model)
         self.blocks_: list[LayerBlock] = blocks
-        sums_a: list[Array | None] = [None] * len(blocks)
-        sums_s: list[Array | None] = [None] * len(blocks)
-        positions = [0] * len(blocks)
-        n = 0
-        batches = model.batches(data, self.batch_size)
-        total = model.num_batches(data, self.batch_size)
-        for batch in progress(batches, desc="K-FAC factors", total=total):
-            stats = self._statistics(model, batch)
-            for j, block in enumerate(blocks):
-                a, g = stats[block.layer.name]
-                rows = int(a.shape[0]) * int(a.shape[1])
-                a = xp.reshape(a, (rows, block.layer.inputs))
-                if block.bias_offset is not None:
-                    a = xp.concat([a, xp.ones((rows, 1), dtype=a.dtype)], axis=1)
-                g = xp.reshape(g, (rows, block.layer.outputs))
-                aa = xp.matmul(xp.matrix_transpose(a), a)
-                gg = xp.matmul(xp.matrix_transpose(g), g)
-                sums_a[j] = aa if sums_a[j] is None else sums_a[j] + aa
-                sums_s[j] = gg if sums_s[j] is None else sums_s[j] + gg
-                positions[j] += rows
-            n += batch.size
+        # Σ ã ãᵀ and Σ g gᵀ per layer: in this process, or summed over shards (influence_core.sums).
+        sums = dataset_sum(model, data, _factor_sums, solver=self.settings())
+        n = int(sums["n"])
         self.n_train_ = n
         host = model.to_numpy
         self.eigenvectors_a_, self.eigenvectors_s_ = [], []
@@ -170,14 +156,15 @@ class KFACIHVP(InverseHessianVectorProduct):
         self.jitter_: list[float] = []
         values_a, values_s = [], []
         for j in range(len(blocks)):
-            la, qa, jitter_a = _eigh(np.asarray(host(sums_a[j]), np.float64) / positions[j])
-            ls, qs, jitter_s = _eigh(np.asarray(host(sums_s[j]), np.float64) / n)
+            positions = int(sums[f"positions.{j}"])
+            la, qa, jitter_a = _eigh(np.asarray(host(sums[f"a.{j}"]), np.float64) / positions)
+            ls, qs, jitter_s = _eigh(np.asarray(host(sums[f"s.{j}"]), np.float64) / n)
             self.jitter_.append(max(jitter_a, jitter_s))
             values_a.append(la)
             values_s.append(ls)
             self.eigenvectors_a_.append(model.kernels.as_native(qa, floating=True))
             self.eigenvectors_s_.append(model.kernels.as_native(qs, floating=True))
-        del sums_a, sums_s
+        del sums
         if self.corrects_eigenvalues:
             self.eigenvalues_ = self._corrected_eigenvalues(model, data, blocks)
         else:
@@ -195,19 +182,16 @@ class KFACIHVP(InverseHessianVectorProduct):
     def _corrected_eigenvalues(
         self, model: InfluenceModel, data: Any, blocks: list[LayerBlock]
     ) -> list[Array]:
-        """Λ = E_i[(Q_Aᵀ G_i Q_S)²] per layer: a second pass over the data."""
-        xp = model.xp
-        sums: list[Array | None] = [None] * len(blocks)
-        batches = model.batches(data, self.batch_size)
-        total = model.num_batches(data, self.batch_size)
-        for batch in progress(batches, desc="EK-FAC eigenvalues", total=total):
-            stats = self._statistics(model, batch)
-            for j, block in enumerate(blocks):
-                square = _summed_rotated_squares(
-                    xp, block, stats, self.eigenvectors_a_[j], self.eigenvectors_s_[j]
-                )
-                sums[j] = square if sums[j] is None else sums[j] + square
-        return [total_j / self.n_train_ for total_j in sums]
+        """Λ = E_i[(Q_Aᵀ G_i Q_S)²] per layer: a second pass over the data (or its shards)."""
+        sums = dataset_sum(
+            model,
+            data,
+            _eigenvalue_sums,
+            solver=self.settings(),
+            eigenvectors_a=list(self.eigenvectors_a_),
+            eigenvectors_s=list(self.eigenvectors_s_),
+        )
+        return [sums[f"squares.{j}"] / self.n_train_ for j in range(len(blocks))]
 
     # -- saving ---------------------------------------------------------------------
     def _fitted_arrays(self) -> dict[str, Array]:
@@ -510,6 +494,56 @@ def _low_rank(model: InfluenceModel, matrices: Array, rank: int) -> tuple[Array,
         rights.append(native(np.ascontiguousarray(right), floating=True))
     xp = model.xp
     return xp.concat(lefts, axis=0), xp.concat(rights, axis=0), worst
+
+
+def _factor_sums(model: InfluenceModel, data: Any, *, solver: KFACIHVP) -> dict[str, Any]:
+    """The statistic of K-FAC's first pass: Σ ã ãᵀ, Σ g gᵀ and the positions per layer, and n."""
+    xp = model.xp
+    blocks = covering_layers(model)
+    sums: dict[str, Any] = {"n": 0}
+    batches = model.batches(data, solver.batch_size)
+    total = model.num_batches(data, solver.batch_size)
+    for batch in progress(batches, desc="K-FAC factors", total=total):
+        stats = solver._statistics(model, batch)
+        for j, block in enumerate(blocks):
+            a, g = stats[block.layer.name]
+            rows = int(a.shape[0]) * int(a.shape[1])
+            a = xp.reshape(a, (rows, block.layer.inputs))
+            if block.bias_offset is not None:
+                a = xp.concat([a, xp.ones((rows, 1), dtype=a.dtype)], axis=1)
+            g = xp.reshape(g, (rows, block.layer.outputs))
+            aa = xp.matmul(xp.matrix_transpose(a), a)
+            gg = xp.matmul(xp.matrix_transpose(g), g)
+            sums[f"a.{j}"] = aa if f"a.{j}" not in sums else sums[f"a.{j}"] + aa
+            sums[f"s.{j}"] = gg if f"s.{j}" not in sums else sums[f"s.{j}"] + gg
+            sums[f"positions.{j}"] = sums.get(f"positions.{j}", 0) + rows
+        sums["n"] += batch.size
+    return sums
+
+
+def _eigenvalue_sums(
+    model: InfluenceModel,
+    data: Any,
+    *,
+    solver: KFACIHVP,
+    eigenvectors_a: list[Array],
+    eigenvectors_s: list[Array],
+) -> dict[str, Any]:
+    """The statistic of EK-FAC's second pass: Σ_i (Q_Aᵀ G_i Q_S)² per layer."""
+    xp = model.xp
+    blocks = covering_layers(model)
+    sums: dict[str, Any] = {}
+    batches = model.batches(data, solver.batch_size)
+    total = model.num_batches(data, solver.batch_size)
+    for batch in progress(batches, desc="EK-FAC eigenvalues", total=total):
+        stats = solver._statistics(model, batch)
+        for j, block in enumerate(blocks):
+            square = _summed_rotated_squares(
+                xp, block, stats, eigenvectors_a[j], eigenvectors_s[j]
+            )
+            key = f"squares.{j}"
+            sums[key] = square if key not in sums else sums[key] + square
+    return sums
 
 
 def _check_statistics(

@@ -274,7 +274,8 @@ class TorchKernels(ModelKernels):
         """A state dict, or a path to one saved with ``torch.save`` (loaded ``weights_only``).
 
         A dict holding the state dict under ``"state_dict"`` or
-        ``"model_state_dict"`` (a common training-loop layout) works too.
+        ``"model_state_dict"`` (a common training-loop layout) works too, and
+        so does a state dict of NumPy arrays (``InfluenceModel.weights_as_numpy``).
         """
         if isinstance(checkpoint, str | os.PathLike):
             checkpoint = torch.load(checkpoint, map_location=self._device, weights_only=True)
@@ -286,7 +287,7 @@ class TorchKernels(ModelKernels):
         for key in ("state_dict", "model_state_dict"):
             if isinstance(checkpoint.get(key), dict):
                 checkpoint = checkpoint[key]
-        self.module.load_state_dict(checkpoint)
+        self.module.load_state_dict({k: _tensor(v) for k, v in checkpoint.items()})
 
     # -- the last linear layer ----------------------------------------------------
     def _last_linear(self) -> tuple[str, torch.nn.Linear]:
@@ -403,3 +404,10 @@ class TorchKernels(ModelKernels):
             self._detached(), inputs, targets
         )
         return self._concat(grads, leading=(next(iter(grads.values())).shape[0],))
+
+
+def _tensor(value: Any) -> Any:
+    """A checkpoint entry as a tensor: NumPy arrays (read-only ones copied) converted, others as they are."""
+    if type(value).__module__ != "numpy":
+        return value
+    return torch.from_numpy(value if value.flags.writeable else value.copy())
