@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed-$(shell cat $(PYPROJECTS) | cksum | cut -d' ' -f1)
 $(STAMP): $(PYPROJECTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# influence-core-torch pins torch==2.13.0 (a CPU build here); never let pip pick a CUDA build.
-	$(PY) -m pip install --quiet -e '.[tests,demo,docs]' $(addprefix -e ,$(DISTRIBUTIONS))
+	$(PY) -m pip install --quiet -e '.[tests,demo,docs,distributed]' $(addprefix -e ,$(DISTRIBUTIONS))
 	# Keras 2 (tf_keras) is tested too. --no-deps: it requires the full 'tensorflow'
 	# distribution, which would overwrite tensorflow-cpu's files; match TF's minor version.
 	$(PY) -m pip install --quiet --no-deps "tf_keras~=$$(TF_CPP_MIN_LOG_LEVEL=3 $(PY) -c 'import tensorflow as tf; print(tf.__version__.rsplit(".", 1)[0])').0"
