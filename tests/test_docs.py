@@ -57,3 +57,14 @@ def test_fault13_the_readme_use_snippets_run_verbatim() -> None:
         [sys.executable, "-c", "\n".join(blocks)], capture_output=True, text=True, cwd=ROOT
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_distributed_example_runs_on_a_local_cluster() -> None:
+    """docs/distributed.md's LocalCluster example runs as pasted (2 workers; all closed after)."""
+    pytest.importorskip("distributed")
+    (block,) = code_blocks("distributed.md")
+    result = subprocess.run(
+        [sys.executable, "-c", block], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(2000,) (5, 3) (5, 2000)" in result.stdout, result.stdout
