@@ -100,7 +100,8 @@ def on_cluster(model: InfluenceModel, train, workers: int, shard: int, trim: boo
         torch.set_num_threads(1)  # the driver's share: its eigendecompositions and test side
         factory = ModelFactory.from_model(model, build, LOSS)
         shards = shard_arrays(*train, shard)
-        # Warm-up: every worker imports torch and builds the model once (not timed).
+        # Warm-up (not timed): every worker imports torch and the library. The model itself is
+        # built in each worker's task thread during the timed fit.
         client.run(lambda: factory.cached() and None)
         began = time.perf_counter()
         run = DistributedInfluence(client, factory, make).fit(shards)

@@ -152,6 +152,13 @@ def test_fit_and_scores_equal_the_single_process_run(client, model, factory, sol
     if solver == "cg":  # per-point solves over the whole cluster are refused, by name
         with pytest.raises(ValueError, match="ConjugateGradientIHVP solves one block per"):
             run.self_influence()
+        relatif = DistributedInfluence(
+            client,
+            factory,
+            lambda m: FirstOrderInfluenceCalculator(m, SOLVERS["cg"](), normalize=True),
+        ).fit(shard_arrays(*TRAIN, SHARD))
+        with pytest.raises(ValueError, match="influence with ConjugateGradientIHVP solves"):
+            relatif.top_k(TEST)
     else:
         close(run.self_influence(), local.self_influence().numpy())
 
@@ -239,6 +246,13 @@ def test_scores_to_a_directory_resume_and_recompute_a_damaged_chunk(
         mended = run.influence_to_directory(TEST, tmp_path)
     assert run.computed_shards_ == [1]
     np.testing.assert_array_equal(mended, first)
+    # Not assembled: the driver keeps no (n_test, n_train) array; the chunks hold the scores.
+    elsewhere = tmp_path / "unassembled"
+    assert run.influence_to_directory(TEST, elsewhere, assemble=False) is None
+    chunks = sorted((elsewhere / "chunks").glob("chunk_*.npz"))
+    np.testing.assert_array_equal(
+        np.concatenate([np.load(c)["scores"] for c in chunks], axis=1), first
+    )
 
 
 def test_a_factory_that_does_not_reproduce_the_weights_is_refused(client, model) -> None:
@@ -253,6 +267,21 @@ def test_a_factory_that_does_not_reproduce_the_weights_is_refused(client, model)
     )
     with pytest.raises(FingerprintMismatchError, match="other weights than the driver"):
         run.fit(shard_arrays(*TRAIN, SHARD))
+
+
+def test_bad_shards_and_a_bad_k_are_refused_by_name(client, factory) -> None:
+    X, y = TRAIN
+    with pytest.raises(TypeError, match="Shard descriptors"):
+        ShardedTrainingSet(client, factory, [(X, y)])
+    with pytest.raises(ValueError, match=r"shard 1 .* holds no samples"):
+        ShardedTrainingSet(client, factory, [ArrayShard(X, y), ArrayShard(X[:0], y[:0])])
+    with pytest.raises(ValueError, match="at least one shard"):
+        ShardedTrainingSet(client, factory, [])
+    run = DistributedInfluence(
+        client, factory, lambda m: FirstOrderInfluenceCalculator(m, EKFACIHVP())
+    ).fit(shard_arrays(X, y, SHARD))
+    with pytest.raises(ValueError, match="k must be ≥ 1"):
+        run.top_k(TEST, k=0)
 
 
 def test_sharded_data_is_never_iterated_on_the_driver(client, model, factory) -> None:

@@ -60,16 +60,9 @@ def setup_for(spec_name: str, n_train: int, n_test: int) -> dict[str, np.ndarray
 
 def ours(backend: str, spec_name: str, strategy: str, setup_path: str, out_path: str) -> None:
     """One of our runs (a worker process)."""
-    if backend == "tensorflow":
-        import tensorflow as tf
+    from scale_specs import SPECS, worker_threads
 
-        tf.config.threading.set_intra_op_parallelism_threads(2)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    if backend == "torch":
-        import torch
-
-        torch.set_num_threads(2)
-    from scale_specs import SPECS
+    worker_threads(backend)
 
     from influence_core import (
         EKFACIHVP,

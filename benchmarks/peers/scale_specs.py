@@ -40,3 +40,24 @@ SPECS = {
         "-",
     ),
 }
+
+
+def worker_threads(backend: str, threads: int = 2) -> None:
+    """Pin one of our benchmark worker processes to ``threads`` compute threads, per framework.
+
+    Called first thing in each worker, before its framework does any work,
+    so every run of the scale benchmarks uses the machine the same way.
+    """
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    elif backend == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+    elif backend == "jax":
+        import os
+
+        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")

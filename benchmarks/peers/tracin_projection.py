@@ -42,10 +42,9 @@ def setup_for(spec_name: str, n_train: int, n_test: int, models: int = 5) -> dic
 def ours(spec_name: str, projector: str, setup_path: str, out: str) -> None:
     import resource
 
-    import torch
+    from scale_specs import SPECS, worker_threads
 
-    torch.set_num_threads(2)
-    from scale_specs import SPECS
+    worker_threads("torch")
 
     from influence_core import (
         InfluenceModel,

@@ -54,22 +54,10 @@ def ours(
     mode: str, backend: str, spec_name: str, projector: str, setup_path: str, out: str
 ) -> None:
     """One of our runs (a worker process). ``mode``: ``run``, ``export`` or ``disk``."""
-    if backend == "tensorflow":
-        import tensorflow as tf
+    from scale_specs import SPECS, worker_threads
 
-        tf.config.threading.set_intra_op_parallelism_threads(2)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    if backend == "torch":
-        import torch
-
-        torch.set_num_threads(2)
-    if backend == "jax":
-        import os
-
-        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+    worker_threads(backend)
     import resource
-
-    from scale_specs import SPECS
 
     from influence_core import (
         TRAK,

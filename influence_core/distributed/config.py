@@ -11,13 +11,12 @@ def worker_environment_config() -> dict[str, Any]:
     """Dask config for new worker processes without ``MALLOC_TRIM_THRESHOLD_``: pass to ``dask.config.set``.
 
     Dask's nannies start workers with ``MALLOC_TRIM_THRESHOLD_=65536``. Any
-    explicit value turns off glibc's dynamic mmap threshold, so every large
-    temporary (a batch's per-layer statistics, a (b, d) block) is a fresh
-    ``mmap`` and page faults. On this project's machine that made an EK-FAC
-    self-influence shard 2.0–2.4× slower on a worker than in the driver
-    (``benchmarks/distributed_self_influence.py``); without the variable the
-    worker runs at the driver's speed. Dask sets it to return memory to the
-    OS sooner; keep it if that matters more to you::
+    explicit value turns off glibc's dynamic mmap threshold (``mallopt``), so
+    large temporaries (a batch's per-layer statistics, a (b, d) block) are
+    allocated afresh every time. On this project's machine it made the EK-FAC
+    run of ``benchmarks/distributed_self_influence.py`` 1.5× slower on one
+    worker (``docs/distributed.md`` has the figures). Dask sets it to return
+    memory to the OS sooner; keep it if that matters more to you::
 
         with dask.config.set(worker_environment_config()):
             cluster = LocalCluster(n_workers=2, threads_per_worker=1)

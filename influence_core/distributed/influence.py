@@ -37,6 +37,7 @@ from .shards import Shard
 from .tasks import (
     FittedCalculator,
     MakeCalculator,
+    TestSide,
     merge_top_k,
     shard_meta,
     shard_scores,
@@ -81,7 +82,7 @@ class DistributedInfluence:
     def __init__(self, client: Any, factory: ModelFactory, calculator: MakeCalculator) -> None:
         if not isinstance(factory, ModelFactory):
             raise TypeError(f"factory must be a ModelFactory, got {type(factory).__name__}")
-        if not callable(calculator) or isinstance(calculator, InfluenceCalculator):
+        if not callable(calculator):  # a built calculator is not callable
             raise TypeError(
                 "calculator must be a recipe, calculator(model) -> InfluenceCalculator (e.g. "
                 "lambda m: FirstOrderInfluenceCalculator(m, EKFACIHVP())), not a built "
@@ -134,13 +135,13 @@ class DistributedInfluence:
 
     def _refuse_per_point_solves(self, what: str) -> None:
         """Self-influence (and RelatIF) with an iterative solver would need a cluster-wide solve per batch."""
-        solver = getattr(self.calculator_, "ihvp", None)
-        per_point = what == "self-influence" or getattr(self.calculator_, "normalize", False)
-        if solver is not None and per_point and solver.samples_per_solve() is not None:
+        if self.calculator_.solves_per_point(what):
+            settings = self.calculator_.get_params().get("ihvp") or {}
+            solver = settings.get("class", type(self.calculator_).__name__)
             raise ValueError(
-                f"{what} with {type(solver).__name__} solves one block per training batch, each "
-                "an iterative solve over the whole sharded training set: not run on a cluster. "
-                "Fit ExactIHVP, ArnoldiIHVP, KFACIHVP or EKFACIHVP (one product per batch, on "
+                f"{what} with {solver} solves one block per training batch, each an iterative "
+                "solve over the whole sharded training set: not run on a cluster. Fit "
+                "ExactIHVP, ArnoldiIHVP, KFACIHVP or EKFACIHVP (one product per batch, on "
                 "each worker)"
             )
 
@@ -171,7 +172,8 @@ class DistributedInfluence:
         return tree_map(lambda a: _to_numpy(self.model_, a), prepared)
 
     def _held_test_side(self, test_data: Any) -> Any:
-        return self.training_set_.hold(self.prepare_test(test_data), "test-side")
+        side = TestSide(uuid.uuid4().hex, self.prepare_test(test_data))
+        return self.training_set_.hold(side, "test-side")
 
     def top_k(self, test_data: Any, k: int = 5) -> TopK:
         """The k strongest proponents and opponents of each test point (NumPy), merged as a tree."""
@@ -229,8 +231,14 @@ class DistributedInfluence:
         ]
         return da.concatenate(blocks, axis=1)
 
-    def influence_to_directory(self, test_data: Any, directory: str | Path) -> np.ndarray:
+    def influence_to_directory(
+        self, test_data: Any, directory: str | Path, *, assemble: bool = True
+    ) -> np.ndarray | None:
         """The scores (n_test, n_train), one verified chunk file per shard in ``directory``: resumable.
+
+        With ``assemble=False`` nothing is returned and the driver holds one
+        shard's block at a time (n_test × shard size), never n_test × n_train:
+        read the chunks (``chunks/chunk_N.npz``, key ``scores``) as you need them.
 
         Started again on the same directory (after an interruption), shards
         whose chunk is there and checks out are read instead of computed; a
@@ -270,7 +278,8 @@ class DistributedInfluence:
                 path = chunks_dir / f"chunk_{p.index:06d}.npz"
                 stored, problem = verified_chunk(path, p.start, p.size, valid)
                 if stored is not None:
-                    parts[p.index] = stored["scores"]
+                    if assemble:
+                        parts[p.index] = stored["scores"]
                     continue
                 if problem is not None:
                     warnings.warn(
@@ -298,7 +307,10 @@ class DistributedInfluence:
                         p.start,
                         p.size,
                     )
-                    parts[p.index] = scores
+                    if assemble:
+                        parts[p.index] = scores
             #: The shards the last call computed (the others were read from their chunks).
             self.computed_shards_ = missing
+        if not assemble:
+            return None
         return np.concatenate([parts[j] for j in range(len(training))], axis=1)

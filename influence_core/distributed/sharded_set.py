@@ -81,7 +81,7 @@ class ShardedTrainingSet(ShardedData):
         self.placed: list[PlacedShard] = placed
         self._n = start
         self.shard_futures = [self.hold(p, f"shard-{p.index}") for p in placed]
-        self._jobs: dict[tuple[str | None, int], Any] = {}
+        self._jobs: dict[tuple[str | None, int], tuple[Any, Any]] = {}
 
     @property
     def num_samples(self) -> int:
@@ -101,16 +101,17 @@ class ShardedTrainingSet(ShardedData):
 
     def job(self, model: InfluenceModel, make_calculator: MakeCalculator | None = None) -> Any:
         """The held :class:`WorkerJob` for a driver model (its weights' fingerprint) and recipe."""
-        fingerprint = weights_fingerprint(model)
+        fingerprint = weights_fingerprint(model)  # every call: the driver's weights may change
         cache_key = (fingerprint, id(make_calculator))
         if cache_key not in self._jobs:
             job = WorkerJob(self.factory, make_calculator, fingerprint)
-            self._jobs[cache_key] = self.hold(job, "job")
-        return self._jobs[cache_key]
+            # The recipe is kept beside its job, so its id is never reused by another.
+            self._jobs[cache_key] = (make_calculator, self.hold(job, "job"))
+        return self._jobs[cache_key][1]
 
     # -- passes ------------------------------------------------------------------------
     def map_shards(self, task: Callable[..., Any], *arguments: Any, name: str) -> list[Any]:
-        """``task(*arguments, placed shard)``-style futures, one per shard: see :meth:`submit_each`."""
+        """One future per shard: ``task(*arguments, shard j's held descriptor)``."""
         return self.submit_each(task, lambda j: (*arguments, self.shard_futures[j]), name)
 
     def submit_each(

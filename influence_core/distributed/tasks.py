@@ -33,6 +33,7 @@ __all__ = [
     "FittedCalculator",
     "PlacedShard",
     "ShardResult",
+    "TestSide",
     "WorkerJob",
     "add_sums",
     "aligned",
@@ -81,6 +82,14 @@ class FittedCalculator:
 
     key: str
     state: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True, eq=False)
+class TestSide:
+    """The calculator's prepared test side (NumPy), with the key workers cache its native form by."""
+
+    key: str
+    value: Any
 
 
 @dataclass
@@ -144,21 +153,32 @@ def _worker_name() -> str:
 _LOCAL = threading.local()
 
 
+def _cached(kind: str, key: str, build: Callable[[], Any]) -> Any:
+    """This thread's ``build()`` for ``key`` (the latest two of each kind kept)."""
+    cache: dict[str, Any] = _LOCAL.__dict__.setdefault(kind, {})
+    if key not in cache:
+        value = build()
+        while len(cache) >= 2:
+            cache.pop(next(iter(cache)))
+        cache[key] = value
+    return cache[key]
+
+
 def _calculator(job: WorkerJob, fitted: FittedCalculator) -> InfluenceCalculator:
-    """This thread's calculator restored from ``fitted`` (the latest two kept, by key)."""
-    if not hasattr(_LOCAL, "calculators"):
-        _LOCAL.calculators = {}
-    _CALCULATORS: dict[str, InfluenceCalculator] = _LOCAL.calculators
-    calculator = _CALCULATORS.get(fitted.key)
-    if calculator is None:
+    """This thread's calculator restored from ``fitted``, once per fit."""
+
+    def build() -> InfluenceCalculator:
         model = job.model()
         if job.make_calculator is None:  # pragma: no cover - the driver checks
             raise ValueError("this run has no calculator")
-        calculator = job.make_calculator(model).restore_fitted(_native(model, fitted.state), None)
-        while len(_CALCULATORS) >= 2:
-            _CALCULATORS.pop(next(iter(_CALCULATORS)))
-        _CALCULATORS[fitted.key] = calculator
-    return calculator
+        return job.make_calculator(model).restore_fitted(_native(model, fitted.state), None)
+
+    return _cached("calculators", fitted.key, build)
+
+
+def _test_side(calculator: InfluenceCalculator, test: TestSide) -> Any:
+    """The test side as the calculator's native arrays, converted (and aligned) once per thread."""
+    return _cached("test_sides", test.key, lambda: _native(calculator.model, test.value))
 
 
 def _timed(index: int, compute: Callable[[], dict[str, Any]]) -> ShardResult:
@@ -195,29 +215,29 @@ def shard_self_influence(
 
 
 def shard_scores(
-    job: WorkerJob, fitted: FittedCalculator, placed: PlacedShard, prepared: Any
+    job: WorkerJob, fitted: FittedCalculator, placed: PlacedShard, test: TestSide
 ) -> np.ndarray:
     """The shard's block of scores against the broadcast test side: (n_test, size)."""
     calculator = _calculator(job, fitted)
-    scores = calculator.influence_from_prepared(_native(calculator.model, prepared), placed.data())
+    scores = calculator.influence_from_prepared(_test_side(calculator, test), placed.data())
     return _host(calculator.model, scores)
 
 
 def shard_scores_result(
-    job: WorkerJob, fitted: FittedCalculator, placed: PlacedShard, prepared: Any
+    job: WorkerJob, fitted: FittedCalculator, placed: PlacedShard, test: TestSide
 ) -> ShardResult:
     """:func:`shard_scores` as a :class:`ShardResult` (``{"scores": (n_test, size)}``)."""
-    return _timed(placed.index, lambda: {"scores": shard_scores(job, fitted, placed, prepared)})
+    return _timed(placed.index, lambda: {"scores": shard_scores(job, fitted, placed, test)})
 
 
 def shard_top_k(
-    job: WorkerJob, fitted: FittedCalculator, placed: PlacedShard, prepared: Any, k: int
+    job: WorkerJob, fitted: FittedCalculator, placed: PlacedShard, test: TestSide, k: int
 ) -> ShardResult:
     """The shard's k strongest proponents and opponents per test point, global indices, as NumPy."""
 
     def compute() -> dict[str, Any]:
         calculator = _calculator(job, fitted)
-        top = calculator.top_k_from_prepared(_native(calculator.model, prepared), placed.data(), k)
+        top = calculator.top_k_from_prepared(_test_side(calculator, test), placed.data(), k)
         return {name: _host(calculator.model, value) for name, value in top._asdict().items()}
 
     return _timed(placed.index, compute)

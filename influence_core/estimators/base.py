@@ -178,6 +178,16 @@ class InfluenceCalculator(ABC):
         """:meth:`influence` from :meth:`prepare_test` output: one pass over the training data."""
         return self._collect(prepared, train_data, None)
 
+    def solves_per_point(self, what: str) -> bool:
+        """Whether ``what`` (``"influence"``, ``"self-influence"``) runs an iterative solve per training batch.
+
+        True for self-influence or RelatIF through CG or LiSSA: each training
+        batch is solved over the whole fitted data. Such a request cannot run
+        where only a shard of the data is (a worker); one that is a product
+        per batch with fitted factors can.
+        """
+        return False
+
     def check_cost(self, what: str, train_data: Any = None) -> None:
         """Refuse up front a request (``"influence"``, ``"self-influence"``) that would cost far more than usual.
 

@@ -117,6 +117,11 @@ class FirstOrderInfluenceCalculator(InfluenceCalculator):
         values = side.quadratic_forms()
         return values if norms is None else values / norms
 
+    def solves_per_point(self, what: str) -> bool:
+        """Self-influence and RelatIF through an iterative solver (CG, LiSSA) solve per training batch."""
+        per_point = what == "self-influence" or self.normalize
+        return per_point and self.ihvp.samples_per_solve() is not None
+
     def check_cost(self, what: str, train_data: Any = None) -> None:
         """Self-influence and RelatIF solve per training point: refused when the solver's estimate is too high.
 
