@@ -14,10 +14,14 @@ __all__ = [
     "ChunkRecomputedWarning",
     "ConvergenceWarning",
     "CostLimitError",
+    "DataConsumedError",
+    "DataOrderError",
     "DatasetFormatError",
     "DuplicateBackendError",
     "EmptyDataError",
+    "EndlessDataError",
     "FingerprintMismatchError",
+    "FrozenParameterError",
     "InvalidBackendSpecError",
     "InvalidSampleError",
     "LissaDivergenceError",
@@ -83,11 +87,52 @@ class UnknownParameterError(LookupError):
         )
 
 
+class FrozenParameterError(UnknownParameterError):
+    """A requested layer or parameter exists but is frozen (not trainable), so it is not in θ."""
+
+    def __init__(
+        self,
+        frozen: Sequence[str],
+        layers: Sequence[str],
+        parameters: Sequence[str],
+        how: str = "requires_grad=False / trainable=False",
+    ):
+        LookupError.__init__(
+            self,
+            f"{list(frozen)} {'is' if len(frozen) == 1 else 'are'} frozen ({how}): influence is "
+            "computed over trainable parameters only. Unfreeze it before wrapping the model "
+            "(PyTorch: parameter.requires_grad_(True); Keras: layer.trainable = True), or "
+            f"select trainable ones: layers {list(layers)}, parameters {list(parameters)}.",
+        )
+        self.unknown = tuple(frozen)
+        self.layers = tuple(layers)
+        self.parameters = tuple(parameters)
+
+
 class NonFiniteGradientError(FloatingPointError):
     """A gradient or Hessian-vector product contains NaN or infinity."""
 
-    def __init__(self, what: str, sample_indices: Sequence[int], *, outputs: bool = False):
+    def __init__(
+        self,
+        what: str,
+        sample_indices: Sequence[int],
+        *,
+        outputs: bool = False,
+        parameters: Sequence[str] = (),
+    ):
         self.sample_indices = tuple(int(i) for i in sample_indices)
+        #: The model's weights that hold NaN/inf themselves (checked before blaming the data).
+        self.parameters = tuple(parameters)
+        if self.parameters:
+            shown = list(self.parameters[:10])
+            more = "" if len(self.parameters) <= 10 else f" (+{len(self.parameters) - 10} more)"
+            super().__init__(
+                f"non-finite {what}: the model's weights {shown}{more} hold NaN or infinity "
+                "themselves, so every sample's gradient is non-finite; the data is not to blame. "
+                "Load finite weights (an earlier checkpoint, or train with a lower learning rate "
+                "or gradient clipping)."
+            )
+            return
         if outputs:
             shown = list(self.sample_indices[:20])
             more = "" if len(shown) == len(self.sample_indices) else " (and more)"
@@ -192,6 +237,32 @@ class DatasetFormatError(TypeError):
 
 class EmptyDataError(ValueError):
     """The data passed in holds no samples."""
+
+
+class DataConsumedError(EmptyDataError):
+    """A one-shot iterator (a generator) was passed again after an earlier pass read from it."""
+
+    def __init__(self, kind: str):
+        super().__init__(
+            f"this data is a one-shot iterator ({kind}) that an earlier pass already read from "
+            "(fit reads the training data, and scoring reads it again). Pass data that can be "
+            "read more than once: (X, y) arrays, a list of (inputs, targets) batches, a torch "
+            "DataLoader, a tf.data.Dataset, or an object whose __iter__ starts your generator "
+            "afresh (class Batches: def __iter__(self): return make_batches())."
+        )
+
+
+class DataOrderError(ValueError):
+    """Two passes over the same data gave different samples at the same position.
+
+    Scores are numbered by position in the data, and most estimators read the
+    training data several times, so a shuffling loader (or random augmentation)
+    would silently misalign them; this is raised instead.
+    """
+
+
+class EndlessDataError(ValueError):
+    """The data never ends (``.repeat()``, ``itertools.cycle``): a pass over it cannot finish."""
 
 
 class InvalidSampleError(ValueError):

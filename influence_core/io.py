@@ -38,6 +38,7 @@ __all__ = [
     "atomic_write_text",
     "check_model",
     "data_fingerprint",
+    "host_data_fingerprint",
     "load_result",
     "parameter_fingerprint",
     "read_npz",
@@ -113,15 +114,58 @@ def data_fingerprint(
     same fingerprint as ``(X, y)`` arrays, a ``DataLoader`` or another
     ``batch_size``.
     """
+    return _stream_fingerprint(
+        [np.ascontiguousarray(model.to_numpy(leaf)) for leaf in _leaves(batch)]
+        for batch in model.batches(data, batch_size)
+    )
+
+
+def host_data_fingerprint(data: Any, floating: str) -> dict[str, Any]:
+    """:func:`data_fingerprint` without a model, for data NumPy can read: the check ``load_result`` makes with ``data=`` alone.
+
+    ``data``: ``(X, y)`` arrays (NumPy or any array NumPy converts) or a list
+    of ``(inputs, targets)`` batches; floating values are cast to ``floating``
+    (the dtype the model converted them to when the result was saved), as
+    the model's own conversion does. A framework's dataset (a ``DataLoader``,
+    a ``tf.data.Dataset``) is read by its backend: pass ``model=`` for it.
+    """
+    from .data import is_array_pair
+
+    def rows(leaf: Any) -> np.ndarray:
+        array = np.asarray(leaf)
+        if array.dtype.kind == "f":
+            array = array.astype(floating, copy=False)
+        return np.ascontiguousarray(array)
+
+    def pairs(batch: Any) -> list[np.ndarray]:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(
+                f"checking data= without model= reads (X, y) arrays or a list of (inputs, "
+                f"targets) batches, got an element of type {type(batch).__name__}; pass model="
+            )
+        return [rows(leaf) for part in batch for leaf in tree_leaves(part)]
+
+    if is_array_pair(data):
+        return _stream_fingerprint([pairs(data)])
+    if not isinstance(data, list):
+        raise TypeError(
+            f"checking data= of type {type(data).__name__} needs model=: its backend reads it "
+            "(a DataLoader or a tf.data.Dataset), so pass the model the result was computed "
+            "with, or the data as (X, y) arrays"
+        )
+    return _stream_fingerprint(pairs(batch) for batch in data)
+
+
+def _stream_fingerprint(batches: Any) -> dict[str, Any]:
+    """The fingerprint of a stream of batches, each a list of host leaves (inputs', then targets')."""
     streams: list[Any] = []
     n = 0
-    for batch in model.batches(data, batch_size):
-        leaves = [np.ascontiguousarray(model.to_numpy(leaf)) for leaf in _leaves(batch)]
+    for leaves in batches:
         if not streams:
             streams = [hashlib.sha256(str((a.dtype.str, a.shape[1:])).encode()) for a in leaves]
         for stream, array in zip(streams, leaves, strict=True):
             stream.update(array.tobytes())
-        n += batch.size
+        n += int(leaves[-1].shape[0])
     digest = hashlib.sha256()
     for stream in streams:
         digest.update(stream.digest())
@@ -221,6 +265,8 @@ def save_result(
         "parameter_names": list(model.parameter_names),
         "parameter_fingerprint": parameter_fingerprint(model),
         "weights_fingerprint": weights_fingerprint(model),
+        # what the model converted floating data to: load_result checks data= alone with it
+        "floating_dtype": str(np.dtype(host(model, model.xp.zeros((1,), dtype=model.dtype)).dtype)),
         "data": {
             name: data_fingerprint(model, value, batch_size) for name, value in (data or {}).items()
         },
@@ -240,6 +286,10 @@ def load_result(
     method: str | None = None,
 ) -> SavedResult:
     """Load a result; with ``model`` / ``data``, refuse it if their fingerprints differ.
+
+    ``data`` is checked with or without ``model``: without it, ``(X, y)``
+    arrays and lists of batches are read with NumPy (a framework's dataset
+    needs ``model=``, and says so).
 
     Raises :class:`~influence_core.errors.ResultFileError` for a missing,
     truncated or edited result (or one written by another ``method``), and
@@ -277,15 +327,24 @@ def load_result(
         )
     if model is not None:
         check_model(metadata, model, str(directory))
-        for name, value in (data or {}).items():
-            expected = metadata.get("data", {}).get(name)
-            if expected is None:
-                raise FingerprintMismatchError(f"{directory} records no dataset named {name!r}")
-            if data_fingerprint(model, value, batch_size) != expected:
-                raise FingerprintMismatchError(
-                    f"the {name!r} data differs from the data {directory} was computed on "
-                    f"({expected['n']} samples, sha256 {expected['sha256'][:12]}…)"
-                )
+    for name, value in (data or {}).items():
+        expected = metadata.get("data", {}).get(name)
+        if expected is None:
+            raise FingerprintMismatchError(f"{directory} records no dataset named {name!r}")
+        if model is not None:
+            found = data_fingerprint(model, value, batch_size)
+        elif "floating_dtype" in metadata:
+            found = host_data_fingerprint(value, metadata["floating_dtype"])
+        else:
+            raise TypeError(
+                f"{directory} was saved before results recorded the data's floating dtype, so "
+                "data= can be checked only with model=; pass the model"
+            )
+        if found != expected:
+            raise FingerprintMismatchError(
+                f"the {name!r} data differs from the data {directory} was computed on "
+                f"({expected['n']} samples, sha256 {expected['sha256'][:12]}…)"
+            )
     return SavedResult(arrays, metadata)
 
 

@@ -38,6 +38,7 @@ from .errors import (
     PrecisionWarning,
 )
 from .measurements import LOSS, Measurement
+from .pass_order import DEFAULT_MAX_SAMPLES, PassOrder
 from .plugin.namespace import ArrayNamespace
 from .plugin.protocol import LastLayer, ModelKernels, ParameterLayout
 from .plugin.registry import BackendRegistry, get_registry
@@ -72,6 +73,9 @@ class InfluenceModel:
             the offending samples. Costs one reduction per result, or less where
             the backend folds it into the kernel (measured by ``make bench``,
             ``benchmarks/bench_kernels.py``; table in ``docs/benchmarks.md``).
+        max_samples: the most samples one pass over data of unknown length may
+            yield before it is refused as endless (``.repeat()``, an infinite
+            generator); ``None``: no bound.
         options: backend options, passed to the backend's kernels as keyword
             arguments (each backend documents its own, e.g. ``call_kwargs``
             forwarded to every model call); an unknown one is an error.
@@ -94,6 +98,7 @@ class InfluenceModel:
         backend: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         check_finite: bool = True,
+        max_samples: int | None = DEFAULT_MAX_SAMPLES,
         options: Mapping[str, Any] | None = None,
         registry: BackendRegistry | None = None,
     ) -> None:
@@ -115,11 +120,13 @@ class InfluenceModel:
         self.loss_fn = loss_fn
         self.batch_size = int(batch_size)
         self.check_finite = bool(check_finite)
+        self.max_samples = None if max_samples is None else int(max_samples)
         self.options: dict[str, Any] = dict(options or {})
         self.kernels: ModelKernels = spec.load_kernels()(model, loss_fn, parameters, **self.options)
         _check_writes_theta(self.kernels)
         self._loss_checked = False
         self._registry = registry
+        self._pass_order = PassOrder()
 
     def with_parameters(self, parameters: str | Sequence[str] | None) -> InfluenceModel:
         """The same model, loss and settings with another selection θ (e.g. the last layer).
@@ -134,6 +141,7 @@ class InfluenceModel:
             backend=self.backend,
             batch_size=self.batch_size,
             check_finite=self.check_finite,
+            max_samples=self.max_samples,
             options=self.options,
             registry=self._registry,
         )
@@ -325,6 +333,13 @@ class InfluenceModel:
         ``data``: ``(X, y)`` arrays, a torch ``DataLoader``/``Dataset``, a
         ``tf.data.Dataset`` (batched or not), an iterable of ``(x, y)`` batches,
         or any of these as an :class:`~influence_core.data.OffsetData` shard.
+
+        Every pass over the same data must yield the same samples in the same
+        order (:mod:`influence_core.pass_order`): a pass that differs from an
+        earlier one raises :class:`~influence_core.errors.DataOrderError`, a
+        one-shot generator read a second time
+        :class:`~influence_core.errors.DataConsumedError`, and endless data
+        :class:`~influence_core.errors.EndlessDataError`.
         """
         if isinstance(data, ShardedData):
             raise TypeError(
@@ -334,11 +349,10 @@ class InfluenceModel:
                 "influence_core.distributed.DistributedInfluence run on sharded data"
             )
         n = 0
-        for batch in iter_batches(
-            data,
-            batch_size or self.batch_size,
-            self.kernels.native_batches,
-            self.kernels.as_native,
+        batch_size = batch_size or self.batch_size
+        stream = iter_batches(data, batch_size, self.kernels.native_batches, self.kernels.as_native)
+        for batch in self._pass_order.watch(
+            data, batch_size, stream, self.xp, self.kernels.to_numpy, self.max_samples
         ):
             if batch.size == 0:  # an empty batch has nothing to say; kernels never see one
                 continue

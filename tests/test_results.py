@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from digits_problem import MU, digits_model, problem
 
 from influence_core import (
@@ -61,6 +62,21 @@ def test_save_and_load_round_trip_with_checks(tmp_path: Path) -> None:
     # Other data, other parameters, a corrupted file: each refused with a clear error.
     with pytest.raises(FingerprintMismatchError, match="'test' data differs"):
         load_result(tmp_path / "r", model=model, data={"test": (test[0] + 1e-9, test[1])})
+    # data= alone is checked too (it was skipped without model=): NumPy reads arrays and
+    # lists of batches, a framework's dataset asks for the model
+    load_result(tmp_path / "r", data={"train": train, "test": test})
+    load_result(
+        tmp_path / "r", data={"test": [(test[0][:3], test[1][:3]), (test[0][3:], test[1][3:])]}
+    )
+    with pytest.raises(FingerprintMismatchError, match="'test' data differs"):
+        load_result(tmp_path / "r", data={"test": (test[0] + 1e-9, test[1])})
+    with pytest.raises(FingerprintMismatchError, match="'train' data differs"):
+        load_result(tmp_path / "r", data={"train": (train[0], train[1][::-1].copy())})
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(*map(torch.as_tensor, test))
+    )
+    with pytest.raises(TypeError, match="needs model="):
+        load_result(tmp_path / "r", data={"test": loader})
     with model.parameters_set_to(model.get_parameters() * 1.0001):
         with pytest.raises(FingerprintMismatchError, match="other parameter values"):
             load_result(tmp_path / "r", model=model)
