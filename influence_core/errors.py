@@ -7,6 +7,7 @@ built-in exception a user would expect (``ValueError``, ``TypeError``,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "InvalidBackendSpecError",
     "InvalidSampleError",
     "LissaDivergenceError",
+    "MeasurementError",
     "NonFiniteGradientError",
     "NotFittedError",
     "NotPositiveDefiniteError",
@@ -157,8 +159,25 @@ class NonFiniteGradientError(FloatingPointError):
         )
 
 
+#: What to try besides more damping when a Hessian is indefinite (a non-convex model).
+HESSIAN_ALTERNATIVES = (
+    "or use curvature='ggn' (the Gauss-Newton matrix, positive semi-definite for a convex loss "
+    "of the outputs such as cross-entropy or squared error), or a factored solver (EKFACIHVP, "
+    "KFACIHVP: positive definite by construction), or restrict influence to layers where the "
+    "loss is convex (e.g. the last layer)"
+)
+
+
 class NotPositiveDefiniteError(ValueError):
-    """The damped Hessian H + λI is not positive definite."""
+    """The damped Hessian H + λI is not positive definite.
+
+    ``smallest_eigenvalue`` is that of the *undamped* matrix (or, from CG, its
+    Rayleigh quotient along a search direction: an upper bound on it), so the
+    damping that makes H + λI positive definite is any λ above its negation.
+    The suggested damping is always above the one in use (at least twice the
+    bound, rounded up), and a NaN curvature is reported as such, never with a
+    NaN damping.
+    """
 
     def __init__(
         self,
@@ -167,20 +186,49 @@ class NotPositiveDefiniteError(ValueError):
         how: str = "smallest eigenvalue",
         *,
         matrix: str = "Hessian H",
-        advice: str = (
-            "train the model closer to a minimum, or restrict influence to layers where the "
-            "loss is convex (e.g. the last layer)"
-        ),
+        advice: str = HESSIAN_ALTERNATIVES,
         scale: float = 0.0,
     ):
         self.smallest_eigenvalue = float(smallest_eigenvalue)
         self.damping = float(damping)
-        suggestion = max(10.0 * abs(self.smallest_eigenvalue), 1e-8, 1e-6 * scale) + self.damping
+        if not math.isfinite(self.smallest_eigenvalue):
+            super().__init__(
+                f"the damped {matrix} + {damping:g} I has a non-finite {how} "
+                f"({self.smallest_eigenvalue}): the curvature holds NaN or infinity, which no "
+                "damping mends. Non-finite data or weights reached it; with check_finite=True "
+                "(the default) the error names the samples or weights."
+            )
+            return
+        needed = max(-self.smallest_eigenvalue, 0.0)
+        suggestion = _round_up(max(2.0 * needed, 1e-8, 1e-6 * scale, 2.0 * self.damping))
+        damped = self.smallest_eigenvalue + self.damping
         super().__init__(
             f"the damped {matrix} + {damping:g} I is not positive definite: its {how} is "
-            f"{self.smallest_eigenvalue:.3e}. Raise the damping (e.g. damping={suggestion:.1e}), "
-            f"{advice}."
+            f"{damped:.3e} (of {matrix} alone, {self.smallest_eigenvalue:.3e}). Raise the "
+            f"damping above {needed:.3g} (e.g. damping={suggestion:.2g}); {advice}."
         )
+
+
+def format_above(value: float, bound: float) -> str:
+    """``value`` with the fewest significant digits (at least 3) that still print above ``bound``.
+
+    ``f"{0.1017:.2g}"`` prints 0.1, which reads as not above ``tol=0.1``.
+    """
+    for digits in range(3, 18):
+        text = f"{value:.{digits}g}"
+        if float(text) > bound:
+            return text
+    return repr(value)
+
+
+def _round_up(value: float) -> float:
+    """``value`` rounded *up* to two significant digits (so printing it never shows less)."""
+    exponent = math.floor(math.log10(value)) - 1
+    return math.ceil(value / 10.0**exponent) * 10.0**exponent
+
+
+class MeasurementError(ValueError):
+    """A test-side measurement does not fit the model's outputs (a margin of a one-output model)."""
 
 
 class CostLimitError(ValueError):

@@ -84,7 +84,7 @@ def weights_fingerprint(model: InfluenceModel) -> str | None:
     from .plugin.protocol import UnsupportedByBackendError
 
     try:
-        state = model.kernels.save_state()
+        state = model.save_state()
     except UnsupportedByBackendError:
         return None
     digest = hashlib.sha256()

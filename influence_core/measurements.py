@@ -33,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import MeasurementError
+
 __all__ = ["LOSS", "Measurement", "logit", "margin", "probability", "resolve_measurement"]
 
 Array = Any
@@ -110,6 +112,21 @@ def logit(index: int | None = None) -> Measurement:
     return Measurement("logit" if index is None else f"logit[{index}]", function)
 
 
+def _classifier_outputs(outputs: Array, what: str) -> int:
+    """c, the number of classes, after refusing a model with fewer than two outputs."""
+    c = int(outputs.shape[1]) if len(outputs.shape) == 2 else 0
+    if c < 2:
+        raise MeasurementError(
+            f"the {what} needs a classifier's outputs, c ≥ 2 classes per sample, but the model "
+            f"returns {c if c else tuple(outputs.shape[1:])} per sample: with one output a softmax is constant "
+            "and its gradients are zero or NaN. For a regression model (or one logit of a "
+            "binary classifier) use measurement='loss' (the default) or "
+            "measurement=influence_core.measurements.logit(0); TRAK takes them too, with "
+            "weighting=None."
+        )
+    return c
+
+
 def _log_softmax(xp: Any, outputs: Array) -> Array:
     shifted = outputs - xp.max(outputs, axis=1, keepdims=True)
     return shifted - xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
@@ -119,6 +136,7 @@ def probability(index: int | None = None) -> Measurement:
     """softmax(Φ(x))_k for class ``index``, or each test point's integer label."""
 
     def function(xp: Any, outputs: Array, targets: Array) -> Array:
+        _classifier_outputs(outputs, "probability")
         return xp.exp(
             _pick(xp, _log_softmax(xp, outputs), _class_index(xp, outputs, targets, index))
         )
@@ -134,7 +152,7 @@ def margin() -> Measurement:
     """
 
     def function(xp: Any, outputs: Array, targets: Array) -> Array:
-        c = int(outputs.shape[1])
+        c = _classifier_outputs(outputs, "margin")
         labels = xp.reshape(xp.astype(targets, xp.int64), (-1, 1))
         one_hot = xp.astype(
             labels == xp.reshape(xp.arange(c, dtype=xp.int64), (1, c)), outputs.dtype

@@ -40,7 +40,13 @@ from .errors import (
 from .measurements import LOSS, Measurement
 from .pass_order import DEFAULT_MAX_SAMPLES, PassOrder
 from .plugin.namespace import ArrayNamespace
-from .plugin.protocol import LastLayer, ModelKernels, ParameterLayout
+from .plugin.protocol import (
+    LastLayer,
+    ModelKernels,
+    ParameterLayout,
+    UnsupportedByBackendError,
+    check_state,
+)
 from .plugin.registry import BackendRegistry, get_registry
 from .progress import progress
 from .sums import ShardedData, curvature_sum, hessian_sum
@@ -146,7 +152,7 @@ class InfluenceModel:
             registry=self._registry,
         )
         if self._bound:
-            view.kernels = view.kernels.with_checkpoint(self.kernels.save_state())
+            view.kernels = view.kernels.with_checkpoint(self.save_state())
             view._bound = True
         return view
 
@@ -277,7 +283,7 @@ class InfluenceModel:
             with self._bound_to(self.kernels.with_checkpoint(checkpoint)):
                 yield
             return
-        saved = self.kernels.save_state()
+        saved = self.save_state()
         try:
             self.kernels.load_checkpoint(checkpoint)
             yield
@@ -309,7 +315,16 @@ class InfluenceModel:
         def host(leaf: Any) -> Any:
             return leaf if isinstance(leaf, np.ndarray) else np.asarray(self.to_numpy(leaf))
 
-        return tree_map(host, self.kernels.save_state())
+        return tree_map(host, self.save_state())
+
+    def save_state(self) -> Any:
+        """Every weight of the model (θ and the rest), native, as the backend keeps it: checked flat.
+
+        A name → array mapping or a list of arrays
+        (:meth:`~influence_core.plugin.ModelKernels.save_state`); what
+        :meth:`checkpoint_loaded` takes back.
+        """
+        return check_state(self.kernels.save_state(), self.backend)
 
     _bound = False  # True while a functional backend's kernels are at other weights
 
@@ -520,9 +535,7 @@ class InfluenceModel:
                 batch, lambda b: self.kernels.per_sample_grads_and_finite(b.inputs, b.targets)
             )
             if not finite:
-                raise NonFiniteGradientError(
-                    "per-sample gradients", self._bad_rows(grads, batch.start)
-                )
+                raise self.non_finite_error("per-sample gradients", self._bad_rows(grads, batch.start))
             return grads
         if measurement.is_loss:
             grads = self._guarded(
@@ -535,7 +548,7 @@ class InfluenceModel:
                 lambda b: self.kernels.per_sample_measurement_grads(b.inputs, b.targets, function),
             )
         if self.check_finite and not self._all_finite(grads):
-            raise NonFiniteGradientError(
+            raise self.non_finite_error(
                 "per-sample gradients"
                 + ("" if measurement.is_loss else f" of the {measurement.describe()}"),
                 self._bad_rows(grads, batch.start),
@@ -727,7 +740,37 @@ class InfluenceModel:
             bad += self._bad_rows(
                 self.kernels.per_sample_grads(batch.inputs, batch.targets), batch.start
             )
-        raise NonFiniteGradientError(what, bad)
+        raise self.non_finite_error(what, bad)
+
+    def non_finite_error(self, what: str, sample_indices: Sequence[int]) -> NonFiniteGradientError:
+        """The error for non-finite ``what`` at these samples, after checking the weights themselves.
+
+        A NaN or infinite weight makes every sample's gradient non-finite; the
+        error then names the weights, not the data.
+        """
+        return NonFiniteGradientError(what, sample_indices, parameters=self.non_finite_weights())
+
+    def non_finite_weights(self) -> list[str]:
+        """The model's weights holding NaN or infinity: θ's by name, then the others of ``save_state``."""
+        import numpy as np
+
+        names, start = [], 0
+        flat = np.asarray(self.to_numpy(self.get_parameters()))
+        for name, size in zip(self.parameter_names, self.layout.sizes, strict=True):
+            if not np.isfinite(flat[start : start + size]).all():
+                names.append(name)
+            start += size
+        try:
+            state = self.save_state()
+        except UnsupportedByBackendError:
+            return names
+        items = state.items() if isinstance(state, Mapping) else enumerate(state)
+        for key, leaf in items:
+            host = np.asarray(self.to_numpy(leaf) if not isinstance(leaf, np.ndarray) else leaf)
+            label = str(key) if isinstance(state, Mapping) else f"weight {key} of save_state()"
+            if host.dtype.kind in "fc" and not np.isfinite(host).all() and label not in names:
+                names.append(label)
+        return names
 
     def __repr__(self) -> str:
         return (
@@ -739,14 +782,15 @@ class InfluenceModel:
 def _check_writes_theta(kernels: ModelKernels) -> None:
     """A backend implements one way of computing at other θ: in place, or functionally."""
     kind = type(kernels)
-    if kernels.functional:
-        needed = ("with_parameters",)
+    if kernels.functional:  # its views at other weights are made from a state of every weight
+        needed = ("with_parameters", "with_checkpoint", "save_state")
     else:
         needed = ("set_flat_parameters",)
     missing = [m for m in needed if getattr(kind, m) is getattr(ModelKernels, m)]
     if missing:
         how = (
-            "a functional backend (functional = True) returns kernels at other weights"
+            "a functional backend (functional = True) returns kernels at other weights "
+            "(with_parameters) and at a state of every weight (save_state, with_checkpoint)"
             if kernels.functional
             else "an in-place backend writes θ into the model (or declares functional = True "
             "and implements with_parameters)"

@@ -113,7 +113,7 @@ def _quantities(
             .group_influence(test, group)
         ),
         "TracIn scores (current weights)": lambda: (
-            TracIn(model, [model.kernels.save_state()], 1.0).fit(train).influence(test)
+            TracIn(model, [model.save_state()], 1.0).fit(train).influence(test)
         ),
         "representer points L2": lambda: (
             RepresenterPointL2(model, last_layer=head_name).fit(train).influence(test)

@@ -7,7 +7,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..data import Batch, chunks
-from ..errors import NonFiniteGradientError
 from ..layerwise import (
     LayerBlock,
     covering_layers,
@@ -188,7 +187,7 @@ class TracIn(InfluenceCalculator):
         norms = layer_gradient_squared_norms(xp, blocks, side)
         if self.model.check_finite and not self.model._all_finite(norms):
             rows = self.model._bad_rows(xp.reshape(norms, (-1, 1)), batch.start)
-            raise NonFiniteGradientError("per-sample gradients (from layer statistics)", rows)
+            raise self.model.non_finite_error("per-sample gradients (from layer statistics)", rows)
         return norms
 
     def _test_block(self, test_data: Any) -> Any:

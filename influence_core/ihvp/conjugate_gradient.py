@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConvergenceWarning, NotPositiveDefiniteError
+from ..errors import ConvergenceWarning, NotPositiveDefiniteError, format_above
 from ..progress import progress_counter
 from .base import DEFAULT_DAMPING, PER_POINT_LIMIT, Array, InverseHessianVectorProduct, known_size
 
@@ -98,8 +98,9 @@ class ConjugateGradientIHVP(InverseHessianVectorProduct):
             active = rs > 0
             if bool(xp.any(xp.logical_and(active, curvature <= 0))):
                 rayleigh = curvature / xp.sum(p * p, axis=0)
+                damped = float(xp.min(xp.where(active, rayleigh, xp.ones_like(rayleigh))))
                 raise NotPositiveDefiniteError(
-                    float(xp.min(xp.where(active, rayleigh, xp.ones_like(rayleigh)))),
+                    damped - self.damping,
                     self.damping,
                     how="Rayleigh quotient along a CG direction",
                 )
@@ -115,6 +116,10 @@ class ConjugateGradientIHVP(InverseHessianVectorProduct):
             rs = rs_new
             iterations += 1
             residual = float(xp.max(xp.sqrt(rs) / b_norm))
+            if not math.isfinite(residual):  # NaN compares false: it would end the loop silently
+                raise NotPositiveDefiniteError(
+                    math.nan, self.damping, how="curvature along a CG direction"
+                )
         bar.close()
         #: Relative residual of each column after the last solve, and its iteration count.
         self.residuals_ = np.asarray(self.model_.to_numpy(xp.sqrt(rs) / b_norm), dtype=float)
@@ -122,7 +127,7 @@ class ConjugateGradientIHVP(InverseHessianVectorProduct):
         if residual > self.tol:
             warnings.warn(
                 f"conjugate gradient stopped after {iterations} iterations with relative residual "
-                f"{residual:.2e} > tol={self.tol:g}; raise maxiter, or the damping to improve "
+                f"{format_above(residual, self.tol)} > tol={self.tol!r}; raise maxiter, or the damping to improve "
                 "the conditioning",
                 ConvergenceWarning,
                 stacklevel=3,

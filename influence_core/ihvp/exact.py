@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..errors import NotPositiveDefiniteError
@@ -86,8 +87,10 @@ class ExactIHVP(InverseHessianVectorProduct):
             ok = bool(xp.all(xp.isfinite(lower)))
         except Exception:  # each framework signals failure its own way
             ok = False
+        if not ok and not bool(xp.all(xp.isfinite(damped))):  # NaN curvature: no eigenvalues
+            raise NotPositiveDefiniteError(math.nan, self.damping)
         if not ok:
-            smallest = float(xp.min(xp.linalg.eigh(damped).eigenvalues))
+            smallest = float(xp.min(xp.linalg.eigh(damped).eigenvalues)) - self.damping
             raise NotPositiveDefiniteError(smallest, self.damping)
         return lower
 

@@ -56,7 +56,6 @@ from typing import Any, Literal
 import numpy as np
 
 from ..data import Batch
-from ..errors import NonFiniteGradientError
 from ..layerwise import LayerBlock, covering_layers, layer_gradient_matrices
 from ..model import InfluenceModel
 from ..progress import progress
@@ -422,7 +421,7 @@ class _LayerwiseTrainingSide(TrainingSide):
         """NaN/inf in a layer's scores or quadratic forms (b, ·) names the samples."""
         if self.model.check_finite and not self.model._all_finite(values):
             flat = self.xp.reshape(values, (int(values.shape[0]), -1))
-            raise NonFiniteGradientError(
+            raise self.model.non_finite_error(
                 f"per-sample gradients of layer {block.layer.name!r}",
                 self.model._bad_rows(flat, self.batch.start),
             )
@@ -555,7 +554,7 @@ def _check_statistics(
         for what, values in (("inputs", a), ("output gradients", g)):
             if not model._all_finite(values):
                 flat = xp.reshape(values, (int(values.shape[0]), -1))
-                raise NonFiniteGradientError(
+                raise model.non_finite_error(
                     f"layer statistics ({what} of layer {name!r})",
                     model._bad_rows(flat, batch.start),
                 )

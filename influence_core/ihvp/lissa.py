@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..data import Batch, is_array_pair, leading_dim, rebatched, take_samples
-from ..errors import ConvergenceWarning, LissaDivergenceError
+from ..errors import ConvergenceWarning, LissaDivergenceError, format_above
 from ..progress import progress
 from ..tree import tree_map
 from .base import (
@@ -254,7 +254,7 @@ class LissaIHVP(InverseHessianVectorProduct):
         if worst > self.tol:
             warnings.warn(
                 f"LiSSA's answer is off: its relative residual ‖(H + λI)x − v‖/‖v‖ is "
-                f"{worst:.2g} > tol={self.tol:g}. Raise depth (now {self.depth}) or repetitions, "
+                f"{format_above(worst, self.tol)} > tol={self.tol!r}. Raise depth (now {self.depth}) or repetitions, "
                 f"lower the scale towards the largest eigenvalue (now scale={self.scale:g}), or "
                 "use ConjugateGradientIHVP or ExactIHVP",
                 ConvergenceWarning,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..errors import UnknownParameterError
+from ..errors import FrozenParameterError, UnknownParameterError
 
 __all__ = ["layer_names", "select_parameters"]
 
@@ -41,12 +41,15 @@ def select_parameters(
     parameter_names: Sequence[str],
     selectors: str | Sequence[str] | None,
     separator: str,
+    frozen: Sequence[str] = (),
 ) -> list[int]:
     """Indices (in model order) of the parameters picked by ``selectors``.
 
     ``None`` selects every trainable parameter. Raises
+    :class:`~influence_core.errors.FrozenParameterError` when a selector
+    matches only ``frozen`` (non-trainable) parameters, and
     :class:`~influence_core.errors.UnknownParameterError`, listing the real
-    layer and parameter names, when a selector matches nothing.
+    layer and parameter names, when it matches nothing at all.
     """
     if selectors is None:
         return list(range(len(parameter_names)))
@@ -62,6 +65,11 @@ def select_parameters(
         if not hits:
             unknown.append(selector)
         chosen.update(hits)
+    frozen_hits = [s for s in unknown if any(_matches(n, s, separator) for n in frozen)]
+    if frozen_hits:
+        raise FrozenParameterError(
+            frozen_hits, layer_names(parameter_names, separator), list(parameter_names)
+        )
     if unknown:
         raise UnknownParameterError(
             unknown, layer_names(parameter_names, separator), list(parameter_names)

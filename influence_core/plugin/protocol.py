@@ -37,6 +37,7 @@ __all__ = [
     "ModelKernels",
     "ParameterLayout",
     "UnsupportedByBackendError",
+    "check_state",
 ]
 
 Array = Any
@@ -296,10 +297,18 @@ class ModelKernels(ABC):
         return grads, math.isfinite(float(self.xp.sum(grads)))
 
     def save_state(self) -> Any:
-        """An in-memory copy of *all* the weights these kernels compute at.
+        """An in-memory copy of *all* the weights these kernels compute at (θ and the rest).
 
+        **Flat**: a mapping ``name -> array`` (PyTorch's state dict, JAX's
+        names) or a sequence of arrays (Keras' ``get_weights()``), every value
+        an array with ``shape`` and ``dtype``, never a nested container; the
+        core checks it (:func:`check_state`) and fingerprints it by its values.
         In a form :meth:`load_checkpoint` (in-place backends) or
-        :meth:`with_checkpoint` (functional ones) takes.
+        :meth:`with_checkpoint` (functional ones) takes back.
+
+        Optional for an in-place backend (TracIn, saved results' weights
+        fingerprint and checkpoints need it); **required** for a functional
+        one, whose views at other weights are made from it.
         """
         raise self._unsupported("save_state (needed by TracIn)")
 
@@ -313,13 +322,18 @@ class ModelKernels(ABC):
     def load_checkpoint(self, checkpoint: Any) -> None:
         """Load a user checkpoint (the framework's usual forms, or a :meth:`save_state`) in place.
 
-        The core calls it (TracIn) only on in-place backends; on a functional
-        one it is the user's own in-place write, if the framework has one.
+        The core calls it (TracIn) only on in-place backends. On a functional
+        backend it is the user's own in-place write (an optimizer step on an
+        nnx module): the conformance suite uses it to check that kernels read
+        the model's *current* weights. A functional backend whose models can
+        change implements it; one whose models cannot (immutable values)
+        raises :class:`UnsupportedByBackendError` from it, saying so, and the
+        suite skips that check visibly. Left unimplemented, the check fails.
         """
         raise self._unsupported("load_checkpoint (needed by TracIn)")
 
     def with_checkpoint(self, checkpoint: Any) -> ModelKernels:
-        """Kernels at every weight of ``checkpoint`` (functional backends; TracIn needs it).
+        """Kernels at every weight of ``checkpoint`` (**required** of functional backends).
 
         Accepts what :meth:`save_state` returns and the framework's usual
         forms; returns a new kernels object, and nothing else changes.
@@ -399,3 +413,36 @@ class ModelKernels(ABC):
         (:mod:`influence_core.measurements`) and by RepresenterPointLJE.
         """
         raise self._unsupported("per_sample_measurement_grads (needed by measurement=)")
+
+
+def check_state(state: Any, backend: str = "the") -> Any:
+    """``state`` (a :meth:`ModelKernels.save_state`) if it is flat, else a ``TypeError`` naming what is not.
+
+    Flat: a mapping of string names to arrays, or a list or tuple of arrays;
+    an array is anything with ``shape`` and ``dtype``. A nested dict would be
+    fingerprinted by object address (a new fingerprint on every call), so it
+    is refused here, once, for every backend.
+    """
+    if isinstance(state, dict) or hasattr(state, "keys"):
+        items = [(key, state[key]) for key in state.keys()]
+        bad_keys = [key for key, _ in items if not isinstance(key, str)]
+        if bad_keys:
+            raise TypeError(
+                f"save_state() of the {backend} backend must map string names to arrays; keys "
+                f"{bad_keys[:5]} are not strings"
+            )
+    elif isinstance(state, (list, tuple)):
+        items = list(enumerate(state))
+    else:
+        raise TypeError(
+            f"save_state() of the {backend} backend must return a flat name -> array mapping or a "
+            f"list of arrays, got {type(state).__name__}"
+        )
+    for key, value in items:
+        if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+            raise TypeError(
+                f"save_state() of the {backend} backend must be flat (every value an array), but "
+                f"{key!r} holds a {type(value).__name__}: flatten nested state to names such as "
+                "'layer/kernel'"
+            )
+    return state

@@ -70,6 +70,16 @@ def trainable_variables_with_names(model: Any) -> tuple[list[tf.Variable], list[
     return variables, names
 
 
+def frozen_names(model: Any) -> list[str]:
+    """The names of the model's non-trainable variables (frozen layers, batch-norm statistics)."""
+    if _is_keras(model):
+        return [getattr(v, "path", None) or v.name.split(":")[0] for v in model.non_trainable_variables]
+    found = model._flatten(
+        predicate=lambda v: isinstance(v, tf.Variable) and not v.trainable, with_path=True
+    )
+    return ["/".join(map(str, path)) for path, _ in found]
+
+
 class ShapeSpecializedFunction:
     """A ``tf.function`` with exact-shape traces for the first few shapes, then one relaxed trace.
 
@@ -129,7 +139,7 @@ class TensorFlowKernels(ModelKernels):
                 "or give keras.Input a shape)"
             )
         self._all_names = tuple(names)
-        chosen = select_parameters(self._all_names, parameters, "/")
+        chosen = select_parameters(self._all_names, parameters, "/", frozen=frozen_names(model))
         self._names = tuple(self._all_names[i] for i in chosen)
         # Keras 3 wraps each tf.Variable; tapes need the tf.Variable itself.
         self._vars = [

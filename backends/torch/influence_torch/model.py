@@ -87,7 +87,8 @@ class TorchKernels(ModelKernels):
         if not named:
             raise ValueError("the model has no trainable parameters (requires_grad=True)")
         self._all_names = tuple(n for n, _ in named)
-        chosen = select_parameters(self._all_names, parameters, ".")
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        chosen = select_parameters(self._all_names, parameters, ".", frozen=frozen)
         self._names = tuple(self._all_names[i] for i in chosen)
         self._params = [named[i][1] for i in chosen]
         dtypes = {p.dtype for p in self._params}
