@@ -556,24 +556,31 @@ class InfluenceModel:
         return grads
 
     def layer_statistics(
-        self, batch: Batch, measurement: Measurement = LOSS
+        self, batch: Batch, measurement: Measurement = LOSS, targets: Any = None
     ) -> dict[str, tuple[Array, Array]]:
         """Each layer's inputs and output gradients for one :class:`Batch` (the loss, or a measurement).
 
         ``{layer name: (a (b, T, p_in), g (b, T, p_out))}`` from the backend's
         :meth:`~influence_core.plugin.ModelKernels.layer_statistics`; with a
         measurement other than the loss, g is the gradient of its loss-like
-        form m = ∓f, as in :meth:`batch_per_sample_grads`.
+        form m = ∓f, as in :meth:`batch_per_sample_grads`. ``targets``
+        replaces the batch's own (a true Fisher's sampled labels). Every
+        layer's shapes are checked against its description
+        (:func:`check_layer_statistics`), naming the layer.
         """
+        targets = batch.targets if targets is None else targets
         if measurement.is_loss:
-            return self._guarded(
-                batch, lambda b: self.kernels.layer_statistics(b.inputs, b.targets)
+            stats = self._guarded(
+                batch, lambda b: self.kernels.layer_statistics(b.inputs, targets)
             )
-        function = measurement.loss_like(self.xp)
-        return self._guarded(
-            batch,
-            lambda b: self.kernels.layer_statistics(b.inputs, b.targets, measurement=function),
-        )
+        else:
+            function = measurement.loss_like(self.xp)
+            stats = self._guarded(
+                batch,
+                lambda b: self.kernels.layer_statistics(b.inputs, targets, measurement=function),
+            )
+        check_layer_statistics(self.kernels.layers(), stats, batch.size, self.backend)
+        return stats
 
     def iter_measurement_grads(
         self, data: Any, measurement: Measurement, batch_size: int | None = None
@@ -812,3 +819,45 @@ def check_curvature(curvature: str) -> None:
     """Refuse a curvature other than ``"hessian"`` or ``"ggn"``, naming it."""
     if curvature not in CURVATURES:
         raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
+
+
+def check_layer_statistics(
+    layers: Sequence[Any], stats: Mapping[str, tuple[Any, Any]], b: int, backend: str
+) -> None:
+    """Refuse layer statistics whose shapes are not ``a (b, T, p_in)``, ``g (b, T, p_out)`` for each layer.
+
+    A backend that swaps a and g, or drops the position axis, would otherwise
+    fail deep in the core with a bare reshape error, or (when p_in and p_out
+    allow the reshape) give wrong scores silently.
+    """
+    for layer in layers:
+        if layer.name not in stats:
+            raise ValueError(
+                f"the {backend} backend's layer_statistics returned no entry for layer "
+                f"{layer.name!r} (it returned {sorted(stats)}); every layer of layers() needs one"
+            )
+        a, g = stats[layer.name]
+        a_shape, g_shape = tuple(int(s) for s in a.shape), tuple(int(s) for s in g.shape)
+        expected_a, expected_g = (layer.inputs,), (layer.outputs,)
+        good = (
+            len(a_shape) == 3
+            and len(g_shape) == 3
+            and a_shape[0] == g_shape[0] == b
+            and a_shape[1] == g_shape[1]
+            and a_shape[2:] == expected_a
+            and g_shape[2:] == expected_g
+        )
+        if good:
+            continue
+        swapped = a_shape[2:] == expected_g and g_shape[2:] == expected_a
+        hint = (
+            " (the inputs and output gradients look swapped: return (a, g))"
+            if swapped and layer.inputs != layer.outputs
+            else ""
+        )
+        raise ValueError(
+            f"the {backend} backend's layer statistics of layer {layer.name!r} "
+            f"({layer.kind}, p_in={layer.inputs}, p_out={layer.outputs}) have shapes a "
+            f"{a_shape} and g {g_shape} for a batch of {b}; expected a (b={b}, T, {layer.inputs}) "
+            f"and g (b={b}, T, {layer.outputs}) with the same T{hint}"
+        )

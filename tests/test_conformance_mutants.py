@@ -307,3 +307,79 @@ def test_the_gauss_newton_check_catches_the_hessian_in_its_place() -> None:
         checks.test_gauss_newton_products_match_numpy("mlp_tanh")
     checks.test_gauss_newton_products_match_numpy("logistic_regression")  # there G = H: passes
     checks_on(TorchKernels, BackendConformance).test_gauss_newton_products_match_numpy("mlp_tanh")
+
+
+# -- issue 26, fault 14: statistics that do not fit their layer ---------------------------
+class SwappedStatistics(TorchKernels):
+    """Returns (g, a) for every layer: the output gradients where the inputs belong."""
+
+    def layer_statistics(self, inputs, targets, measurement=None):
+        stats = super().layer_statistics(inputs, targets, measurement)
+        return {name: (g, a) for name, (a, g) in stats.items()}
+
+
+def test_layer_statistics_of_the_wrong_shape_are_refused_naming_the_layer() -> None:
+    import numpy as np
+    import torch
+
+    from influence_core import KFACIHVP, TracIn
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(13, 5)).double()
+    loss = torch.nn.CrossEntropyLoss(reduction="none")
+    data = (np.random.default_rng(0).normal(size=(8, 13)), np.arange(8) % 5)
+    model = InfluenceModel(net, loss)
+    model.kernels = SwappedStatistics(net, loss, None)
+    swapped = r"layer '0' \(dense, p_in=13, p_out=5\).*look swapped"
+    with pytest.raises(ValueError, match=swapped):
+        FirstOrderInfluenceCalculator(model, KFACIHVP(damping=0.1)).fit(data)
+    with pytest.raises(ValueError, match=swapped):  # was silently wrong (Spearman 0.23)
+        TracIn(model, [model.save_state()], 0.1).fit(data).self_influence()
+    model.kernels = TorchKernels(net, loss, None)
+    TracIn(model, [model.save_state()], 0.1).fit(data).self_influence()
+
+
+# -- issue 26, fault 13: what save_state returns, and who must implement it ------------------
+class NestedState(TorchKernels):
+    """save_state as a nested dict: it was fingerprinted by object address."""
+
+    def save_state(self):
+        return {"layers": super().save_state()}
+
+
+def test_a_nested_save_state_is_refused_as_not_flat() -> None:
+    import torch
+
+    from influence_core.io import weights_fingerprint
+
+    net, loss = torch.nn.Linear(2, 2), torch.nn.MSELoss(reduction="none")
+    model = InfluenceModel(net, loss)
+    model.kernels = NestedState(net, loss, None)
+    with pytest.raises(TypeError, match=r"must be flat .* 'layers' holds a dict"):
+        weights_fingerprint(model)
+    model.kernels = TorchKernels(net, loss, None)
+    assert weights_fingerprint(model) == weights_fingerprint(model)
+
+
+class FunctionalWithoutState(TorchKernels):
+    """Functional, binds θ, but cannot give a state of every weight (views need one)."""
+
+    functional = True
+
+    def with_parameters(self, flat):
+        return self
+
+
+def test_a_functional_backend_without_save_state_and_with_checkpoint_is_refused() -> None:
+    import torch
+
+    from influence_core.plugin import ModelKernels
+
+    class NoState(FunctionalWithoutState):
+        save_state = ModelKernels.save_state
+
+    net, loss = torch.nn.Linear(2, 2), torch.nn.MSELoss(reduction="none")
+    with pytest.raises(TypeError, match="does not implement with_checkpoint, save_state"):
+        from influence_core.model import _check_writes_theta
+
+        _check_writes_theta(NoState(net, loss, None))

@@ -133,7 +133,7 @@ class KFACIHVP(InverseHessianVectorProduct):
     def _statistics(self, model: InfluenceModel, batch: Batch) -> dict[str, tuple[Array, Array]]:
         """One batch's layer statistics at the Fisher's labels; NaN/inf names the samples."""
         targets = self._targets(model, batch)
-        stats = model._guarded(batch, lambda b: model.kernels.layer_statistics(b.inputs, targets))
+        stats = model.layer_statistics(batch, targets=targets)
         if model.check_finite:
             _check_statistics(model, batch, stats)
         return stats
@@ -338,7 +338,7 @@ class KFACIHVP(InverseHessianVectorProduct):
     def training_side(self, model: InfluenceModel, batch: Any) -> TrainingSide:
         """A training batch from its layer-wise statistics (at its own labels): no (b, d) gradients."""
         self._check_fitted()
-        stats = model._guarded(batch, lambda b: model.kernels.layer_statistics(b.inputs, b.targets))
+        stats = model.layer_statistics(batch)
         if model.check_finite:
             _check_statistics(model, batch, stats)
         return _LayerwiseTrainingSide(self, model, batch, stats)

@@ -19,6 +19,7 @@ from influence_conformance.cases import build_case  # noqa: E402
 from influence_conformance.selection_checks import SelectionChecks  # noqa: E402
 from influence_conformance.suite import BackendConformance  # noqa: E402
 from influence_core import InfluenceModel  # noqa: E402
+from influence_core.plugin import ModelKernels  # noqa: E402
 from influence_jax.model import JaxKernels  # noqa: E402
 from influence_jax.reference_models import build, build_functional  # noqa: E402
 
@@ -74,8 +75,45 @@ def test_a_checkpoint_that_keeps_the_unselected_weights_is_caught() -> None:
     with pytest.raises(AssertionError, match="TracIn over checkpoints of every weight"):
         checks.test_tracin_on_a_sub_selection_follows_checkpoints_of_every_weight("mlp_tanh")
     real = on(JaxKernels, SelectionChecks, build_functional)
-    real.test_a_sub_selection_sees_the_other_weights_change("mlp_tanh")
+    with pytest.raises(pytest.skip.Exception, match=r"only the checkpoint half .* ran: passed"):
+        real.test_a_sub_selection_sees_the_other_weights_change("mlp_tanh")
     real.test_tracin_on_a_sub_selection_follows_checkpoints_of_every_weight("mlp_tanh")
+
+
+class CapturesTheOtherWeights(JaxKernels):
+    """Reads θ live but keeps the *unselected* weights it saw when it was built (stale after training)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._captured = JaxKernels._live(self)[0]
+
+    def _live(self):
+        if self._bound is not None:
+            return self._bound
+        live, rest = JaxKernels._live(self)
+        chosen = set(self._selected)
+        return [v if i in chosen else self._captured[i] for i, v in enumerate(live)], rest
+
+
+class CapturesWithoutLoadCheckpoint(CapturesTheOtherWeights):
+    """The same bug in a functional backend that implements no load_checkpoint (fault 12)."""
+
+    load_checkpoint = ModelKernels.load_checkpoint
+
+
+def test_weights_captured_at_construction_are_caught_on_a_functional_backend() -> None:
+    # Issue 26, fault 12: without load_checkpoint, this half of the check was dropped without
+    # a skip and the whole suite passed. It now fails, naming what to implement ...
+    checks = on(CapturesWithoutLoadCheckpoint, SelectionChecks, build)
+    with pytest.raises(pytest.fail.Exception, match="does not implement load_checkpoint"):
+        checks.test_a_sub_selection_sees_the_other_weights_change("mlp_tanh")
+    # ... and with load_checkpoint implemented, the stale weights themselves show.
+    checks = on(CapturesTheOtherWeights, SelectionChecks, build)
+    with pytest.raises(AssertionError, match="after the model's first layer changed"):
+        checks.test_a_sub_selection_sees_the_other_weights_change("mlp_tanh")
+    on(JaxKernels, SelectionChecks, build).test_a_sub_selection_sees_the_other_weights_change(
+        "mlp_tanh"
+    )
 
 
 def test_a_functional_model_is_never_written() -> None:
