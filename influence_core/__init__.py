@@ -20,17 +20,23 @@ from typing import Any
 
 from .data import Batch
 from .errors import (
+    AmbiguousBackendError,
     BackendNotFoundError,
     ChunkRecomputedWarning,
     ConvergenceWarning,
     CostLimitError,
+    DataConsumedError,
+    DataOrderError,
     DatasetFormatError,
     DuplicateBackendError,
     EmptyDataError,
+    EndlessDataError,
     FingerprintMismatchError,
+    FrozenParameterError,
     InvalidBackendSpecError,
     InvalidSampleError,
     LissaDivergenceError,
+    MeasurementError,
     NonFiniteGradientError,
     NotFittedError,
     NotPositiveDefiniteError,
@@ -75,6 +81,7 @@ __all__ = [
     "EKFACIHVP",
     "KFACIHVP",
     "TRAK",
+    "AmbiguousBackendError",
     "ArnoldiIHVP",
     "ArnoldiInfluenceCalculator",
     "BackendNotFoundError",
@@ -83,12 +90,16 @@ __all__ = [
     "ConjugateGradientIHVP",
     "ConvergenceWarning",
     "CostLimitError",
+    "DataConsumedError",
+    "DataOrderError",
     "DatasetFormatError",
     "DuplicateBackendError",
     "EmptyDataError",
+    "EndlessDataError",
     "ExactIHVP",
     "FingerprintMismatchError",
     "FirstOrderInfluenceCalculator",
+    "FrozenParameterError",
     "GradientSimilarity",
     "InfluenceCalculator",
     "InfluenceModel",
@@ -99,6 +110,7 @@ __all__ = [
     "LissaDivergenceError",
     "LissaIHVP",
     "Measurement",
+    "MeasurementError",
     "NonFiniteGradientError",
     "NotFittedError",
     "NotPositiveDefiniteError",
@@ -138,16 +150,20 @@ def available_backends() -> list[str]:
 
 
 def array_namespace(array: Any) -> Any:
-    """The Array API namespace for a native or NumPy array."""
-    spec = get_registry().for_array(array)
-    if spec is not None:
-        return spec.load_namespace()
+    """The Array API namespace for a native or NumPy array.
+
+    NumPy arrays are the core's: array-api-compat's NumPy namespace, whatever
+    plugins are installed. A native array gets its backend's namespace.
+    """
     import numpy as np
 
     from .plugin.namespace import numpy_namespace
 
     if isinstance(array, np.ndarray | np.generic):
         return numpy_namespace()
+    spec = get_registry().for_array(array)
+    if spec is not None:
+        return spec.load_namespace()
     raise BackendNotFoundError(
         f"no installed backend handles arrays of type {type(array).__module__}."
         f"{type(array).__qualname__}; installed backends: {available_backends() or 'none'}"

@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 
 __all__ = [
+    "AmbiguousBackendError",
     "BackendNotFoundError",
     "ChunkRecomputedWarning",
     "ConvergenceWarning",
@@ -41,6 +42,22 @@ __all__ = [
 
 class BackendNotFoundError(LookupError):
     """No installed backend handles the given model, array or name."""
+
+
+class AmbiguousBackendError(LookupError):
+    """Two installed backends claim the same model or array type; which one is meant is not guessed."""
+
+    def __init__(self, what: str, specs: Sequence[object]):
+        self.backends = tuple(getattr(spec, "name", str(spec)) for spec in specs)
+        claims = ", ".join(
+            f"{getattr(spec, 'name', spec)!r} (from {getattr(spec, 'distribution', '?')!r})"
+            for spec in specs
+        )
+        super().__init__(
+            f"{what} is claimed by more than one installed backend: {claims}. Pass "
+            f"backend={self.backends[0]!r} (or another) to InfluenceModel, or uninstall the plugin "
+            "you do not mean to use; influence_core never picks one silently."
+        )
 
 
 class DuplicateBackendError(RuntimeError):

@@ -42,3 +42,37 @@ def test_each_plugin_distribution_lists_its_packages(distribution: str) -> None:
     assert (root / top / "__init__.py").exists(), f"the folder name is the import name: {top}"
     assert python_package_dirs(root, top) <= listed
     assert "influence-core" in config["project"]["dependencies"]
+
+
+def test_the_installed_suite_s_asserts_are_rewritten_in_a_users_pytest_run(tmp_path: Path) -> None:
+    """Issue 26, fault 15: a failing check showed a bare AssertionError (no values compared)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_users_backend.py").write_text(
+        "import sys\n"
+        "from influence_conformance import BackendConformance  # noqa: F401\n"
+        "import influence_conformance.selection_checks  # noqa: F401\n\n"
+        "def test_rewritten():\n"
+        "    names = [n for n in sys.modules if n.startswith('influence_conformance.')]\n"
+        "    bare = [n for n in names if '@pytest_ar' not in vars(sys.modules[n])]\n"
+        "    assert names and not bare, bare\n\n"
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-W",
+            "error::pytest.PytestAssertRewriteWarning",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert "1 passed" in run.stdout, run.stdout + run.stderr

@@ -149,3 +149,48 @@ def test_a_backend_whose_framework_is_missing_is_unavailable_with_its_install_hi
         registry.by_name("ghost")
     with pytest.raises(InvalidBackendSpecError, match="requires"):
         fake_spec(requires="torch")
+
+
+# -- issue 26, fault 16: who owns NumPy arrays, and what a second claim does ---------------
+def test_numpy_arrays_stay_the_cores_and_a_second_claim_never_changes_results(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import numpy as np
+    import torch
+
+    from influence_core import AmbiguousBackendError, ExactIHVP, FirstOrderInfluenceCalculator
+    from influence_core.data import take_samples
+    from influence_core.plugin import registry as registry_module
+
+    def self_influence(**settings):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(3, 2).double()
+        model = influence_core.InfluenceModel(
+            net, torch.nn.CrossEntropyLoss(reduction="none"), **settings
+        )
+        data = (np.random.default_rng(0).normal(size=(10, 3)), np.arange(10) % 2)
+        calc = FirstOrderInfluenceCalculator(model, ExactIHVP(damping=0.1)).fit(data)
+        return model.to_numpy(calc.self_influence(data))
+
+    before = self_influence()
+    everyone = BackendRegistry()
+    hog = fake_spec(
+        "numpyhog",
+        model_types=("torch.nn.modules.module.Module",),
+        array_types=("numpy.ndarray", "torch.Tensor"),
+        namespace="array_api_compat:torch",  # a wrong namespace for NumPy arrays
+    )
+    everyone.register(Plugin(hog), distribution="numpy-hog")
+    monkeypatch.setattr(registry_module, "_REGISTRY", everyone)
+
+    # NumPy inputs keep the core's namespace: the plugin's claim on numpy.ndarray is inert
+    assert influence_core.array_namespace(np.ones(2)).__name__ == "array_api_compat.numpy"
+    assert everyone.for_array(np.ones(2)) is None
+    np.testing.assert_array_equal(take_samples(np.arange(5.0), np.array([3, 1])), [3.0, 1.0])
+    # Two claims on torch's types: an error naming both, never a silent pick
+    with pytest.raises(AmbiguousBackendError, match=r"'numpyhog' \(from 'numpy-hog'\).*'torch'"):
+        self_influence()
+    with pytest.raises(AmbiguousBackendError, match=r"torch\.Tensor"):
+        influence_core.array_namespace(torch.ones(2))
+    # ... and naming the backend gives exactly the numbers it gave alone
+    np.testing.assert_array_equal(self_influence(backend="torch"), before)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 
-from influence_conformance import BackendConformance, CrossBackendConformance
+import pytest
+
+pytest.register_assert_rewrite("influence_conformance")  # under this pytest, before the checks
+
+from influence_conformance import BackendConformance, CrossBackendConformance  # noqa: E402
 
 _BACKENDS = tuple(b for b in os.environ.get("INFLUENCE_CONFORMANCE_BACKENDS", "").split(",") if b)
 

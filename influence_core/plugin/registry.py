@@ -10,6 +10,15 @@ Loading is tolerant (a plugin that fails to import is skipped with a
 Types are matched by fully qualified class name against the object's MRO, so
 asking "who handles this model?" never imports a framework the user did not
 import.
+
+Ownership: **NumPy arrays belong to the core.** ``array_namespace`` answers
+array-api-compat's NumPy namespace for them before any plugin is asked, so a
+backend whose framework computes on NumPy arrays (HIPS autograd) may list
+``numpy.ndarray`` among its ``array_types`` without taking NumPy inputs from
+anyone. Any other type claimed by two backends is ambiguous: asking who
+handles it raises :class:`~influence_core.errors.AmbiguousBackendError`
+naming both (pass ``backend=``), so installing a plugin can never change
+another backend's results silently.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from typing import Any
 import pluggy
 
 from ..errors import (
+    AmbiguousBackendError,
     BackendNotFoundError,
     DuplicateBackendError,
     InvalidBackendSpecError,
@@ -152,6 +162,11 @@ class BackendSpec:
         return _resolve(self.reference_models)
 
 
+def _is_numpy(array: Any) -> bool:
+    """Whether ``array`` is a NumPy array or scalar (by MRO name: NumPy is not imported here)."""
+    return any(c.__module__ == "numpy" for c in type(array).__mro__[:-1])
+
+
 def _mro_matches(cls: type, names: tuple[str, ...]) -> bool:
     return any(f"{c.__module__}.{c.__qualname__}" in names for c in cls.__mro__)
 
@@ -262,22 +277,27 @@ class BackendRegistry:
         )
 
     def for_model(self, model: Any) -> BackendSpec:
-        for name in self.names():
-            spec = self.specs[name]
-            if spec.handles_model(model):
-                return spec
+        matches = [self.specs[n] for n in self.names() if self.specs[n].handles_model(model)]
+        if len(matches) == 1:
+            return matches[0]
+        what = f"a model of type {type(model).__module__}.{type(model).__qualname__}"
+        if matches:
+            raise AmbiguousBackendError(what, matches)
         raise BackendNotFoundError(
-            f"no installed backend handles a model of type "
-            f"{type(model).__module__}.{type(model).__qualname__}; installed backends: "
+            f"no installed backend handles {what}; installed backends: "
             f"{self._describe()}. " + _INSTALL_ADVICE
         )
 
     def for_array(self, array: Any) -> BackendSpec | None:
-        for name in self.names():
-            spec = self.specs[name]
-            if spec.handles_array(array):
-                return spec
-        return None
+        """The backend of a native array; ``None`` for NumPy (the core's) and unclaimed types."""
+        if _is_numpy(array):
+            return None
+        matches = [self.specs[n] for n in self.names() if self.specs[n].handles_array(array)]
+        if len(matches) > 1:
+            raise AmbiguousBackendError(
+                f"an array of type {type(array).__module__}.{type(array).__qualname__}", matches
+            )
+        return matches[0] if matches else None
 
     def _describe(self) -> str:
         if not self.specs:
