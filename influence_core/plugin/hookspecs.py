@@ -3,17 +3,19 @@
 A plugin is a module with a function marked ``@hookimpl`` and registered
 under the ``influence_core.backends`` entry-point group::
 
-    # my_backend/plugin.py   (must import quickly: no framework import here)
+    # my_backend/plugin.py   (must import quickly: no framework import here, and
+    # none in my_backend/__init__.py, which runs when this entry point loads)
     from influence_core.plugin import BackendSpec, hookimpl
 
     @hookimpl
     def influence_core_backends():
         return [BackendSpec(
             name="jax",
-            model_types=("flax.nnx.Module",),
-            array_types=("jaxlib.xla_extension.ArrayImpl",),
-            kernels="my_backend.model:JaxKernels",
-            namespace="my_backend.namespace:namespace",
+            # names as they stand in type(x).__mro__ (f"{c.__module__}.{c.__qualname__}")
+            model_types=("flax.nnx.module.Module",),
+            array_types=("jaxlib._jax.ArrayImpl",),
+            kernels="my_backend.model:JaxKernels",  # (model, loss_fn, parameters, **options)
+            namespace="jax:numpy",
             install_hint="pip install my-backend",
         )]
 

@@ -79,7 +79,7 @@ class BackendSpec:
         model_types: fully qualified names of model base classes this backend
             handles (matched against ``type(model).__mro__``, nothing imported).
         array_types: fully qualified names of its native array classes.
-        kernels: ``(model, loss_fn, parameters) -> ModelKernels``, or a
+        kernels: ``(model, loss_fn, parameters, **options) -> ModelKernels``, or a
             ``"module:attribute"`` string naming it (imported on first use).
         namespace: the Array API namespace of the native arrays (a module or
             object, or a ``"module:attribute"`` string naming it, imported on first use).
