@@ -9,7 +9,8 @@ suite (``influence_conformance``). Users never need this module: their API is
 :mod:`influence_core`.
 """
 
-from ..errors import NonFiniteGradientError
+# Errors a backend raises where it reads the framework's data (a shuffled or endless dataset).
+from ..errors import DataOrderError, EndlessDataError, NonFiniteGradientError
 from ..tree import tree_leaves, tree_map
 from .hookspecs import ENTRY_POINT_GROUP, hookimpl
 from .namespace import ArrayNamespace, numpy_namespace
@@ -20,6 +21,7 @@ from .protocol import (
     ModelKernels,
     ParameterLayout,
     UnsupportedByBackendError,
+    check_state,
 )
 from .registry import BackendRegistry, BackendSpec, get_registry
 
@@ -28,12 +30,15 @@ __all__ = [
     "ArrayNamespace",
     "BackendRegistry",
     "BackendSpec",
+    "DataOrderError",
+    "EndlessDataError",
     "LastLayer",
     "Layer",
     "ModelKernels",
     "NonFiniteGradientError",
     "ParameterLayout",
     "UnsupportedByBackendError",
+    "check_state",
     "get_registry",
     "hookimpl",
     "layer_names",

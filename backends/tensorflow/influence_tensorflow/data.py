@@ -18,7 +18,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from influence_core.errors import DataOrderError, EndlessDataError
+from influence_core.plugin import DataOrderError, EndlessDataError
 
 __all__ = ["check_pipeline", "is_batched", "native_batch_count", "native_batches"]
 

@@ -27,7 +27,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from influence_core.errors import DataOrderError
+from influence_core.plugin import DataOrderError
 
 __all__ = ["in_dataset_order", "native_batch_count", "native_batches"]
 
