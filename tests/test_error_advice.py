@@ -104,8 +104,28 @@ def test_a_nan_weight_in_theta_is_named_in_keras() -> None:
 
 
 # -- fault 8: no damping=nan -----------------------------------------------------------------------
-def test_nan_data_with_checks_off_is_reported_as_non_finite_curvature_not_as_damping_nan() -> None:
-    model = InfluenceModel(mlp(), CE, check_finite=False)
+def mlp_of(backend: str, **settings) -> InfluenceModel:
+    if backend == "torch":
+        return InfluenceModel(mlp(), CE, **settings)
+    keras.utils.set_random_seed(0)
+    net = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, "tanh", dtype="float64"),
+            keras.layers.Dense(3, dtype="float64"),
+        ]
+    )
+    loss = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction=None, dtype="float64"
+    )
+    return InfluenceModel(net, loss, **settings)
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])  # TF's eigh raises on NaN
+def test_nan_data_with_checks_off_is_reported_as_non_finite_curvature_not_as_damping_nan(
+    backend: str,
+) -> None:
+    model = mlp_of(backend, check_finite=False)
     bad = X.copy()
     bad[3, 1] = np.nan
     with pytest.raises(NotPositiveDefiniteError, match="non-finite") as info:
@@ -153,7 +173,9 @@ def test_the_margin_of_a_one_output_model_says_it_needs_a_classifier() -> None:
 
     model = InfluenceModel(net, squared_error)
     data = (X, rng.normal(size=(40, 1)))
-    with pytest.raises(MeasurementError, match=r"needs a classifier's outputs.*returns 1 per sample"):
+    with pytest.raises(
+        MeasurementError, match=r"needs a classifier's outputs.*returns 1 per sample"
+    ):
         TRAK(model, projection_dim=4).fit(data)
 
 
