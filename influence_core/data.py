@@ -10,11 +10,15 @@ Accepted data, in the order they are recognised:
 
 Each element is checked to be an ``(inputs, targets)`` pair with matching
 leading dimensions, and converted to native arrays in the model's dtype.
+
+Hugging Face's convention is read too: a mapping that holds ``"labels"``
+(a batch from a ``DataLoader`` over a tokenized dataset, or the whole data as
+a dict of arrays) is the pair ``({the other keys}, labels)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 from .errors import DatasetFormatError
@@ -109,13 +113,27 @@ def _describe(element: Any) -> str:
     )
 
 
+#: The key of the targets in a mapping batch (Hugging Face's convention).
+LABELS = "labels"
+
+
+def split_labels(element: Any) -> Any:
+    """``({other keys}, element["labels"])`` for a mapping that holds labels; anything else as it is."""
+    if isinstance(element, Mapping) and LABELS in element:
+        inputs = {key: value for key, value in element.items() if key != LABELS}
+        return inputs, element[LABELS]
+    return element
+
+
 def _as_pair(element: Any) -> tuple[Any, Any]:
+    element = split_labels(element)
     if isinstance(element, (tuple, list)) and len(element) == 2:
         return element[0], element[1]
     raise DatasetFormatError(
         f"each batch must be an (inputs, targets) pair, but the data yielded {_describe(element)}. "
         "Map your dataset to pairs first, e.g. ds.map(lambda d: (d['image'], d['label'])) "
-        "for tf.data, or return (x, y) from your torch Dataset's __getitem__."
+        "for tf.data, or return (x, y) from your torch Dataset's __getitem__; a dict batch "
+        "is read as (inputs, targets) when its targets are under 'labels'."
     )
 
 
@@ -137,6 +155,8 @@ def iter_batches(
         for batch in iter_batches(data.data, batch_size, native_batches, as_native):
             yield batch._replace(start=batch.start + data.start)
         return
+    if isinstance(data, Mapping) and LABELS in data:  # a dict of arrays, labels among them
+        data = split_labels(data)
     if is_array_pair(data):
         inputs, targets = data
         n = leading_dim(targets)

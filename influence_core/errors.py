@@ -28,6 +28,7 @@ __all__ = [
     "InvalidSampleError",
     "LissaDivergenceError",
     "MeasurementError",
+    "ModelOutputError",
     "NonFiniteGradientError",
     "NotFittedError",
     "NotPositiveDefiniteError",
@@ -242,6 +243,10 @@ def _round_up(value: float) -> float:
     """``value`` rounded *up* to two significant digits (so printing it never shows less)."""
     exponent = math.floor(math.log10(value)) - 1
     return math.ceil(value / 10.0**exponent) * 10.0**exponent
+
+
+class ModelOutputError(TypeError):
+    """The model returns several outputs (a tuple, a dict, a ``ModelOutput``) and which one the loss reads is not said."""
 
 
 class MeasurementError(ValueError):

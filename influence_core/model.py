@@ -40,6 +40,7 @@ from .errors import (
 from .measurements import LOSS, Measurement
 from .pass_order import DEFAULT_MAX_SAMPLES, PassOrder
 from .plugin.namespace import ArrayNamespace
+from .plugin.outputs import OutputSelector, check_output_selector
 from .plugin.protocol import (
     LastLayer,
     ModelKernels,
@@ -82,6 +83,12 @@ class InfluenceModel:
         max_samples: the most samples one pass over data of unknown length may
             yield before it is refused as endless (``.repeat()``, an infinite
             generator); ``None``: no bound.
+        output: which of the model's outputs the loss and measurements read,
+            when it returns more than one array (a Hugging Face ``ModelOutput``,
+            a tuple, a dict): a key, an index or a callable
+            (:func:`~influence_core.plugin.select_output`); by default an array
+            as it is, or a mapping's ``"logits"``. Passed to the backend as the
+            standard option ``output``.
         options: backend options, passed to the backend's kernels as keyword
             arguments (each backend documents its own, e.g. ``call_kwargs``
             forwarded to every model call); an unknown one is an error.
@@ -105,6 +112,7 @@ class InfluenceModel:
         batch_size: int = DEFAULT_BATCH_SIZE,
         check_finite: bool = True,
         max_samples: int | None = DEFAULT_MAX_SAMPLES,
+        output: OutputSelector = None,
         options: Mapping[str, Any] | None = None,
         registry: BackendRegistry | None = None,
     ) -> None:
@@ -128,6 +136,8 @@ class InfluenceModel:
         self.check_finite = bool(check_finite)
         self.max_samples = None if max_samples is None else int(max_samples)
         self.options: dict[str, Any] = dict(options or {})
+        if output is not None:
+            self.options["output"] = check_output_selector(output)
         self.kernels: ModelKernels = spec.load_kernels()(model, loss_fn, parameters, **self.options)
         _check_writes_theta(self.kernels)
         self._loss_checked = False

@@ -14,6 +14,7 @@ from ..errors import DataOrderError, EndlessDataError, NonFiniteGradientError
 from ..tree import tree_leaves, tree_map
 from .hookspecs import ENTRY_POINT_GROUP, hookimpl
 from .namespace import ArrayNamespace, numpy_namespace
+from .outputs import OutputSelector, check_output_selector, select_output
 from .parameters import layer_names, select_parameters
 from .protocol import (
     LastLayer,
@@ -36,13 +37,16 @@ __all__ = [
     "Layer",
     "ModelKernels",
     "NonFiniteGradientError",
+    "OutputSelector",
     "ParameterLayout",
     "UnsupportedByBackendError",
+    "check_output_selector",
     "check_state",
     "get_registry",
     "hookimpl",
     "layer_names",
     "numpy_namespace",
+    "select_output",
     "select_parameters",
     "tree_leaves",
     "tree_map",

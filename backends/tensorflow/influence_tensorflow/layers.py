@@ -21,7 +21,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from influence_core.plugin import Layer
+from influence_core.plugin import Layer, select_output
 
 __all__ = ["LayerStatistics"]
 
@@ -55,7 +55,10 @@ def _unwrapped(variable: Any) -> Any:
 class LayerStatistics:
     """The selected Dense / Conv2D layers of a Keras model, and their statistics for a batch."""
 
-    def __init__(self, model: Any, names: Sequence[str], variables: Sequence[Any]) -> None:
+    def __init__(
+        self, model: Any, names: Sequence[str], variables: Sequence[Any], output: Any = None
+    ) -> None:
+        self.output = output  # which of the model's outputs the loss reads (select_output)
         by_variable = {id(_unwrapped(v)): n for n, v in zip(names, variables, strict=True)}
         self.model = model
         self.keras_layers: list[Any] = []
@@ -85,7 +88,7 @@ class LayerStatistics:
                     self.model.inputs,
                     [layer.input for layer in self.keras_layers]
                     + [layer.output for layer in self.keras_layers]
-                    + [self.model.outputs[0]],
+                    + [self.model.output],  # all of it (a list or dict for several heads)
                 )
             except (AttributeError, ValueError, TypeError) as error:
                 raise ValueError(
@@ -100,7 +103,7 @@ class LayerStatistics:
             results = self._auxiliary()(inputs, training=False)
             layer_inputs, layer_outputs = results[:count], results[count : 2 * count]
             tape.watch(layer_outputs)
-            losses = loss_fn(targets, results[-1])
+            losses = loss_fn(targets, select_output(results[-1], self.output))
             total = tf.reduce_sum(losses)
         output_grads = tape.gradient(total, layer_outputs)
         out = {}

@@ -30,7 +30,10 @@ from influence_core.plugin import (
     Layer,
     ModelKernels,
     NonFiniteGradientError,
+    OutputSelector,
     ParameterLayout,
+    check_output_selector,
+    select_output,
     select_parameters,
 )
 
@@ -127,10 +130,14 @@ class TensorFlowKernels(ModelKernels):
         parameters: str | Sequence[str] | None,
         *,
         call_kwargs: Mapping[str, Any] | None = None,
+        output: OutputSelector = None,
     ):
         """``call_kwargs`` (an ``InfluenceModel(options=)`` entry): keywords for every model call.
 
         Keras models are called with ``training=False`` unless ``call_kwargs`` says otherwise.
+        ``output`` (``InfluenceModel(output=)``): which of the model's outputs
+        (a multi-output model's list or dict) the loss reads
+        (:func:`~influence_core.plugin.select_output`).
         """
         variables, names = trainable_variables_with_names(model)
         if not variables:
@@ -160,6 +167,7 @@ class TensorFlowKernels(ModelKernels):
         self.loss_fn = loss_fn
         self._keras = _is_keras(model)
         self._call_kwargs = {**({"training": False} if self._keras else {}), **(call_kwargs or {})}
+        self._output = check_output_selector(output)
         self._grad_fn = ShapeSpecializedFunction(self._grad_graph)
         self._per_sample_grads_fn = ShapeSpecializedFunction(self._per_sample_grads_graph)
         self._per_sample_grads_and_finite_fn = ShapeSpecializedFunction(
@@ -193,7 +201,7 @@ class TensorFlowKernels(ModelKernels):
 
     # -- traced functions ---------------------------------------------------------
     def _call(self, inputs: Any) -> Any:
-        return self.model(inputs, **self._call_kwargs)
+        return select_output(self.model(inputs, **self._call_kwargs), self._output)
 
     def _flat(self, grads: Sequence[tf.Tensor | None], leading: Any = None) -> tf.Tensor:
         """Concatenate per-variable results (optionally with a leading axis) into one flat axis.
@@ -354,7 +362,7 @@ class TensorFlowKernels(ModelKernels):
         if self._layer_stats is None:
             if not self._keras:
                 raise self._unsupported("layers for a plain tf.Module (Keras models only)")
-            self._layer_stats = LayerStatistics(self.model, self._names, self._vars)
+            self._layer_stats = LayerStatistics(self.model, self._names, self._vars, self._output)
         return self._layer_stats
 
     def layers(self) -> tuple[Layer, ...]:

@@ -33,7 +33,11 @@ from influence_core.plugin import (
     Layer,
     ModelKernels,
     NonFiniteGradientError,
+    OutputSelector,
     ParameterLayout,
+    UnsupportedByBackendError,
+    check_output_selector,
+    select_output,
     select_parameters,
     tree_map,
 )
@@ -43,6 +47,50 @@ from .layers import find_layers, recorded_layers, statistics
 from .namespace import namespace
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+#: Raw torch errors a user's model can reach in a kernel, and the fix each names.
+_SECOND_DERIVATIVE = "derivative for"
+_VMAP_CONTROL_FLOW = "vmap: It looks like you're"
+
+
+def explained_errors(method: F) -> F:
+    """Re-raise the raw errors of a model that a kernel cannot go through as errors that name the fix.
+
+    * an operation without a second derivative (the default SDPA/flash attention
+      on CPU) in an HVP: eager attention, or a factored solver;
+    * data-dependent control flow under ``vmap`` (Hugging Face's attention-mask
+      preparation calls ``mask.all()``) in per-sample gradients.
+    """
+
+    @functools.wraps(method)
+    def run(self: TorchKernels, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except RuntimeError as error:
+            text = str(error)
+            if _SECOND_DERIVATIVE in text and "not implemented" in text:
+                raise UnsupportedByBackendError(
+                    f"{method.__name__} needs second derivatives, and an operation of this model "
+                    f"has none in torch ({text.splitlines()[0]}). For a Hugging Face model, "
+                    'switch its attention to eager: model.set_attn_implementation("eager") (or '
+                    'attn_implementation="eager" when loading); or use a solver that needs no '
+                    "Hessian-vector products: EKFACIHVP or KFACIHVP (layer-wise), or TracIn / "
+                    "GradientSimilarity."
+                ) from error
+            if _VMAP_CONTROL_FLOW in text:
+                raise UnsupportedByBackendError(
+                    f"{method.__name__} vectorises over samples with torch.func.vmap, and the "
+                    "model branches in Python on its inputs' values (vmap: data-dependent control "
+                    "flow, or .item()). A Hugging Face model does this while preparing its "
+                    "attention mask: leave attention_mask out of the inputs when no sample is "
+                    "padded, or use the layer-wise estimators (EKFACIHVP, KFACIHVP, TracIn from "
+                    "layer statistics), which take one ordinary forward and backward pass per "
+                    "batch and no vmap."
+                ) from error
+            raise
+
+    return run  # type: ignore[return-value]
 
 
 def in_inference_mode(method: F) -> F:
@@ -77,8 +125,15 @@ class TorchKernels(ModelKernels):
         parameters: str | Sequence[str] | None,
         *,
         call_kwargs: Mapping[str, Any] | None = None,
+        output: OutputSelector = None,
     ):
-        """``call_kwargs`` (an ``InfluenceModel(options=)`` entry): keywords for every model call."""
+        """``call_kwargs`` (an ``InfluenceModel(options=)`` entry): keywords for every model call.
+
+        ``output`` (``InfluenceModel(output=)``): which of the model's outputs the
+        loss reads (:func:`~influence_core.plugin.select_output`). Inputs that
+        are a mapping whose keys ``forward`` takes by name (a Hugging Face
+        batch: ``input_ids``, ``attention_mask``) are passed as keywords.
+        """
         if not isinstance(model, torch.nn.Module):
             raise TypeError(
                 f"the torch backend needs a torch.nn.Module, got {type(model).__name__}"
@@ -103,6 +158,8 @@ class TorchKernels(ModelKernels):
         self.module = model
         self.loss_fn = loss_fn
         self._call_kwargs = dict(call_kwargs or {})
+        self._output = check_output_selector(output)
+        self._keywords = _keyword_parameters(model)
         self._layout = ParameterLayout(
             self._names,
             tuple(tuple(p.shape) for p in self._params),
@@ -153,6 +210,27 @@ class TorchKernels(ModelKernels):
         shapes = self._layout.shapes
         return {n: c.view(s) for n, c, s in zip(self._names, chunks, shapes, strict=True)}
 
+    # -- the model call -----------------------------------------------------------
+    def _arguments(self, inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``(args, kwargs)`` of one model call: a mapping of ``forward``'s own names as keywords."""
+        if isinstance(inputs, Mapping) and inputs and (
+            self._keywords is True or set(inputs) <= self._keywords
+        ):
+            return (), {**self._call_kwargs, **inputs}
+        return (inputs,), self._call_kwargs
+
+    def _forward(self, inputs: Any) -> torch.Tensor:
+        """Φ(x): the model called on ``inputs``, and the output the loss reads."""
+        args, kwargs = self._arguments(inputs)
+        return select_output(self.module(*args, **kwargs), self._output)
+
+    def _call(self, params: dict[str, torch.Tensor], inputs: Any) -> torch.Tensor:
+        """:meth:`_forward` with θ = ``params`` (``functional_call``, for torch.func transforms)."""
+        args, kwargs = self._arguments(inputs)
+        return select_output(
+            functional_call(self.module, params, args, kwargs, strict=False), self._output
+        )
+
     # -- losses -------------------------------------------------------------------
     def _detached(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in zip(self._names, self._params, strict=True)}
@@ -165,8 +243,7 @@ class TorchKernels(ModelKernels):
     def _losses(
         self, params: dict[str, torch.Tensor], inputs: Any, targets: torch.Tensor
     ) -> torch.Tensor:
-        outputs = functional_call(self.module, params, (inputs,), self._call_kwargs, strict=False)
-        return self.loss_fn(outputs, targets)
+        return self.loss_fn(self._call(params, inputs), targets)
 
     def _sample_loss(
         self, params: dict[str, torch.Tensor], x: Any, y: torch.Tensor
@@ -183,22 +260,25 @@ class TorchKernels(ModelKernels):
     @in_inference_mode
     def per_sample_loss(self, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.loss_fn(self.module(inputs, **self._call_kwargs), targets)
+            return self.loss_fn(self._forward(inputs), targets)
 
     # The kernels run under no_grad: torch.func transforms ignore it, but it stops
     # ordinary autograd from recording (and keeping alive) a graph through the
     # model's *unselected* parameters, which still have requires_grad=True.
+    @explained_errors
     @in_inference_mode
     @torch.no_grad()
     def mean_loss_grad(self, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
         return self._concat(self._mean_grad_dict(self._detached(), inputs, targets))
 
+    @explained_errors
     @in_inference_mode
     @torch.no_grad()
     def per_sample_grads(self, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
         grads = self._per_sample_grads(self._detached(), inputs, targets)
         return self._concat(grads, leading=(next(iter(grads.values())).shape[0],))
 
+    @explained_errors
     @in_inference_mode
     @torch.no_grad()
     def mean_loss_hvp(
@@ -212,6 +292,7 @@ class TorchKernels(ModelKernels):
             return vjp_fn(vectors[:, 0])[0].unsqueeze(1)
         return vmap(lambda v: vjp_fn(v)[0], in_dims=1, out_dims=1)(vectors)
 
+    @explained_errors
     @in_inference_mode
     @torch.no_grad()
     def mean_loss_ggn_vp(
@@ -219,8 +300,7 @@ class TorchKernels(ModelKernels):
     ) -> torch.Tensor:
         # Jᵀ (H_out J V) / b: a jvp of the outputs per column, H_out per sample, one vjp.
         def outputs_of(flat: torch.Tensor) -> torch.Tensor:
-            params = self._unflatten(flat)
-            return functional_call(self.module, params, (inputs,), self._call_kwargs, strict=False)
+            return self._call(self._unflatten(flat), inputs)
 
         flat = self.get_flat_parameters()
         outputs, vjp_fn = vjp(outputs_of, flat)
@@ -320,7 +400,7 @@ class TorchKernels(ModelKernels):
 
         handle = linear.register_forward_hook(hook)
         try:
-            outputs = self.module(inputs, **self._call_kwargs)
+            outputs = self._forward(inputs)
         finally:
             handle.remove()
         finite = torch.isfinite(outputs.reshape(outputs.shape[0], -1)).all(dim=1)
@@ -349,7 +429,7 @@ class TorchKernels(ModelKernels):
     @in_inference_mode
     @torch.no_grad()
     def outputs(self, inputs: Any) -> torch.Tensor:
-        return self.module(inputs, **self._call_kwargs)
+        return self._forward(inputs)
 
     def output_loss_grads(
         self, outputs: torch.Tensor, targets: torch.Tensor
@@ -384,9 +464,10 @@ class TorchKernels(ModelKernels):
         layers = self.layers()
         function = self.loss_fn if measurement is None else measurement
         with recorded_layers(self.module, layers) as records, torch.enable_grad():
-            losses = function(self.module(inputs, **self._call_kwargs), targets)
+            losses = function(self._forward(inputs), targets)
             return statistics(self.module, layers, records, losses)
 
+    @explained_errors
     @in_inference_mode
     @torch.no_grad()
     def per_sample_measurement_grads(
@@ -396,15 +477,29 @@ class TorchKernels(ModelKernels):
             params: dict[str, torch.Tensor], x: Any, y: torch.Tensor
         ) -> torch.Tensor:
             batched = tree_map(lambda t: t.unsqueeze(0), x)
-            outputs = functional_call(
-                self.module, params, (batched,), self._call_kwargs, strict=False
-            )
-            return measurement(outputs, y.unsqueeze(0)).sum()
+            return measurement(self._call(params, batched), y.unsqueeze(0)).sum()
 
         grads = vmap(grad(sample_measurement), in_dims=(None, 0, 0))(
             self._detached(), inputs, targets
         )
         return self._concat(grads, leading=(next(iter(grads.values())).shape[0],))
+
+
+def _keyword_parameters(model: torch.nn.Module) -> set[str] | bool:
+    """The names ``model.forward`` takes as keywords (``True``: any, it has ``**kwargs``)."""
+    import inspect
+
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return set()
+    parameters = list(signature.parameters.values())
+    named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if len(named) < 2:  # forward(self, batch): a mapping is its one argument, as it is
+        return set()
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return True
+    return {p.name for p in named}
 
 
 def _tensor(value: Any) -> Any:

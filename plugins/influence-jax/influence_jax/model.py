@@ -34,7 +34,10 @@ from influence_core.plugin import (
     LastLayer,
     Layer,
     ModelKernels,
+    OutputSelector,
     ParameterLayout,
+    check_output_selector,
+    select_output,
     select_parameters,
 )
 
@@ -116,14 +119,18 @@ class JaxKernels(ModelKernels):
         parameters: str | Sequence[str] | None,
         *,
         call_kwargs: dict[str, Any] | None = None,
+        output: OutputSelector = None,
     ) -> None:
         """``call_kwargs`` (an ``InfluenceModel(options=)`` entry): keywords for every model call.
 
-        For example ``{"deterministic": True}`` for a module that takes it.
+        For example ``{"deterministic": True}`` for a module that takes it. ``output``
+        (``InfluenceModel(output=)``): which of the model's outputs (a tuple or dict)
+        the loss reads (:func:`~influence_core.plugin.select_output`).
         """
         self.model = model
         self.loss_fn = loss_fn
         self._call_kwargs = dict(call_kwargs or {})
+        self._output = check_output_selector(output)
         self._bound: tuple[Any, Any] | None = None  # (params, rest) as values, or None: live
         self._layer_kernels: tuple[tuple[Layer, ...], Any, dict] | None = None
         self._functional = isinstance(model, Functional)
@@ -217,12 +224,16 @@ class JaxKernels(ModelKernels):
         return bound
 
     def _apply(self, params: Any, rest: list[Any], inputs: Any) -> Any:
+        """Φ(x): the model's output the loss reads (``output=``, :func:`select_output`)."""
         if self._functional:
-            return self.model.apply_fn(params, inputs, **self._call_kwargs)
+            return select_output(
+                self.model.apply_fn(params, inputs, **self._call_kwargs), self._output
+            )
         from flax import nnx
 
         state = jax.tree_util.tree_unflatten(self._rest_treedef, rest)
-        return nnx.merge(self._graphdef, params, state)(inputs, **self._call_kwargs)
+        outputs = nnx.merge(self._graphdef, params, state)(inputs, **self._call_kwargs)
+        return select_output(outputs, self._output)
 
     # -- the compiled kernels ------------------------------------------------------------
     def _build(self) -> None:
@@ -370,7 +381,8 @@ class JaxKernels(ModelKernels):
 
             def apply(leaves: Any, rest: Any, x: Any) -> Any:
                 state = jax.tree_util.tree_unflatten(self._rest_treedef, rest)
-                return nnx.merge(graphdef, self._params(leaves), state)(x, **self._call_kwargs)
+                outputs = nnx.merge(graphdef, self._params(leaves), state)(x, **self._call_kwargs)
+                return select_output(outputs, self._output)
 
             self._layer_kernels = (layers, (modules, apply), {})
         layers, (modules, apply), functions = self._layer_kernels
