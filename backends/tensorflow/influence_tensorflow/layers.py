@@ -52,6 +52,19 @@ def _unwrapped(variable: Any) -> Any:
     )
 
 
+def _output_structure(model: Any) -> Any:
+    """The model's outputs as it returns them: one tensor, or a list or dict for several heads.
+
+    A functional model knows its structure (``output``); a Sequential built on
+    ``keras.Input`` has only its flat ``outputs`` list until it is called.
+    """
+    try:
+        return model.output
+    except (AttributeError, ValueError):
+        outputs = list(model.outputs)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
 class LayerStatistics:
     """The selected Dense / Conv2D layers of a Keras model, and their statistics for a batch."""
 
@@ -88,7 +101,7 @@ class LayerStatistics:
                     self.model.inputs,
                     [layer.input for layer in self.keras_layers]
                     + [layer.output for layer in self.keras_layers]
-                    + [self.model.output],  # all of it (a list or dict for several heads)
+                    + [_output_structure(self.model)],
                 )
             except (AttributeError, ValueError, TypeError) as error:
                 raise ValueError(
