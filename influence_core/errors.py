@@ -41,6 +41,12 @@ __all__ = [
 ]
 
 
+def _listed(items: Sequence[object], limit: int = 20) -> str:
+    """The first ``limit`` items as a list, and how many more there are."""
+    more = len(items) - limit
+    return f"{list(items[:limit])}" + (f" (+{more} more)" if more > 0 else "")
+
+
 class BackendNotFoundError(LookupError):
     """No installed backend handles the given model, array or name."""
 
@@ -144,20 +150,17 @@ class NonFiniteGradientError(FloatingPointError):
         #: The model's weights that hold NaN/inf themselves (checked before blaming the data).
         self.parameters = tuple(parameters)
         if self.parameters:
-            shown = list(self.parameters[:10])
-            more = "" if len(self.parameters) <= 10 else f" (+{len(self.parameters) - 10} more)"
             super().__init__(
-                f"non-finite {what}: the model's weights {shown}{more} hold NaN or infinity "
+                f"non-finite {what}: the model's weights {_listed(self.parameters, 10)} hold NaN or infinity "
                 "themselves, so every sample's gradient is non-finite; the data is not to blame. "
                 "Load finite weights (an earlier checkpoint, or train with a lower learning rate "
                 "or gradient clipping)."
             )
             return
         if outputs:
-            shown = list(self.sample_indices[:20])
-            more = "" if len(shown) == len(self.sample_indices) else " (and more)"
             super().__init__(
-                f"non-finite {what}: the model's outputs for the sample(s) at index {shown}{more} "
+                f"non-finite {what}: the model's outputs for the sample(s) at index "
+                f"{_listed(self.sample_indices)} "
                 "of the data passed in are NaN or infinite. Check those inputs for NaN/inf."
             )
             return
@@ -168,10 +171,9 @@ class NonFiniteGradientError(FloatingPointError):
                 "use float64."
             )
             return
-        shown = list(self.sample_indices[:20])
-        more = "" if len(self.sample_indices) <= 20 else f" (+{len(self.sample_indices) - 20} more)"
         super().__init__(
-            f"non-finite {what}: the gradients of the sample(s) at index {shown}{more} of the "
+            f"non-finite {what}: the gradients of the sample(s) at index "
+            f"{_listed(self.sample_indices)} of the "
             "data passed in are NaN or infinite. Check those inputs and targets for NaN/inf, "
             "and the loss for log(0) or division by zero (e.g. use logits with a from_logits loss)."
         )
@@ -340,12 +342,11 @@ class InvalidSampleError(ValueError):
 
     def __init__(self, sample_indices: Sequence[int], cause: BaseException):
         self.sample_indices = tuple(int(i) for i in sample_indices)
-        shown = list(self.sample_indices[:20])
-        more = "" if len(self.sample_indices) <= 20 else f" (+{len(self.sample_indices) - 20} more)"
         text = " ".join(str(cause).split())
         text = text if len(text) <= 300 else text[:300] + " …"
         super().__init__(
-            f"the model or its loss fails on the sample(s) at index {shown}{more} of the data "
+            f"the model or its loss fails on the sample(s) at index {_listed(self.sample_indices)} "
+            "of the data "
             f"passed in ({type(cause).__name__}: {text}). Check those samples' targets (a label "
             "outside the model's classes?) and inputs (shape, dtype)."
         )
