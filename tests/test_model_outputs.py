@@ -198,3 +198,71 @@ def test_bert_s_raw_torch_errors_name_their_fix() -> None:
     solver = ConjugateGradientIHVP(damping=1.0, maxiter=2).fit(eager, unpadded)
     with pytest.warns(UserWarning, match="stopped after 2 iterations"):
         assert np.all(np.isfinite(eager.to_numpy(solver.solve(np.ones(eager.num_parameters)))))
+
+
+# -- GPT-2: Hugging Face Conv1D layers and a per-sequence loss (issue 25, items 1 and 4) -----------
+def sequence_loss(logits, labels):
+    """A sequence's loss: the sum of its next-token cross-entropies (labels -100 are padding)."""
+    tokens = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none", ignore_index=-100
+    )
+    return tokens.sum(1)
+
+
+def gpt2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=30,
+        n_positions=16,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.GPT2LMHeadModel(config).double().eval()
+
+
+def test_gpt2_s_conv1d_layers_give_statistics_that_rebuild_its_gradients() -> None:
+    ids = torch.as_tensor(rng.integers(0, 30, (12, 8)))
+    labels = ids.clone()
+    labels[::4, -2:] = -100  # padding positions carry no loss
+    data = {"input_ids": ids, "labels": labels}
+    model = InfluenceModel(gpt2(), sequence_loss)
+    layers = model.kernels.layers()
+    assert {layer.name.rsplit(".", 1)[-1] for layer in layers} == {"c_attn", "c_proj", "c_fc"}
+    dense = model.with_parameters([layer.name for layer in layers])
+    states, test = [dense.save_state()], {k: v[:3] for k, v in data.items()}
+    layerwise = TracIn(dense, states, 0.1, layerwise=True).fit(data).influence(test)
+    flat = TracIn(dense, states, 0.1, layerwise=False).fit(data).influence(test)
+    np.testing.assert_allclose(layerwise, flat, rtol=1e-9)
+    with pytest.raises(ValueError, match=r"shape \(12, 8, 30\).*fisher='empirical'"):
+        FirstOrderInfluenceCalculator(dense, EKFACIHVP(damping=0.1)).fit(data)
+    ekfac = EKFACIHVP(damping=0.1, fisher="empirical")
+    scores = FirstOrderInfluenceCalculator(dense, ekfac).fit(data).self_influence()
+    assert np.all(np.isfinite(dense.to_numpy(scores)))
+
+
+def test_a_conv1d_layer_is_a_dense_layer_stored_in_out() -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(Conv1D(8, 4), torch.nn.Tanh(), Conv1D(3, 8)).double()
+    linear = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    linear = linear.double()
+    with torch.no_grad():
+        for c, lin in ((conv[0], linear[0]), (conv[2], linear[2])):
+            lin.weight.copy_(c.weight.T)
+            lin.bias.copy_(c.bias)
+    X, y = rng.normal(size=(30, 4)), rng.integers(0, 3, 30)
+    scores = [
+        FirstOrderInfluenceCalculator(InfluenceModel(net, CE), EKFACIHVP(damping=0.1))
+        .fit((X, y))
+        .self_influence()
+        for net in (conv, linear)
+    ]
+    np.testing.assert_allclose(scores[0], scores[1], rtol=1e-10)
+    np.testing.assert_allclose(
+        InfluenceModel(conv, CE).to_canonical(InfluenceModel(conv, CE).get_parameters()),
+        InfluenceModel(linear, CE).to_canonical(InfluenceModel(linear, CE).get_parameters()),
+    )

@@ -123,6 +123,13 @@ class KFACIHVP(InverseHessianVectorProduct):
                 "targets and a cross-entropy loss; for other targets use fisher='empirical'"
             )
         logits = np.asarray(model.to_numpy(model.kernels.outputs(batch.inputs)), np.float64)
+        if logits.ndim != 2:
+            raise ValueError(
+                f"fisher='true' samples one class label per sample from softmax(outputs) of shape "
+                f"(b, c), but the model returns shape {logits.shape} (a sequence model?): how its "
+                "loss pairs positions with labels (a language model's shift) is the loss's own. "
+                "Use fisher='empirical', the Fisher at the training labels"
+            )
         p = np.exp(logits - logits.max(axis=1, keepdims=True))  # host copies may be read-only
         p /= p.sum(axis=1, keepdims=True)
         rng = np.random.default_rng([self.seed, batch.start])  # the same labels on every pass

@@ -1,7 +1,7 @@
 """Layer-wise statistics for PyTorch: each layer's inputs and output gradients, from module hooks.
 
-One forward pass with forward hooks on the selected ``nn.Linear`` and
-``nn.Conv2d`` modules records each layer's input and output; one
+One forward pass with forward hooks on the selected ``nn.Linear``, Hugging
+Face ``Conv1D`` (a dense layer stored ``(in, out)``) and ``nn.Conv2d`` modules records each layer's input and output; one
 ``torch.autograd.grad`` of the summed per-sample losses with respect to those
 outputs gives every sample's ∂ℓ_i/∂z (samples are independent in inference
 mode, so the gradient of the sum is the per-sample gradient, row by row).
@@ -33,8 +33,17 @@ def _conv_supported(module: torch.nn.Conv2d) -> bool:
     )
 
 
+#: Hugging Face's ``Conv1D`` (GPT-2's attention and MLP): a dense layer x W + b whose weight is
+#: stored (in, out), the canonical layout. Matched by name: transformers is never imported here.
+_HF_CONV1D = "transformers.pytorch_utils.Conv1D"
+
+
+def _is_hf_conv1d(module: torch.nn.Module) -> bool:
+    return any(f"{c.__module__}.{c.__qualname__}" == _HF_CONV1D for c in type(module).__mro__)
+
+
 def find_layers(module: torch.nn.Module, selected: Sequence[str]) -> tuple[Layer, ...]:
-    """The Linear / Conv2d layers whose weight is in θ (``selected`` parameter names), in order."""
+    """The dense (Linear, Hugging Face Conv1D) and Conv2d layers whose weight is in θ, in order."""
     chosen = set(selected)
     found = []
     for name, child in module.named_modules():
@@ -45,6 +54,9 @@ def find_layers(module: torch.nn.Module, selected: Sequence[str]) -> tuple[Layer
         bias = f"{prefix}bias" if f"{prefix}bias" in chosen else None
         if isinstance(child, torch.nn.Linear):
             found.append(Layer(name, "dense", kernel, bias, child.in_features, child.out_features))
+        elif _is_hf_conv1d(child) and child.weight.ndim == 2:
+            p_in, p_out = (int(s) for s in child.weight.shape)
+            found.append(Layer(name, "dense", kernel, bias, p_in, p_out))
         elif isinstance(child, torch.nn.Conv2d) and _conv_supported(child):
             kh, kw = child.kernel_size
             inputs = kh * kw * child.in_channels
