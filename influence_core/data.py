@@ -171,8 +171,8 @@ def iter_batches(
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             yield Batch(
-                tree_map(as_native, _cut(inputs, start, stop)),
-                tree_map(as_native, _cut(targets, start, stop)),
+                tree_map(as_native, slice_samples(inputs, start, stop)),
+                tree_map(as_native, slice_samples(targets, start, stop)),
                 start,
             )
         return
@@ -232,13 +232,14 @@ def rebatched(batches: Iterable[Batch], batch_size: int, xp: Any) -> Iterator[tu
         while held >= batch_size:
             inputs = _concat_trees(xp, [b.inputs for b in pending])
             targets = _concat_trees(xp, [b.targets for b in pending])
-            yield _cut(inputs, 0, batch_size), _cut(targets, 0, batch_size)
+            yield slice_samples(inputs, 0, batch_size), slice_samples(targets, 0, batch_size)
             held -= batch_size
-            rest = _cut(targets, batch_size, batch_size + held)
-            pending = [Batch(_cut(inputs, batch_size, batch_size + held), rest, 0)] if held else []
+            rest = slice_samples(targets, batch_size, batch_size + held)
+            pending = [Batch(slice_samples(inputs, batch_size, batch_size + held), rest, 0)] if held else []
 
 
-def _cut(tree: Any, start: int, stop: int) -> Any:
+def slice_samples(tree: Any, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of every leaf of an array or pytree (native slicing)."""
     return tree_map(lambda leaf: leaf[start:stop], tree)
 
 

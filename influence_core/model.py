@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from .arrays import join
-from .data import Batch, OffsetData, is_array_pair, iter_batches, leading_dim
+from .data import Batch, OffsetData, is_array_pair, iter_batches, leading_dim, slice_samples
 from .errors import (
     EmptyDataError,
     InvalidSampleError,
@@ -53,12 +53,19 @@ from .progress import progress
 from .sums import ShardedData, curvature_sum, hessian_sum
 from .tree import tree_map
 
-__all__ = ["DEFAULT_BATCH_SIZE", "MAX_HESSIAN_PARAMETERS", "InfluenceModel"]
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_GRADIENT_MEMORY",
+    "MAX_HESSIAN_PARAMETERS",
+    "InfluenceModel",
+]
 
 #: Batch size used to cut ``(X, y)`` arrays and unbatched datasets when none is given.
 DEFAULT_BATCH_SIZE = 256
 #: Largest ``d`` for which :meth:`InfluenceModel.hessian` builds the full matrix by default.
 MAX_HESSIAN_PARAMETERS = 10_000
+#: Default bound on one block of per-sample gradients, b × d entries (1 GiB).
+DEFAULT_GRADIENT_MEMORY = 2**30
 
 Array = Any
 
@@ -80,6 +87,14 @@ class InfluenceModel:
             the offending samples. Costs one reduction per result, or less where
             the backend folds it into the kernel (measured by ``make bench``,
             ``benchmarks/bench_kernels.py``; table in ``docs/benchmarks.md``).
+        gradient_memory: the most bytes one block of per-sample gradients
+            (b × d) may take. A batch with more samples than that allows
+            (b · d · itemsize > gradient_memory) is cut into consecutive
+            sub-batches, each a batch of its own with its place in the data,
+            so every estimator streams it in bounded memory with the same
+            numbers; the backend's kernels may briefly hold about twice the
+            block. ``None``: batches as they come. A batch asked for whole
+            (:meth:`per_sample_grads`) is not cut.
         max_samples: the most samples one pass over data of unknown length may
             yield before it is refused as endless (``.repeat()``, an infinite
             generator); ``None``: no bound.
@@ -111,6 +126,7 @@ class InfluenceModel:
         backend: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         check_finite: bool = True,
+        gradient_memory: int | None = DEFAULT_GRADIENT_MEMORY,
         max_samples: int | None = DEFAULT_MAX_SAMPLES,
         output: OutputSelector = None,
         options: Mapping[str, Any] | None = None,
@@ -135,6 +151,12 @@ class InfluenceModel:
         self.batch_size = int(batch_size)
         self.check_finite = bool(check_finite)
         self.max_samples = None if max_samples is None else int(max_samples)
+        if gradient_memory is not None and int(gradient_memory) < 1:
+            raise ValueError(
+                f"gradient_memory must be a positive number of bytes, got {gradient_memory}"
+            )
+        self.gradient_memory = None if gradient_memory is None else int(gradient_memory)
+        self._gradient_rows: int | None = None
         self.options: dict[str, Any] = dict(options or {})
         if output is not None:
             self.options["output"] = check_output_selector(output)
@@ -157,6 +179,7 @@ class InfluenceModel:
             backend=self.backend,
             batch_size=self.batch_size,
             check_finite=self.check_finite,
+            gradient_memory=self.gradient_memory,
             max_samples=self.max_samples,
             options=self.options,
             registry=self._registry,
@@ -352,7 +375,9 @@ class InfluenceModel:
         return self.kernels.to_numpy(array)
 
     # -- data ---------------------------------------------------------------------
-    def batches(self, data: Any, batch_size: int | None = None) -> Iterator[Batch]:
+    def batches(
+        self, data: Any, batch_size: int | None = None, *, whole: bool = False
+    ) -> Iterator[Batch]:
         """Iterate ``data`` as :class:`~influence_core.data.Batch` es of native arrays.
 
         ``data``: ``(X, y)`` arrays, a torch ``DataLoader``/``Dataset``, a
@@ -364,7 +389,8 @@ class InfluenceModel:
         earlier one raises :class:`~influence_core.errors.DataOrderError`, a
         one-shot generator read a second time
         :class:`~influence_core.errors.DataConsumedError`, and endless data
-        :class:`~influence_core.errors.EndlessDataError`.
+        :class:`~influence_core.errors.EndlessDataError`. A batch larger than
+        ``gradient_memory`` allows is cut into sub-batches (unless ``whole``).
         """
         if isinstance(data, ShardedData):
             raise TypeError(
@@ -384,7 +410,17 @@ class InfluenceModel:
             if not self._loss_checked:
                 self._guarded(batch, lambda b: self._check_per_sample_loss(b))
             n += batch.size
-            yield batch
+            rows = None if whole else self.gradient_rows()
+            if rows is None or batch.size <= rows:
+                yield batch
+                continue
+            for start in range(0, batch.size, rows):  # whole sub-batches, not samples
+                stop = min(start + rows, batch.size)
+                yield Batch(
+                    slice_samples(batch.inputs, start, stop),
+                    slice_samples(batch.targets, start, stop),
+                    batch.start + start,
+                )
         if n == 0:
             raise EmptyDataError(
                 f"the data holds no samples ({_describe_data(data)}); influence needs at least one"
@@ -491,8 +527,18 @@ class InfluenceModel:
                 raise InvalidSampleError(bad, error) from error
             raise
 
+    def gradient_rows(self) -> int | None:
+        """The most samples a batch of per-sample gradients may hold under ``gradient_memory``."""
+        if self.gradient_memory is None:
+            return None
+        if self._gradient_rows is None:
+            self._gradient_rows = max(
+                1, self.gradient_memory // (self.num_parameters * self.itemsize)
+            )
+        return self._gradient_rows
+
     def _single_batch(self, data: Any) -> Batch:
-        batches = list(self.batches(data, batch_size=2**62))
+        batches = list(self.batches(data, batch_size=2**62, whole=True))
         if len(batches) != 1:
             raise ValueError(
                 f"expected one batch (inputs, targets), got data yielding {len(batches)} batches; "
@@ -545,7 +591,9 @@ class InfluenceModel:
                 batch, lambda b: self.kernels.per_sample_grads_and_finite(b.inputs, b.targets)
             )
             if not finite:
-                raise self.non_finite_error("per-sample gradients", self._bad_rows(grads, batch.start))
+                raise self.non_finite_error(
+                    "per-sample gradients", self._bad_rows(grads, batch.start)
+                )
             return grads
         if measurement.is_loss:
             grads = self._guarded(
@@ -580,9 +628,7 @@ class InfluenceModel:
         """
         targets = batch.targets if targets is None else targets
         if measurement.is_loss:
-            stats = self._guarded(
-                batch, lambda b: self.kernels.layer_statistics(b.inputs, targets)
-            )
+            stats = self._guarded(batch, lambda b: self.kernels.layer_statistics(b.inputs, targets))
         else:
             function = measurement.loss_like(self.xp)
             stats = self._guarded(
