@@ -116,7 +116,7 @@ def data_fingerprint(
     """
     return _stream_fingerprint(
         [np.ascontiguousarray(model.to_numpy(leaf)) for leaf in _leaves(batch)]
-        for batch in model.batches(data, batch_size)
+        for batch in model.batches(data, batch_size, whole=True)
     )
 
 

@@ -93,8 +93,9 @@ class InfluenceModel:
             sub-batches, each a batch of its own with its place in the data,
             so every estimator streams it in bounded memory with the same
             numbers; the backend's kernels may briefly hold about twice the
-            block. ``None``: batches as they come. A batch asked for whole
-            (:meth:`per_sample_grads`) is not cut.
+            block. ``None``: batches as they come. Passes that never form the
+            block are not cut (means, HVPs, K-FAC factors, fingerprints), nor
+            a batch asked for whole (:meth:`per_sample_grads`).
         max_samples: the most samples one pass over data of unknown length may
             yield before it is refused as endless (``.repeat()``, an infinite
             generator); ``None``: no bound.
@@ -449,7 +450,7 @@ class InfluenceModel:
             data = data.data
         if is_array_pair(data):
             return leading_dim(data[1])
-        return sum(batch.size for batch in self.batches(data, batch_size))
+        return sum(batch.size for batch in self.batches(data, batch_size, whole=True))
 
     def _check_per_sample_loss(self, batch: Batch) -> None:
         losses = self.kernels.per_sample_loss(batch.inputs, batch.targets)
@@ -769,7 +770,7 @@ class InfluenceModel:
         """
         first = total = None
         n = 0
-        batches = self.batches(data, batch_size)
+        batches = self.batches(data, batch_size, whole=True)  # means and HVPs: no (b, d) block
         if show_progress:
             batches = progress(batches, desc=what, total=self.num_batches(data, batch_size))
         for batch in batches:

@@ -91,3 +91,32 @@ def test_a_gradient_budget_cuts_batches_and_changes_no_score(backend: str) -> No
 def test_gradient_memory_must_be_positive() -> None:
     with pytest.raises(ValueError, match="gradient_memory must be a positive"):
         model_of("torch", gradient_memory=0)
+
+
+def test_passes_that_form_no_gradient_block_keep_their_batches() -> None:
+    """Means, HVPs and K-FAC/EK-FAC factor passes are not cut (cutting would only add calls)."""
+    from influence_core import EKFACIHVP
+
+    model = model_of("torch", batch_size=50, gradient_memory=7 * 67 * 8)
+    assert model.gradient_rows() == 7
+    sizes: dict[str, list[int]] = {
+        "mean_loss_grad": [],
+        "mean_loss_hvp": [],
+        "layer_statistics": [],
+    }
+    for name, seen in sizes.items():
+        kernel = getattr(model.kernels, name)
+
+        def spy(inputs, targets, *rest, kernel=kernel, seen=seen, **options):
+            seen.append(int(targets.shape[0]))
+            return kernel(inputs, targets, *rest, **options)
+
+        setattr(model.kernels, name, spy)
+    model.loss_grad((X, Y))
+    model.hvp((X, Y), np.ones(model.num_parameters))
+    EKFACIHVP(damping=0.1).fit(model, (X, Y))
+    assert sizes == {
+        "mean_loss_grad": [50, 10],
+        "mean_loss_hvp": [50, 10],
+        "layer_statistics": [50, 10] * 2,
+    }

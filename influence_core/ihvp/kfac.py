@@ -507,7 +507,7 @@ def _factor_sums(model: InfluenceModel, data: Any, *, solver: KFACIHVP) -> dict[
     xp = model.xp
     blocks = covering_layers(model)
     sums: dict[str, Any] = {"n": 0}
-    batches = model.batches(data, solver.batch_size)
+    batches = model.batches(data, solver.batch_size, whole=True)  # statistics: no (b, d)
     total = model.num_batches(data, solver.batch_size)
     for batch in progress(batches, desc="K-FAC factors", total=total):
         stats = solver._statistics(model, batch)
@@ -539,7 +539,7 @@ def _eigenvalue_sums(
     xp = model.xp
     blocks = covering_layers(model)
     sums: dict[str, Any] = {}
-    batches = model.batches(data, solver.batch_size)
+    batches = model.batches(data, solver.batch_size, whole=True)  # statistics: no (b, d)
     total = model.num_batches(data, solver.batch_size)
     for batch in progress(batches, desc="EK-FAC eigenvalues", total=total):
         stats = solver._statistics(model, batch)

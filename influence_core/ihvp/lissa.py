@@ -164,7 +164,7 @@ class LissaIHVP(InverseHessianVectorProduct):
 
             def cycled() -> Iterator[Batch]:
                 while True:
-                    yield from self.model_.batches(self.data_, batch_size)
+                    yield from self.model_.batches(self.data_, batch_size, whole=True)
 
             yield from rebatched(cycled(), batch_size, self.model_.xp)
 
@@ -178,7 +178,7 @@ class LissaIHVP(InverseHessianVectorProduct):
             index = np.sort(np.random.default_rng([self.seed, 7]).choice(n, limit, replace=False))
             return take_samples(self.data_, index)
         taken, total = [], 0
-        for batch in self.model_.batches(self.data_, self.batch_size):
+        for batch in self.model_.batches(self.data_, self.batch_size, whole=True):
             taken.append((batch.inputs, batch.targets))
             total += batch.size
             if total >= limit:
