@@ -70,9 +70,11 @@ def fingerprint(batch: Batch, xp: Any, to_numpy: Any) -> Fingerprint:
     for leaf in tree_leaves(batch.inputs):
         try:
             per_sample = xp.sum(xp.reshape(leaf, (b, -1)), axis=1)
-        except Exception:  # a leaf without a sum (bool, strings): the others still count
-            continue
-        rows += np.asarray(to_numpy(per_sample), dtype=np.float64).reshape(b)
+            rows += np.asarray(to_numpy(per_sample), dtype=np.float64).reshape(b)
+        except Exception:  # a leaf without a sum or a NumPy dtype (bool, strings, bfloat16):
+            continue  # the other leaves and the targets still count
+    # NaN/inf inputs are the finiteness check's to name, the same on every pass: not an order
+    rows = np.nan_to_num(rows, nan=0.0, posinf=1e300, neginf=-1e300)
     position = np.arange(1, b + 1, dtype=np.float64)
     return Fingerprint(
         b,

@@ -202,3 +202,14 @@ def test_the_check_is_free_of_false_alarms_on_a_deterministic_loader() -> None:
         warnings.simplefilter("error")
         for _ in range(3):
             np.testing.assert_allclose(model.per_sample_loss(loader), model.per_sample_loss((X, Y)))
+
+
+def test_nan_inputs_in_a_loader_are_named_as_non_finite_not_as_another_order() -> None:
+    from influence_core import NonFiniteGradientError
+
+    bad = X.copy()
+    bad[37, 2] = np.nan
+    loader = DataLoader(TensorDataset(torch.tensor(bad), torch.tensor(Y)), batch_size=32)
+    calc = FirstOrderInfluenceCalculator(torch_model(), ExactIHVP(damping=1.0))
+    with pytest.raises(NonFiniteGradientError, match=r"index \[37\]"):
+        calc.fit(loader).self_influence(loader)
