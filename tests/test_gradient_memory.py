@@ -120,3 +120,21 @@ def test_passes_that_form_no_gradient_block_keep_their_batches() -> None:
         "mean_loss_hvp": [50, 10],
         "layer_statistics": [50, 10] * 2,
     }
+
+
+def test_a_model_factory_keeps_the_memory_and_length_bounds() -> None:
+    """A Dask worker's model is built with the driver's gradient_memory and max_samples."""
+    from influence_core.distributed import ModelFactory
+
+    model = model_of("torch", gradient_memory=7 * 67 * 8, max_samples=500)
+
+    def build():
+        return torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+        ).double()
+
+    rebuilt = ModelFactory.from_model(
+        model, build, lambda: torch.nn.CrossEntropyLoss(reduction="none")
+    )()
+    assert (rebuilt.gradient_memory, rebuilt.max_samples) == (7 * 67 * 8, 500)
+    assert rebuilt.gradient_rows() == 7

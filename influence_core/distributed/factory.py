@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..io import weights_fingerprint
-from ..model import DEFAULT_BATCH_SIZE, InfluenceModel
+from ..model import DEFAULT_BATCH_SIZE, DEFAULT_GRADIENT_MEMORY, InfluenceModel
+from ..pass_order import DEFAULT_MAX_SAMPLES
 
 __all__ = ["ModelFactory"]
 
@@ -39,7 +40,8 @@ class ModelFactory:
             a checkpoint file path every worker can read (``torch.save`` state
             dict, Keras ``.weights.h5``, JAX ``.npz``). ``None`` keeps what
             ``build`` made, which must then be deterministic.
-        parameters, backend, batch_size, check_finite, options: as for
+        parameters, backend, batch_size, check_finite, gradient_memory, max_samples,
+        options: as for
             :class:`~influence_core.InfluenceModel`.
 
     Calling the factory builds a new model. Workers call :meth:`cached`, which
@@ -55,6 +57,8 @@ class ModelFactory:
     backend: str | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
     check_finite: bool = True
+    gradient_memory: int | None = DEFAULT_GRADIENT_MEMORY
+    max_samples: int | None = DEFAULT_MAX_SAMPLES
     options: Mapping[str, Any] | None = None
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -71,6 +75,8 @@ class ModelFactory:
             backend=model.backend,
             batch_size=model.batch_size,
             check_finite=model.check_finite,
+            gradient_memory=model.gradient_memory,
+            max_samples=model.max_samples,
             options=dict(model.options) or None,
         )
 
@@ -83,6 +89,8 @@ class ModelFactory:
             backend=self.backend,
             batch_size=self.batch_size,
             check_finite=self.check_finite,
+            gradient_memory=self.gradient_memory,
+            max_samples=self.max_samples,
             options=self.options,
         )
         if self.weights is not None:
