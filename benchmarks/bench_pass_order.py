@@ -98,7 +98,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     checked = PassOrder.watch
-    print("| framework | workload | with check (s) | without (s) | ratio |\n|---|---|---:|---:|---:|")
+    print(
+        "| framework | workload | with check (s) | without (s) | ratio |\n|---|---|---:|---:|---:|"
+    )
     for framework, build in (("torch", torch_case), ("tensorflow", keras_case)):
         model, data = build()
         for name, fn in workloads(model, data).items():

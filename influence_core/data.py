@@ -235,7 +235,11 @@ def rebatched(batches: Iterable[Batch], batch_size: int, xp: Any) -> Iterator[tu
             yield slice_samples(inputs, 0, batch_size), slice_samples(targets, 0, batch_size)
             held -= batch_size
             rest = slice_samples(targets, batch_size, batch_size + held)
-            pending = [Batch(slice_samples(inputs, batch_size, batch_size + held), rest, 0)] if held else []
+            pending = (
+                [Batch(slice_samples(inputs, batch_size, batch_size + held), rest, 0)]
+                if held
+                else []
+            )
 
 
 def slice_samples(tree: Any, start: int, stop: int) -> Any:

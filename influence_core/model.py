@@ -895,9 +895,13 @@ def check_layer_statistics(
             )
         a, g = stats[layer.name]
         a_shape, g_shape = tuple(int(s) for s in a.shape), tuple(int(s) for s in g.shape)
-        expected_a, expected_g = (layer.inputs,), (layer.outputs,)
+        # An embedding's a holds indices (b, T); an elementwise layer's a is (b, T, p) like g.
+        expected_a = {"embedding": (), "elementwise": (layer.outputs,)}.get(
+            layer.kind, (layer.inputs,)
+        )
+        expected_g = (layer.outputs,)
         good = (
-            len(a_shape) == 3
+            len(a_shape) == 2 + len(expected_a)
             and len(g_shape) == 3
             and a_shape[0] == g_shape[0] == b
             and a_shape[1] == g_shape[1]
@@ -915,6 +919,7 @@ def check_layer_statistics(
         raise ValueError(
             f"the {backend} backend's layer statistics of layer {layer.name!r} "
             f"({layer.kind}, p_in={layer.inputs}, p_out={layer.outputs}) have shapes a "
-            f"{a_shape} and g {g_shape} for a batch of {b}; expected a (b={b}, T, {layer.inputs}) "
-            f"and g (b={b}, T, {layer.outputs}) with the same T{hint}"
+            f"{a_shape} and g {g_shape} for a batch of {b}; expected a "
+            f"({', '.join([f'b={b}', 'T', *map(str, expected_a)])}) and g "
+            f"(b={b}, T, {layer.outputs}) with the same T{hint}"
         )

@@ -30,7 +30,9 @@ with NumPy, block by block, then handed to the backend.
   forming G: T(p_in k_in + p_out k_out + k_in k_out) multiply-adds per sample
   instead of the T p_in p_out of the gradient alone. A side no larger than
   its k is kept exactly (P = I). Unbiased like the dense one, with a larger
-  variance (the entries of P_in ⊗ P_out are not independent).
+  variance (the entries of P_in ⊗ P_out are not independent). An embedding's
+  side is row a_t of P_in, gathered; an elementwise layer's small
+  (1 [+1], p) gradient is projected whole.
 """
 
 from __future__ import annotations
@@ -42,7 +44,13 @@ from typing import Any, Literal
 import numpy as np
 
 from .data import Batch
-from .layerwise import LayerBlock, covering_layers, with_bias_input
+from .layerwise import (
+    LayerBlock,
+    covering_layers,
+    layer_gradient_matrices,
+    one_hot,
+    with_bias_input,
+)
 from .measurements import Measurement
 from .model import InfluenceModel
 
@@ -308,7 +316,21 @@ class KroneckerProjection(GradientProjector):
         pieces = []
         for block, p_in, p_out in self._prepared(model):
             a, g = stats[block.layer.name]  # (b, T, p_in), (b, T, p_out)
-            if p_in is None:
+            if block.kind == "elementwise":  # G = [Σ a ⊙ g; Σ g] is small: project it whole
+                (matrix,) = layer_gradient_matrices(xp, [block], stats)
+                if p_in is not None:
+                    matrix = xp.matmul(xp.matrix_transpose(p_in), matrix)
+                projected = matrix if p_out is None else xp.matmul(matrix, p_out)
+                pieces.append(xp.reshape(projected, (int(projected.shape[0]), -1)))
+                continue
+            if block.kind == "embedding":  # e_aᵀ P_in is row a of P_in: gathered, never one-hot
+                b, t = int(g.shape[0]), int(g.shape[1])
+                if p_in is None:
+                    side = one_hot(xp, a, block.layer.inputs, g.dtype)
+                else:
+                    picked = xp.take(p_in, xp.reshape(a, (-1,)), axis=0)
+                    side = xp.reshape(picked, (b, t, int(p_in.shape[1])))
+            elif p_in is None:
                 side = with_bias_input(xp, block, a)
             else:
                 p = block.layer.inputs

@@ -230,6 +230,7 @@ def test_gpt2_s_conv1d_layers_give_statistics_that_rebuild_its_gradients() -> No
     data = {"input_ids": ids, "labels": labels}
     model = InfluenceModel(gpt2(), sequence_loss)
     layers = model.kernels.layers()
+    layers = [layer for layer in layers if layer.kind == "dense"]  # all but embeddings and norms
     assert {layer.name.rsplit(".", 1)[-1] for layer in layers} == {"c_attn", "c_proj", "c_fc"}
     dense = model.with_parameters([layer.name for layer in layers])
     states, test = [dense.save_state()], {k: v[:3] for k, v in data.items()}

@@ -56,7 +56,13 @@ from typing import Any, Literal
 import numpy as np
 
 from ..data import Batch
-from ..layerwise import LayerBlock, covering_layers, layer_gradient_matrices
+from ..layerwise import (
+    LayerBlock,
+    coverage,
+    covering_layers,
+    embedding_rows,
+    layer_gradient_matrices,
+)
 from ..model import InfluenceModel
 from ..progress import progress
 from ..sums import dataset_sum
@@ -161,23 +167,39 @@ class KFACIHVP(InverseHessianVectorProduct):
         self.eigenvalues_: list[Array] = []
         self.jitter_: list[float] = []
         values_a, values_s = [], []
-        for j in range(len(blocks)):
+        native = model.kernels.as_native
+        for j, block in enumerate(blocks):
+            if not block.kronecker:  # a diagonal block: E[G²] from the first pass, no bases
+                self.jitter_.append(0.0)
+                values_a.append(None)
+                values_s.append(None)
+                self.eigenvectors_a_.append(None)
+                self.eigenvectors_s_.append(None)
+                continue
             positions = int(sums[f"positions.{j}"])
-            la, qa, jitter_a = _eigh(np.asarray(host(sums[f"a.{j}"]), np.float64) / positions)
+            a = np.asarray(host(sums[f"a.{j}"]), np.float64) / positions
+            if block.kind == "embedding":  # A = diag(token frequencies): its basis is I
+                la, qa, jitter_a = a[:, 0], None, 0.0
+            else:
+                la, qa, jitter_a = _eigh(a)
             ls, qs, jitter_s = _eigh(np.asarray(host(sums[f"s.{j}"]), np.float64) / n)
             self.jitter_.append(max(jitter_a, jitter_s))
             values_a.append(la)
             values_s.append(ls)
-            self.eigenvectors_a_.append(model.kernels.as_native(qa, floating=True))
-            self.eigenvectors_s_.append(model.kernels.as_native(qs, floating=True))
+            self.eigenvectors_a_.append(None if qa is None else native(qa, floating=True))
+            self.eigenvectors_s_.append(native(qs, floating=True))
+        diagonal = {j: sums[f"squares.{j}"] / n for j, b in enumerate(blocks) if not b.kronecker}
         del sums
         if self.corrects_eigenvalues:
-            self.eigenvalues_ = self._corrected_eigenvalues(model, data, blocks)
+            corrected = self._corrected_eigenvalues(model, data, blocks)
         else:
-            self.eigenvalues_ = [
-                model.kernels.as_native(np.outer(la, ls), floating=True)
-                for la, ls in zip(values_a, values_s, strict=True)
-            ]
+            corrected = {
+                j: native(np.outer(la, ls), floating=True)
+                for j, (la, ls) in enumerate(zip(values_a, values_s, strict=True))
+                if la is not None
+            }
+        self.eigenvalues_ = [{**corrected, **diagonal}[j] for j in range(len(blocks))]
+        self.coverage_ = coverage(model)
         self.layer_damping_ = [
             float(self.damping)
             if self.damping is not None
@@ -187,8 +209,10 @@ class KFACIHVP(InverseHessianVectorProduct):
 
     def _corrected_eigenvalues(
         self, model: InfluenceModel, data: Any, blocks: list[LayerBlock]
-    ) -> list[Array]:
-        """Λ = E_i[(Q_Aᵀ G_i Q_S)²] per layer: a second pass over the data (or its shards)."""
+    ) -> dict[int, Array]:
+        """Λ = E_i[(Q_Aᵀ G_i Q_S)²] per Kronecker layer j: a second pass over the data (or shards)."""
+        if not any(block.kronecker for block in blocks):
+            return {}
         sums = dataset_sum(
             model,
             data,
@@ -197,14 +221,18 @@ class KFACIHVP(InverseHessianVectorProduct):
             eigenvectors_a=list(self.eigenvectors_a_),
             eigenvectors_s=list(self.eigenvectors_s_),
         )
-        return [sums[f"squares.{j}"] / self.n_train_ for j in range(len(blocks))]
+        return {
+            j: sums[f"squares.{j}"] / self.n_train_ for j, b in enumerate(blocks) if b.kronecker
+        }
 
     # -- saving ---------------------------------------------------------------------
     def _fitted_arrays(self) -> dict[str, Array]:
         arrays = {}
         for j in range(len(self.eigenvalues_)):
-            arrays[f"layer{j}.eigenvectors_a"] = self.eigenvectors_a_[j]
-            arrays[f"layer{j}.eigenvectors_s"] = self.eigenvectors_s_[j]
+            for side in ("a", "s"):  # absent where the basis is I (diagonal and embedding blocks)
+                vectors = getattr(self, f"eigenvectors_{side}_")[j]
+                if vectors is not None:
+                    arrays[f"layer{j}.eigenvectors_{side}"] = vectors
             arrays[f"layer{j}.eigenvalues"] = self.eigenvalues_[j]
         arrays["layer_damping"] = self.model_.kernels.as_native(
             np.asarray(self.layer_damping_, np.float64), floating=True
@@ -214,10 +242,11 @@ class KFACIHVP(InverseHessianVectorProduct):
     def _restore(self, arrays: dict[str, Array]) -> None:
         self.blocks_ = covering_layers(self.model_)
         count = len(self.blocks_)
-        self.eigenvectors_a_ = [arrays[f"layer{j}.eigenvectors_a"] for j in range(count)]
-        self.eigenvectors_s_ = [arrays[f"layer{j}.eigenvectors_s"] for j in range(count)]
+        self.eigenvectors_a_ = [arrays.get(f"layer{j}.eigenvectors_a") for j in range(count)]
+        self.eigenvectors_s_ = [arrays.get(f"layer{j}.eigenvectors_s") for j in range(count)]
         self.eigenvalues_ = [arrays[f"layer{j}.eigenvalues"] for j in range(count)]
         self.layer_damping_ = [float(v) for v in self.model_.to_numpy(arrays["layer_damping"])]
+        self.coverage_ = coverage(self.model_)
 
     # -- solving --------------------------------------------------------------------
     def damped_hvp(self, vectors: Array) -> Array:
@@ -258,11 +287,17 @@ class KFACIHVP(InverseHessianVectorProduct):
         return xp.concat([piece for _, piece in pieces], axis=0)
 
     def _rotated(self, matrices: list[Array]) -> list[Array]:
-        """Q_Aᵀ G Q_S for each layer's (k, p, o) matrices."""
-        xp = self.xp
+        """Q_Aᵀ G Q_S for each layer's (k, p, o) matrices (a basis that is I is skipped)."""
         return [
-            xp.matmul(xp.matmul(xp.matrix_transpose(qa), m), qs)
+            _into_bases(self.xp, m, qa, qs)
             for m, qa, qs in zip(matrices, self.eigenvectors_a_, self.eigenvectors_s_, strict=True)
+        ]
+
+    def _back(self, rotated: list[Array]) -> list[Array]:
+        """Q_A R Q_Sᵀ: the inverse of :meth:`_rotated`."""
+        return [
+            _out_of_bases(self.xp, r, qa, qs)
+            for r, qa, qs in zip(rotated, self.eigenvectors_a_, self.eigenvectors_s_, strict=True)
         ]
 
     def _scales(self) -> list[Array]:
@@ -270,14 +305,10 @@ class KFACIHVP(InverseHessianVectorProduct):
 
     def _apply(self, vectors: Array, *, inverse: bool) -> Array:
         self._check_fitted()
-        xp, model = self.xp, self.model_
+        model = self.model_
         rotated = self._rotated(self._matrices(model.to_canonical(vectors)))
         scaled = [r / s if inverse else r * s for r, s in zip(rotated, self._scales(), strict=True)]
-        back = [
-            xp.matmul(xp.matmul(qa, r), xp.matrix_transpose(qs))
-            for r, qa, qs in zip(scaled, self.eigenvectors_a_, self.eigenvectors_s_, strict=True)
-        ]
-        return model.from_canonical(self._canonical(back))
+        return model.from_canonical(self._canonical(self._back(scaled)))
 
     # -- the layer-wise form the calculators use -------------------------------------------
     # The test side is (F̂ + λI)⁻¹ g_test as each layer's (p_in [+1], p_out) matrix, flattened
@@ -295,7 +326,8 @@ class KFACIHVP(InverseHessianVectorProduct):
         ranks: list[int | None] = []
         for block in self.blocks_:
             p, o = block.rows, block.layer.outputs
-            r = None if self.query_rank is None else min(self.query_rank, p, o)
+            low = self.query_rank is not None and block.kind in ("dense", "conv2d")
+            r = min(self.query_rank, p, o) if low else None
             ranks.append(r if r is not None and r * (p + o) < p * o else None)
         return ranks
 
@@ -310,12 +342,7 @@ class KFACIHVP(InverseHessianVectorProduct):
         rotated = self._rotated(
             self._matrices(self.model_.to_canonical(xp.matrix_transpose(grads)))
         )
-        solved = [
-            xp.matmul(xp.matmul(qa, r / s), xp.matrix_transpose(qs))
-            for r, s, qa, qs in zip(
-                rotated, self._scales(), self.eigenvectors_a_, self.eigenvectors_s_, strict=True
-            )
-        ]
+        solved = self._back([r / s for r, s in zip(rotated, self._scales(), strict=True)])
         if self.query_rank is None:
             return self._flat(solved)
         pieces, self.query_truncation_ = [], []
@@ -398,7 +425,12 @@ class _LayerwiseTrainingSide(TrainingSide):
     def _whole_scores(self, block: LayerBlock, P: Array, n: int) -> Array:
         xp = self.xp
         a, g = self.stats[block.layer.name]
-        if int(a.shape[1]) == 1:
+        if block.kind == "embedding":  # vec(G)ᵀ vec(P) = Σ_t P[a_t]·g_t: rows of P gathered
+            b, t, width = int(g.shape[0]), int(g.shape[1]), block.layer.outputs
+            rows = xp.take(xp.reshape(P, (block.rows, width * n)), xp.reshape(a, (-1,)), axis=0)
+            picked = xp.reshape(rows, (b * t, width, n)) * xp.reshape(g, (b * t, width, 1))
+            return xp.sum(xp.reshape(xp.sum(picked, axis=1), (b, t, n)), axis=1)
+        if block.kind != "elementwise" and int(a.shape[1]) == 1:
             b, p_out = int(a.shape[0]), block.layer.outputs
             projected = xp.reshape(
                 xp.matmul(self._inputs(block)[:, 0, :], xp.reshape(P, (block.rows, p_out * n))),
@@ -438,7 +470,7 @@ class _LayerwiseTrainingSide(TrainingSide):
         solver, xp, total = self.solver, self.xp, None
         for j, (block, scale) in enumerate(zip(solver.blocks_, solver._scales(), strict=True)):
             qa, qs = solver.eigenvectors_a_[j], solver.eigenvectors_s_[j]
-            part = _rotated_squares(xp, block, self.stats, qa, qs, 1.0 / scale**power)
+            part = _rotated_squares(self.model, block, self.stats, qa, qs, 1.0 / scale**power)
             self._check(xp.reshape(part, (-1, 1)), block)
             total = part if total is None else total + part
         return total
@@ -513,15 +545,22 @@ def _factor_sums(model: InfluenceModel, data: Any, *, solver: KFACIHVP) -> dict[
         stats = solver._statistics(model, batch)
         for j, block in enumerate(blocks):
             a, g = stats[block.layer.name]
+            if not block.kronecker:  # the diagonal block's E[G²], exactly
+                (matrix,) = layer_gradient_matrices(xp, [block], stats)
+                _add(sums, f"squares.{j}", xp.sum(matrix * matrix, axis=0))
+                continue
             rows = int(a.shape[0]) * int(a.shape[1])
-            a = xp.reshape(a, (rows, block.layer.inputs))
-            if block.bias_offset is not None:
-                a = xp.concat([a, xp.ones((rows, 1), dtype=a.dtype)], axis=1)
             g = xp.reshape(g, (rows, block.layer.outputs))
-            aa = xp.matmul(xp.matrix_transpose(a), a)
-            gg = xp.matmul(xp.matrix_transpose(g), g)
-            sums[f"a.{j}"] = aa if f"a.{j}" not in sums else sums[f"a.{j}"] + aa
-            sums[f"s.{j}"] = gg if f"s.{j}" not in sums else sums[f"s.{j}"] + gg
+            if block.kind == "embedding":  # A = E[e eᵀ] is diagonal: the token counts
+                ones = xp.ones((rows, 1), dtype=g.dtype)
+                aa = model.kernels.segment_sum(ones, xp.reshape(a, (rows,)), block.layer.inputs)
+            else:
+                a = xp.reshape(a, (rows, block.layer.inputs))
+                if block.bias_offset is not None:
+                    a = xp.concat([a, xp.ones((rows, 1), dtype=a.dtype)], axis=1)
+                aa = xp.matmul(xp.matrix_transpose(a), a)
+            _add(sums, f"a.{j}", aa)
+            _add(sums, f"s.{j}", xp.matmul(xp.matrix_transpose(g), g))
             sums[f"positions.{j}"] = sums.get(f"positions.{j}", 0) + rows
         sums["n"] += batch.size
     return sums
@@ -536,7 +575,6 @@ def _eigenvalue_sums(
     eigenvectors_s: list[Array],
 ) -> dict[str, Any]:
     """The statistic of EK-FAC's second pass: Σ_i (Q_Aᵀ G_i Q_S)² per layer."""
-    xp = model.xp
     blocks = covering_layers(model)
     sums: dict[str, Any] = {}
     batches = model.batches(data, solver.batch_size, whole=True)  # statistics: no (b, d)
@@ -544,12 +582,16 @@ def _eigenvalue_sums(
     for batch in progress(batches, desc="EK-FAC eigenvalues", total=total):
         stats = solver._statistics(model, batch)
         for j, block in enumerate(blocks):
-            square = _summed_rotated_squares(
-                xp, block, stats, eigenvectors_a[j], eigenvectors_s[j]
-            )
-            key = f"squares.{j}"
-            sums[key] = square if key not in sums else sums[key] + square
+            if block.kronecker:
+                square = _summed_rotated_squares(
+                    model, block, stats, eigenvectors_a[j], eigenvectors_s[j]
+                )
+                _add(sums, f"squares.{j}", square)
     return sums
+
+
+def _add(sums: dict[str, Any], key: str, value: Any) -> None:
+    sums[key] = value if key not in sums else sums[key] + value
 
 
 def _check_statistics(
@@ -559,6 +601,8 @@ def _check_statistics(
     xp = model.xp
     for name, (a, g) in stats.items():
         for what, values in (("inputs", a), ("output gradients", g)):
+            if not xp.isdtype(values.dtype, "real floating"):  # an embedding's indices
+                continue
             if not model._all_finite(values):
                 flat = xp.reshape(values, (int(values.shape[0]), -1))
                 raise model.non_finite_error(
@@ -576,7 +620,7 @@ def _rank_one_factors(
     R² = u² (v²)ᵀ: nothing of shape (b, p, o) is needed.
     """
     a, g = stats[block.layer.name]
-    if int(a.shape[1]) != 1:
+    if block.kind not in ("dense", "conv2d") or int(a.shape[1]) != 1:
         return None
     b = int(a.shape[0])
     a = a[:, 0, :]
@@ -610,17 +654,29 @@ def _rotated_matrix_squares(
 
 
 def _rotated_squares(
-    xp: Any,
+    model: InfluenceModel,
     block: LayerBlock,
     stats: dict[str, tuple[Array, Array]],
-    qa: Array,
-    qs: Array,
+    qa: Array | None,
+    qs: Array | None,
     weights: Array,
 ) -> Array:
     """Σ_jk (Q_Aᵀ G_i Q_S)²_jk · weights_jk per sample: shape (b,).
 
-    With T = 1, Σ_k ((u²) W)_k v²_k: O(b (p² + p o)) instead of O(b p² o).
+    With T = 1, Σ_k ((u²) W)_k v²_k: O(b (p² + p o)) instead of O(b p² o). An
+    embedding's rows are rotated one (sample, token) row at a time
+    (:func:`~influence_core.layerwise.embedding_rows`) and weighted by their token's row.
     """
+    xp = model.xp
+    if block.kind == "embedding":
+        samples, tokens, rows = embedding_rows(model, *stats[block.layer.name])
+        rotated = xp.matmul(rows, qs)
+        weighted = xp.sum(rotated * rotated * xp.take(weights, tokens, axis=0), axis=1)
+        b = int(stats[block.layer.name][1].shape[0])
+        return model.kernels.segment_sum(weighted[:, None], samples, b)[:, 0]
+    if not block.kronecker:
+        (matrix,) = layer_gradient_matrices(xp, [block], stats)
+        return xp.sum(xp.reshape(matrix * matrix * weights, (int(matrix.shape[0]), -1)), axis=1)
     factors = _rank_one_factors(xp, block, stats, qa, qs)
     if factors is not None:
         u2, v2 = factors
@@ -630,14 +686,41 @@ def _rotated_squares(
 
 
 def _summed_rotated_squares(
-    xp: Any, block: LayerBlock, stats: dict[str, tuple[Array, Array]], qa: Array, qs: Array
+    model: InfluenceModel,
+    block: LayerBlock,
+    stats: dict[str, tuple[Array, Array]],
+    qa: Array | None,
+    qs: Array,
 ) -> Array:
-    """Σ_i (Q_Aᵀ G_i Q_S)² over the batch, (p, o): EK-FAC's correction; (u²)ᵀ(v²) when T = 1."""
+    """Σ_i (Q_Aᵀ G_i Q_S)² over the batch, (p, o): EK-FAC's correction; (u²)ᵀ(v²) when T = 1.
+
+    For an embedding (Q_A = I), row v is Σ_i ((Σ_{t: a_it = v} g_it) Q_S)²:
+    the rows a sample shares a token on are summed before squaring.
+    """
+    xp = model.xp
+    if block.kind == "embedding":
+        _, tokens, rows = embedding_rows(model, *stats[block.layer.name])
+        rotated = xp.matmul(rows, qs)
+        return model.kernels.segment_sum(rotated * rotated, tokens, block.layer.inputs)
     factors = _rank_one_factors(xp, block, stats, qa, qs)
     if factors is not None:
         u2, v2 = factors
         return xp.matmul(xp.matrix_transpose(u2), v2)
     return xp.sum(_rotated_matrix_squares(xp, block, stats, qa, qs), axis=0)
+
+
+def _into_bases(xp: Any, matrices: Array, qa: Array | None, qs: Array | None) -> Array:
+    """Q_Aᵀ M Q_S for (k, p, o) matrices; a basis given as ``None`` is I."""
+    if qa is not None:
+        matrices = xp.matmul(xp.matrix_transpose(qa), matrices)
+    return matrices if qs is None else xp.matmul(matrices, qs)
+
+
+def _out_of_bases(xp: Any, matrices: Array, qa: Array | None, qs: Array | None) -> Array:
+    """Q_A M Q_Sᵀ for (k, p, o) matrices; a basis given as ``None`` is I."""
+    if qa is not None:
+        matrices = xp.matmul(qa, matrices)
+    return matrices if qs is None else xp.matmul(matrices, xp.matrix_transpose(qs))
 
 
 class EKFACIHVP(KFACIHVP):

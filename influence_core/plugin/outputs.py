@@ -81,9 +81,7 @@ def select_output(outputs: Any, output: OutputSelector = None) -> Any:
     else:
         try:
             chosen = (
-                list(outputs.values())[output]
-                if isinstance(outputs, Mapping)
-                else outputs[output]
+                list(outputs.values())[output] if isinstance(outputs, Mapping) else outputs[output]
             )
         except (IndexError, TypeError, KeyError):
             raise ModelOutputError(

@@ -148,18 +148,35 @@ class LastLayer:
 class Layer:
     """A layer of θ for which the backend gives layer-wise statistics (:meth:`ModelKernels.layers`).
 
-    The layer computes z = a W + b at each of T positions: a dense layer on
-    ``(b, p_in)`` inputs has T = 1 (on ``(b, t, p_in)``, T = t); a 2-D
-    convolution is a dense layer on its unfolded patches, one position per
-    output pixel, with the patch in the canonical ``(kh, kw, in)`` order so
-    that W is the canonical kernel reshaped to ``(kh·kw·in, out)``.
+    Each kind says what the statistics ``(a, g)`` of :meth:`ModelKernels.layer_statistics`
+    hold and how sample i's gradient is built from them (g is always ∂ℓ_i/∂z
+    at the layer's output z, at each of its T positions):
+
+    * ``"dense"``: z = a W + b at T positions (T = 1 on ``(b, p_in)`` inputs,
+      T = t on ``(b, t, p_in)``); ``a`` is ``(b, T, p_in)``; ∇W = Σ_t a_tᵀ g_t,
+      ∇b = Σ_t g_t. Attention's query/key/value/output projections are dense
+      layers over positions.
+    * ``"conv2d"``: a dense layer on the unfolded patches, one position per
+      output pixel, each patch in the canonical ``(kh, kw, in)`` order, so
+      that W is the canonical kernel reshaped to ``(kh·kw·in, out)``.
+    * ``"embedding"``: z = W[a] (a one-hot input times W); ``a`` holds the
+      integer indices, shape ``(b, T)``, ``inputs`` is the number of rows of W
+      (the vocabulary) and ``outputs`` its width. ∇W = Σ_t e_{a_t} g_tᵀ (rows
+      of W a sample did not use get nothing); no bias. Positions whose
+      gradient the framework drops (a padding index) have g = 0.
+    * ``"elementwise"``: z = a ⊙ w + b (normalisation's affine scale and
+      shift: a is the normalised input x̂); ``a`` and ``g`` are ``(b, T, p)``
+      with the p features last (channels for BatchNorm/GroupNorm, T their
+      positions); ``inputs`` is 1 (each output sees one input) and
+      ``outputs`` is p. ∇w = Σ_t a_t ⊙ g_t, ∇b = Σ_t g_t.
 
     Attributes:
         name: the layer's name (a parameter selector).
-        kind: ``"dense"`` or ``"conv2d"``.
-        kernel: the parameter name (in ``layout.names``) of W.
+        kind: ``"dense"``, ``"conv2d"``, ``"embedding"`` or ``"elementwise"``.
+        kernel: the parameter name (in ``layout.names``) of W (w).
         bias: the parameter name of b, or ``None`` when b is absent or not in θ.
-        inputs: p_in, the length of a (the patch length for a convolution).
+        inputs: p_in, the length of a (the patch length for a convolution, the
+            number of rows for an embedding, 1 for an elementwise layer).
         outputs: p_out, the length of z.
     """
 
@@ -169,6 +186,10 @@ class Layer:
     bias: str | None
     inputs: int
     outputs: int
+
+
+#: Entries of the one-hot chunk in :meth:`ModelKernels.segment_sum`'s default (8 MiB in float64).
+_SEGMENT_ENTRIES = 1 << 20
 
 
 class ModelKernels(ABC):
@@ -379,6 +400,14 @@ class ModelKernels(ABC):
         """
         raise self._unsupported("layers (needed by K-FAC and EK-FAC)")
 
+    def layer_gaps(self) -> dict[str, str]:
+        """Selected parameters that no layer of :meth:`layers` holds, each with why.
+
+        For instance ``{"wte.weight": "tied: used by wte and lm_head"}``. The
+        solvers that need layers quote it when they refuse; optional (default: none).
+        """
+        return {}
+
     def layer_statistics(
         self,
         inputs: Array,
@@ -398,6 +427,28 @@ class ModelKernels(ABC):
         these without a ``(b, d)`` matrix.
         """
         raise self._unsupported("layer_statistics (needed by K-FAC and EK-FAC)")
+
+    def segment_sum(self, values: Array, segments: Array, count: int) -> Array:
+        """Row r of the result is Σ of the rows i of ``values`` with ``segments[i] = r``.
+
+        ``values`` is ``(m, k)``, ``segments`` an integer ``(m,)`` with entries
+        in ``[0, count)``; returns ``(count, k)``, zero where no row lands. The
+        embedding blocks need it (token counts, a sample's rows of W); the
+        Array API has no scatter-add, so this default is a one-hot matrix
+        product in chunks of rows (O(m · count · k)). Backends override it with
+        their scatter (``index_add``, ``unsorted_segment_sum``,
+        ``jax.ops.segment_sum``): O(m · k).
+        """
+        xp = self.xp
+        m = int(values.shape[0])
+        total = xp.zeros((count, int(values.shape[1])), dtype=values.dtype)
+        rows = xp.arange(count, dtype=segments.dtype)
+        chunk = max(1, _SEGMENT_ENTRIES // max(count, 1))
+        for begin in range(0, m, chunk):
+            part = segments[begin : begin + chunk]
+            one_hot = xp.astype(rows[:, None] == part[None, :], values.dtype)  # (count, chunk)
+            total = total + xp.matmul(one_hot, values[begin : begin + chunk, :])
+        return total
 
     def per_sample_measurement_grads(
         self, inputs: Array, targets: Array, measurement: Callable[[Array, Array], Array]

@@ -76,7 +76,9 @@ def trainable_variables_with_names(model: Any) -> tuple[list[tf.Variable], list[
 def frozen_names(model: Any) -> list[str]:
     """The names of the model's non-trainable variables (frozen layers, batch-norm statistics)."""
     if _is_keras(model):
-        return [getattr(v, "path", None) or v.name.split(":")[0] for v in model.non_trainable_variables]
+        return [
+            getattr(v, "path", None) or v.name.split(":")[0] for v in model.non_trainable_variables
+        ]
     found = model._flatten(
         predicate=lambda v: isinstance(v, tf.Variable) and not v.trainable, with_path=True
     )

@@ -1,7 +1,11 @@
 """Layer-wise statistics for PyTorch: each layer's inputs and output gradients, from module hooks.
 
 One forward pass with forward hooks on the selected ``nn.Linear``, Hugging
-Face ``Conv1D`` (a dense layer stored ``(in, out)``) and ``nn.Conv2d`` modules records each layer's input and output; one
+Face ``Conv1D`` (a dense layer stored ``(in, out)``), ``nn.Conv2d``,
+``nn.Embedding`` (kind ``"embedding"``: its indices) and normalisation modules
+(``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d``
+with running statistics; kind ``"elementwise"``: the normalised input x̂,
+recomputed from the recorded input without the affine parameters) records each layer's input and output; one
 ``torch.autograd.grad`` of the summed per-sample losses with respect to those
 outputs gives every sample's ∂ℓ_i/∂z (samples are independent in inference
 mode, so the gradient of the sum is the per-sample gradient, row by row).
@@ -22,7 +26,7 @@ import torch
 
 from influence_core.plugin import Layer
 
-__all__ = ["find_layers", "recorded_layers", "statistics"]
+__all__ = ["find_layers", "layer_gaps", "recorded_layers", "statistics", "tied_weights"]
 
 
 def _conv_supported(module: torch.nn.Conv2d) -> bool:
@@ -42,17 +46,61 @@ def _is_hf_conv1d(module: torch.nn.Module) -> bool:
     return any(f"{c.__module__}.{c.__qualname__}" == _HF_CONV1D for c in type(module).__mro__)
 
 
+_NORMS = (
+    torch.nn.LayerNorm,
+    torch.nn.RMSNorm,
+    torch.nn.GroupNorm,
+    torch.nn.modules.batchnorm._BatchNorm,
+)
+
+
+def _embedding_supported(module: torch.nn.Embedding) -> bool:
+    """Plain lookups: ``max_norm`` rewrites rows in the forward pass, ``scale_grad_by_freq`` rescales."""
+    return module.max_norm is None and not module.scale_grad_by_freq
+
+
+def _norm_width(module: torch.nn.Module) -> int | None:
+    """p of a normalisation layer with affine parameters whose x̂ we can recompute, else None."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.nn.Parameter):
+        return None
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
+        return None  # normalises by the batch's statistics even in inference mode
+    return int(weight.numel())
+
+
+def tied_weights(module: torch.nn.Module) -> dict[str, list[str]]:
+    """Weights used by more than one module (a language model's tied input and output tables)."""
+    users: dict[int, list[str]] = {}
+    for name, child in module.named_modules(remove_duplicate=False):
+        weight = child.__dict__.get("_parameters", {}).get("weight")
+        if isinstance(weight, torch.nn.Parameter):
+            users.setdefault(id(weight), []).append(name)
+    return {names[0]: names for names in users.values() if len(set(names)) > 1}
+
+
 def find_layers(module: torch.nn.Module, selected: Sequence[str]) -> tuple[Layer, ...]:
-    """The dense (Linear, Hugging Face Conv1D) and Conv2d layers whose weight is in θ, in order."""
+    """The layers whose weight is in θ, in order (see the module docstring for the kinds).
+
+    A weight tied between modules (GPT-2's token table and output layer) gets
+    no layer: its gradient sums two layers' statistics, which no block here
+    describes, so the solvers name it.
+    """
     chosen = set(selected)
+    tied = {user for users in tied_weights(module).values() for user in users}
     found = []
     for name, child in module.named_modules():
         prefix = f"{name}." if name else ""
         kernel = f"{prefix}weight"
-        if kernel not in chosen:
+        if kernel not in chosen or name in tied:
             continue
         bias = f"{prefix}bias" if f"{prefix}bias" in chosen else None
-        if isinstance(child, torch.nn.Linear):
+        if isinstance(child, torch.nn.Embedding) and _embedding_supported(child):
+            rows, width = (int(s) for s in child.weight.shape)
+            found.append(Layer(name, "embedding", kernel, None, rows, width))
+        elif isinstance(child, _NORMS) and _norm_width(child) is not None:
+            found.append(Layer(name, "elementwise", kernel, bias, 1, _norm_width(child)))
+        elif isinstance(child, torch.nn.Linear):
             found.append(Layer(name, "dense", kernel, bias, child.in_features, child.out_features))
         elif _is_hf_conv1d(child) and child.weight.ndim == 2:
             p_in, p_out = (int(s) for s in child.weight.shape)
@@ -64,18 +112,70 @@ def find_layers(module: torch.nn.Module, selected: Sequence[str]) -> tuple[Layer
     return tuple(found)
 
 
+def layer_gaps(module: torch.nn.Module, selected: Sequence[str]) -> dict[str, str]:
+    """Why each selected parameter that :func:`find_layers` leaves out has no layer."""
+    covered = set()
+    for layer in find_layers(module, selected):
+        covered |= {layer.kernel, layer.bias}
+    owners = {}
+    for name, child in module.named_modules():
+        for own in child._parameters:
+            owners[f"{name}.{own}" if name else own] = (name, child)
+    tied = {user: users for users in tied_weights(module).values() for user in users}
+    gaps = {}
+    for parameter in selected:
+        if parameter in covered or parameter not in owners:
+            continue
+        name, child = owners[parameter]
+        kind = type(child).__name__
+        if name in tied:
+            why = f"a weight tied between {' and '.join(tied[name])} (untie it, e.g. "
+            why += "tie_word_embeddings=False in a Hugging Face config, or leave it out)"
+        elif isinstance(child, torch.nn.Embedding):
+            why = "an Embedding with max_norm or scale_grad_by_freq"
+        elif isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
+            why = "a BatchNorm without running statistics (track_running_stats=False)"
+        elif isinstance(child, torch.nn.Conv2d):
+            why = "a Conv2d with groups > 1 or a non-zero padding mode"
+        elif parameter.rsplit(".", 1)[-1] not in ("weight", "bias"):
+            why = f"a parameter used directly by {kind} {name or 'the model'!r}, not a layer's"
+        else:
+            why = f"{kind} is not a layer kind the torch backend knows"
+        gaps[parameter] = why
+    return gaps
+
+
 @contextmanager
 def recorded_layers(
-    module: torch.nn.Module, layers: Sequence[Layer]
+    module: torch.nn.Module, layers: Sequence[Layer], batch_size: int
 ) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Inside the block, each forward pass records ``{name: (input, output)}`` of ``layers``."""
+    """Inside the block, each forward pass records ``{name: (input, output)}`` of ``layers``.
+
+    A layer called once for the whole batch (a positional table looked up
+    with ids of shape (1, T), broadcast over the samples) has its output
+    expanded to the batch (b, T, …) on its way out: the values downstream are
+    the same, and the gradient reaching it is then each sample's own. A layer
+    whose leading axis is neither 1 nor b is refused by name.
+    """
     modules = dict(module.named_modules())
     records: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
     for layer in layers:
 
-        def hook(_: Any, args: tuple[Any, ...], output: Any, name: str = layer.name) -> None:
-            records[name] = (args[0], output)
+        def hook(_: Any, args: tuple[Any, ...], output: Any, name: str = layer.name) -> Any:
+            x = args[0]
+            if output.ndim == 0 or int(output.shape[0]) not in (1, batch_size):
+                raise ValueError(
+                    f"layer {name!r} is called on inputs of shape {tuple(x.shape)} that have no "
+                    f"batch axis (the batch has {batch_size} samples): per-sample statistics need "
+                    "one; give its inputs a leading batch axis of b or 1 (e.g. positions[None]), "
+                    "or leave the layer out of parameters="
+                )
+            if int(output.shape[0]) != batch_size:
+                output = output.expand(batch_size, *output.shape[1:])
+                x = x.expand(batch_size, *x.shape[1:])
+            records[name] = (x, output)
+            return output
 
         handles.append(modules[layer.name].register_forward_hook(hook))
     try:
@@ -96,6 +196,28 @@ def _patches(module: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return cols.permute(0, 4, 2, 3, 1).reshape(b, positions, kh * kw * module.in_channels)
 
 
+def _normalised(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x̂, the normalisation layer's output before its affine scale and shift."""
+    F = torch.nn.functional
+    if isinstance(module, torch.nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    if isinstance(module, torch.nn.RMSNorm):
+        return F.rms_norm(x, module.normalized_shape, None, module.eps)
+    if isinstance(module, torch.nn.GroupNorm):
+        return F.group_norm(x, module.num_groups, None, None, module.eps)
+    shape = (1, -1) + (1,) * (x.ndim - 2)  # BatchNorm in inference mode: running statistics
+    mean, var = module.running_mean.reshape(shape), module.running_var.reshape(shape)
+    return (x - mean) / torch.sqrt(var + module.eps)
+
+
+def _features_last(module: torch.nn.Module, x: torch.Tensor, width: int) -> torch.Tensor:
+    """(b, T, p): channels last for GroupNorm/BatchNorm (channel axis 1), as they are otherwise."""
+    b = x.shape[0]
+    if isinstance(module, (torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm)):
+        return x.reshape(b, width, -1).transpose(1, 2)
+    return x.reshape(b, -1, width)
+
+
 def statistics(
     module: torch.nn.Module,
     layers: Sequence[Layer],
@@ -110,9 +232,19 @@ def statistics(
     for layer, g in zip(layers, grads, strict=True):
         x = records[layer.name][0].detach()
         b = x.shape[0]
+        child = modules[layer.name]
         if layer.kind == "conv2d":
-            a = _patches(modules[layer.name], x)
+            a = _patches(child, x)
             g = g.reshape(b, layer.outputs, -1).transpose(1, 2)
+        elif layer.kind == "embedding":
+            a = x.reshape(b, -1)
+            g = g.reshape(b, -1, layer.outputs)
+            if child.padding_idx is not None:  # torch gives the padding row no gradient
+                g = g * (a != child.padding_idx)[:, :, None]
+        elif layer.kind == "elementwise":
+            with torch.no_grad():
+                a = _features_last(child, _normalised(child, x), layer.outputs)
+            g = _features_last(child, g, layer.outputs)
         else:
             a = x.reshape(b, -1, layer.inputs)
             g = g.reshape(b, -1, layer.outputs)

@@ -43,7 +43,7 @@ from influence_core.plugin import (
 )
 
 from .data import native_batch_count, native_batches
-from .layers import find_layers, recorded_layers, statistics
+from .layers import find_layers, layer_gaps, recorded_layers, statistics
 from .namespace import namespace
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -213,8 +213,10 @@ class TorchKernels(ModelKernels):
     # -- the model call -----------------------------------------------------------
     def _arguments(self, inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """``(args, kwargs)`` of one model call: a mapping of ``forward``'s own names as keywords."""
-        if isinstance(inputs, Mapping) and inputs and (
-            self._keywords is True or set(inputs) <= self._keywords
+        if (
+            isinstance(inputs, Mapping)
+            and inputs
+            and (self._keywords is True or set(inputs) <= self._keywords)
         ):
             return (), {**self._call_kwargs, **inputs}
         return (inputs,), self._call_kwargs
@@ -457,13 +459,22 @@ class TorchKernels(ModelKernels):
             self._layers = find_layers(self.module, self._names)
         return self._layers
 
+    def segment_sum(self, values: torch.Tensor, segments: Any, count: int) -> torch.Tensor:
+        segments = torch.as_tensor(segments, device=values.device)
+        out = torch.zeros((count, values.shape[1]), dtype=values.dtype, device=values.device)
+        return out.index_add_(0, segments, values)
+
+    def layer_gaps(self) -> dict[str, str]:
+        return layer_gaps(self.module, self._names)
+
     @in_inference_mode
     def layer_statistics(
         self, inputs: Any, targets: torch.Tensor, measurement: Any = None
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         layers = self.layers()
         function = self.loss_fn if measurement is None else measurement
-        with recorded_layers(self.module, layers) as records, torch.enable_grad():
+        batch = int(targets.shape[0])
+        with recorded_layers(self.module, layers, batch) as records, torch.enable_grad():
             losses = function(self._forward(inputs), targets)
             return statistics(self.module, layers, records, losses)
 

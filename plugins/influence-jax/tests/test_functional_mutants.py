@@ -75,7 +75,10 @@ def test_a_checkpoint_that_keeps_the_unselected_weights_is_caught() -> None:
     with pytest.raises(AssertionError, match="TracIn over checkpoints of every weight"):
         checks.test_tracin_on_a_sub_selection_follows_checkpoints_of_every_weight("mlp_tanh")
     real = on(JaxKernels, SelectionChecks, build_functional)
-    with pytest.raises(pytest.skip.Exception, match=r"in-place half not run: the model cannot change .* checkpoint half passed"):
+    with pytest.raises(
+        pytest.skip.Exception,
+        match=r"in-place half not run: the model cannot change .* checkpoint half passed",
+    ):
         real.test_a_sub_selection_sees_the_other_weights_change("mlp_tanh")
     real.test_tracin_on_a_sub_selection_follows_checkpoints_of_every_weight("mlp_tanh")
 
