@@ -136,7 +136,8 @@ def test_a_parameter_outside_the_supported_layers_is_named_with_why() -> None:
     model = InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"))
     train = (torch.randn(8, 2, 2, 2, dtype=torch.float64), torch.randint(0, 3, (8,)))
     with pytest.raises(
-        ValueError, match=r"\['0.weight', '0.bias'\] belong to no layer .*0.weight: a Conv2d with groups"
+        ValueError,
+        match=r"\['0.weight', '0.bias'\] belong to no layer .*0.weight: a Conv2d with groups",
     ):
         KFACIHVP().fit(model, train)
 

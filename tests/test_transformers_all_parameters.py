@@ -133,5 +133,7 @@ def test_ekfac_kfac_trak_and_tracin_score_all_parameters(name: str) -> None:
 
 def test_a_tied_language_model_head_is_named_with_the_fix() -> None:
     model = InfluenceModel(gpt2(tied=True), sequence_loss)
-    with pytest.raises(ValueError, match=r"transformer.wte.weight: a weight tied between .*lm_head"):
+    with pytest.raises(
+        ValueError, match=r"transformer.wte.weight: a weight tied between .*lm_head"
+    ):
         EKFACIHVP().fit(model, gpt2_data())

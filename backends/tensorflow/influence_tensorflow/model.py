@@ -370,6 +370,9 @@ class TensorFlowKernels(ModelKernels):
     def layers(self) -> tuple[Layer, ...]:
         return self._layer_statistics_of().layers
 
+    def segment_sum(self, values: Any, segments: Any, count: int) -> Any:
+        return tf.math.unsorted_segment_sum(values, tf.convert_to_tensor(segments), count)
+
     def layer_statistics(
         self, inputs: Any, targets: Any, measurement: Any = None
     ) -> dict[str, tuple[Any, Any]]:
