@@ -1,4 +1,4 @@
-"""Layer-wise statistics for flax ``nnx``: each Linear / Conv layer's inputs and output gradients.
+"""Layer-wise statistics for flax ``nnx``: each layer's inputs and output gradients.
 
 JAX has no hooks, so the layers record themselves: the kernels keep a second
 graph of the model in which every selected ``nnx.Linear`` / ``nnx.Conv`` is
@@ -11,6 +11,16 @@ does the forward and the backward pass. nnx layers apply no activation, so
 their output is the pre-activation z. Convolutions are unfolded with
 ``jax.lax.conv_general_dilated_patches`` and reordered from its
 ``(in, kh, kw)`` patches to the canonical ``(kh, kw, in)``.
+
+Kinds beyond ``nnx.Linear`` and ``nnx.Conv``: ``nnx.LinearGeneral`` that
+contracts the input's trailing axes (``nnx.MultiHeadAttention``'s query, key,
+value and output projections) is dense over positions; ``nnx.Embed`` records
+its integer ids; ``nnx.LayerNorm``, ``nnx.RMSNorm`` and ``nnx.BatchNorm``
+(running averages, as in inference mode) over the last axis record x̂, their
+normalised input (recomputed with flax's own variance formula), and the
+perturbation of their output. An output whose leading axis is 1 (a table
+looked up once for the batch) is broadcast to the batch, so that its
+gradient is each sample's own.
 """
 
 from __future__ import annotations
@@ -25,6 +35,16 @@ from influence_core.plugin import Layer
 
 __all__ = ["recording_graph"]
 
+
+class _NormsMeta(type):
+    def __instancecheck__(cls, node: Any) -> bool:
+        return isinstance(node, _norm_classes())
+
+
+class _NORMS(metaclass=_NormsMeta):
+    """``isinstance(node, _NORMS)``: an nnx LayerNorm, RMSNorm or BatchNorm (flax imported late)."""
+
+
 #: The record of the traced call in progress: {"eps": …, "inputs": {}, "outputs": {}}.
 _RECORDS: list[dict[str, Any]] = []
 _SUBCLASSES: dict[type, type] = {}
@@ -34,10 +54,24 @@ def _recording(cls: type) -> type:
     """``cls`` with a ``__call__`` that records its input and perturbs its output (cached)."""
     if cls not in _SUBCLASSES:
 
-        def __call__(self: Any, x: Any) -> Any:
-            z = cls.__call__(self, x)
+        def __call__(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+            z = cls.__call__(self, x, *args, **kwargs)
             if _RECORDS:
                 record = _RECORDS[-1]
+                batch = record["batch"]
+                if z.shape[0] == 1 and batch != 1:  # looked up once for the whole batch
+                    z = jnp.broadcast_to(z, (batch, *z.shape[1:]))
+                    x = jnp.broadcast_to(x, (batch, *x.shape[1:]))
+                elif z.shape[0] != batch:
+                    raise ValueError(
+                        f"layer {self.influence_layer_name!r} is called on inputs of shape "
+                        f"{tuple(x.shape)} that have no batch axis (the batch has {batch} "
+                        "samples): per-sample statistics need one; give its inputs a leading "
+                        "batch axis of b or 1 (e.g. positions[None]), or leave the layer out "
+                        "of parameters="
+                    )
+                if isinstance(self, _NORMS):  # x̂ from this call's own state (running averages)
+                    x = normalised(self, x)
                 record["inputs"][self.influence_layer_name] = x
                 record["outputs"][self.influence_layer_name] = z
                 if record["eps"] is not None:
@@ -51,6 +85,18 @@ def _recording(cls: type) -> type:
 def _layer_of(node: Any, name: str, selected: set[str]) -> Layer | None:
     from flax import nnx
 
+    if isinstance(node, nnx.Embed):
+        table = f"{name}/embedding"
+        if table not in selected:
+            return None
+        rows, width = (int(s) for s in node.embedding.shape)
+        return Layer(name, "embedding", table, None, rows, width)
+    if isinstance(node, _NORMS) and _normalises_last_axis(node):
+        scale = f"{name}/scale"
+        if scale not in selected:
+            return None
+        bias = f"{name}/bias" if f"{name}/bias" in selected else None
+        return Layer(name, "elementwise", scale, bias, 1, int(node.scale.shape[-1]))
     kernel = f"{name}/kernel"
     if kernel not in selected:
         return None
@@ -58,6 +104,9 @@ def _layer_of(node: Any, name: str, selected: set[str]) -> Layer | None:
     shape = tuple(int(s) for s in node.kernel.shape)
     if isinstance(node, nnx.Linear) and len(shape) == 2:
         return Layer(name, "dense", kernel, bias, shape[0], shape[1])
+    if isinstance(node, nnx.LinearGeneral) and _contracted(node) is not None:
+        count = _contracted(node)
+        return Layer(name, "dense", kernel, bias, _product(shape[:count]), _product(shape[count:]))
     if (
         isinstance(node, nnx.Conv)
         and len(shape) == 4
@@ -67,6 +116,56 @@ def _layer_of(node: Any, name: str, selected: set[str]) -> Layer | None:
     ):
         return Layer(name, "conv2d", kernel, bias, shape[0] * shape[1] * shape[2], shape[3])
     return None
+
+
+def _product(shape: Sequence[int]) -> int:
+    total = 1
+    for s in shape:
+        total *= int(s)
+    return total
+
+
+def _contracted(node: Any) -> int | None:
+    """How many trailing input axes a LinearGeneral contracts, when it is dense over positions."""
+    axes = node.axis if isinstance(node.axis, tuple | list) else (node.axis,)
+    count = len(axes)
+    if node.batch_axis or sorted(axes) != list(range(-count, 0)):
+        return None
+    return count
+
+
+def _norm_classes() -> tuple[type, ...]:
+    from flax import nnx
+
+    return (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm)
+
+
+def _normalises_last_axis(node: Any) -> bool:
+    """The last axis normalised and scaled; BatchNorm with running averages (inference mode)."""
+    from flax import nnx
+
+    if getattr(node, "scale", None) is None:
+        return False
+    if isinstance(node, nnx.BatchNorm):
+        return node.axis in (-1,) and bool(node.use_running_average)
+    return node.reduction_axes in (-1, (-1,)) and node.feature_axes in (-1, (-1,))
+
+
+def normalised(node: Any, x: Any) -> Any:
+    """x̂: the normalisation's output before its scale and shift, as flax computes it."""
+    from flax import nnx
+
+    if isinstance(node, nnx.BatchNorm):
+        return (x - node.mean[...]) * jax.lax.rsqrt(node.var[...] + node.epsilon)
+    mean2 = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+    if isinstance(node, nnx.RMSNorm):
+        return x * jax.lax.rsqrt(mean2 + node.epsilon)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    if node.use_fast_variance:
+        variance = jnp.maximum(0.0, mean2 - jnp.square(mean))
+    else:
+        variance = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(variance + node.epsilon)
 
 
 def recording_graph(inference: Any, selected: Sequence[str]) -> tuple[tuple[Layer, ...], Any, dict]:
@@ -125,7 +224,8 @@ def statistics_function(layers: Sequence[Layer], modules: dict, apply: Any, loss
     """``f(params, rest, x, y) -> {name: (a, g)}``, to be jitted; ``apply(params, rest, x)``."""
 
     def run(params: Any, rest: Any, x: Any, eps: Any) -> tuple[Any, dict]:
-        record: dict[str, Any] = {"eps": eps, "inputs": {}, "outputs": {}}
+        batch = jax.tree_util.tree_leaves(x)[0].shape[0]
+        record: dict[str, Any] = {"eps": eps, "inputs": {}, "outputs": {}, "batch": batch}
         _RECORDS.append(record)
         try:
             out = apply(params, rest, x)
@@ -148,7 +248,11 @@ def statistics_function(layers: Sequence[Layer], modules: dict, apply: Any, loss
             b = a.shape[0]
             if layer.kind == "conv2d":
                 a = patches(modules[layer.name], a)
-            out[layer.name] = (a.reshape(b, -1, layer.inputs), g.reshape(b, -1, layer.outputs))
+            if layer.kind == "embedding":
+                out[layer.name] = (a.reshape(b, -1), g.reshape(b, -1, layer.outputs))
+                continue
+            a = a.reshape(b, -1, layer.outputs if layer.kind == "elementwise" else layer.inputs)
+            out[layer.name] = (a, g.reshape(b, -1, layer.outputs))
         return out
 
     return stats

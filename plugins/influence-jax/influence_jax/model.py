@@ -399,6 +399,9 @@ class JaxKernels(ModelKernels):
     def layers(self) -> tuple[Layer, ...]:
         return self._layer_statistics_kernel()[0]
 
+    def segment_sum(self, values: Any, segments: Any, count: int) -> Any:
+        return jax.ops.segment_sum(values, jnp.asarray(segments), num_segments=count)
+
     def layer_statistics(
         self, inputs: Any, targets: Any, measurement: Any = None
     ) -> dict[str, tuple[Any, Any]]:

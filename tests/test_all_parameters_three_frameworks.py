@@ -1,28 +1,35 @@
-"""Keras 3 on all parameters (issue 25): a transformer block and a CNN with BatchNormalization.
+"""Keras 3 and flax.nnx on all parameters (issue 25): a transformer block and a CNN with BatchNorm.
 
-The transformer block (token and positional ``Embedding``, ``MultiHeadAttention``
-whose ``EinsumDense`` projections are dense layers over positions,
-``LayerNormalization``, a ``Dense`` head) is covered parameter for parameter,
-its statistics rebuild its per-sample gradients, and the same block written
-in torch with the same weights gives the same EK-FAC, K-FAC and TracIn scores
-to 1e-8 in float64.
+The transformer block (token and positional embeddings, multi-head attention
+whose query/key/value/output projections (Keras ``EinsumDense``, nnx
+``LinearGeneral``) are dense layers over positions, a LayerNorm and a dense
+head) is covered parameter for parameter in each framework, its statistics
+rebuild its per-sample gradients, and the same block in torch, Keras and
+flax.nnx with the same weights gives the same EK-FAC, K-FAC and TracIn
+scores to 1e-8 in float64.
 """
 
 from __future__ import annotations
 
-import keras
-import numpy as np
-import pytest
-import torch
+import jax
 
-from influence_core import (
+jax.config.update("jax_enable_x64", True)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+from flax.nnx.nn.attention import dot_product_attention_weights  # noqa: E402
+
+from influence_core import (  # noqa: E402
     EKFACIHVP,
     KFACIHVP,
     FirstOrderInfluenceCalculator,
     InfluenceModel,
     TracIn,
 )
-from influence_core.layerwise import coverage, per_sample_grads_from_layers
+from influence_core.layerwise import coverage, per_sample_grads_from_layers  # noqa: E402
 
 VOCAB, T, D, HEADS, CLASSES = 13, 5, 8, 2, 3
 
@@ -64,6 +71,62 @@ class TorchBlock(torch.nn.Module):
         attended = (weights @ v).transpose(1, 2).reshape(b, T, D)
         x = self.norm(x + self.out(attended))
         return self.head(x.mean(dim=1))
+
+
+def float64_attention(query: jax.Array, key: jax.Array, value: jax.Array, **_: object) -> jax.Array:
+    """nnx's attention without jax.nn.dot_product_attention, which takes its softmax in float32."""
+    weights = dot_product_attention_weights(query, key)
+    return jax.numpy.einsum("...hqk,...khd->...qhd", weights, value)
+
+
+class NnxBlock(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        kwargs = {"param_dtype": jax.numpy.float64, "dtype": jax.numpy.float64, "rngs": rngs}
+        self.tokens = nnx.Embed(VOCAB, D, **kwargs)
+        self.positions = nnx.Embed(T, D, **kwargs)
+        self.attention = nnx.MultiHeadAttention(
+            num_heads=HEADS,
+            in_features=D,
+            qkv_features=D,
+            out_features=D,
+            decode=False,
+            attention_fn=float64_attention,
+            **kwargs,
+        )
+        self.norm = nnx.LayerNorm(D, epsilon=1e-5, use_fast_variance=False, **kwargs)
+        self.head = nnx.Linear(D, CLASSES, **kwargs)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        x = self.tokens(ids) + self.positions(jax.numpy.arange(T)[None])
+        x = self.norm(x + self.attention(x))
+        return self.head(x.mean(axis=1))
+
+
+def nnx_twin(twin: torch.nn.Module) -> NnxBlock:
+    """The nnx block with the torch block's weights."""
+    net = NnxBlock(nnx.Rngs(0))
+
+    def host(parameter: torch.nn.Parameter) -> np.ndarray:
+        return parameter.detach().numpy()
+
+    net.tokens.embedding[...] = host(twin.tokens.weight)
+    net.positions.embedding[...] = host(twin.positions.weight)
+    for name in ("query", "key", "value"):
+        dense = getattr(net.attention, name)
+        dense.kernel[...] = host(getattr(twin, name).weight).T.reshape(D, HEADS, D // HEADS)
+        dense.bias[...] = host(getattr(twin, name).bias).reshape(HEADS, D // HEADS)
+    net.attention.out.kernel[...] = host(twin.out.weight).T.reshape(HEADS, D // HEADS, D)
+    net.attention.out.bias[...] = host(twin.out.bias)
+    net.norm.scale[...] = host(twin.norm.weight)
+    net.norm.bias[...] = host(twin.norm.bias)
+    net.head.kernel[...] = host(twin.head.weight).T
+    net.head.bias[...] = host(twin.head.bias)
+    return net
+
+
+def nnx_loss(outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    logits = outputs - jax.scipy.special.logsumexp(outputs, axis=1, keepdims=True)
+    return -jax.numpy.take_along_axis(logits, targets[:, None], axis=1)[:, 0]
 
 
 def keras_block() -> keras.Model:
@@ -128,19 +191,31 @@ def test_the_keras_block_is_covered_whole_and_its_statistics_rebuild_its_gradien
     np.testing.assert_allclose(rebuilt, flat, atol=1e-12 * np.abs(flat).max())
 
 
-def test_the_keras_and_torch_blocks_agree_to_1e_8() -> None:
+def test_the_nnx_block_is_covered_whole_and_its_statistics_rebuild_its_gradients() -> None:
+    model = InfluenceModel(nnx_twin(torch_twin(keras_block())), nnx_loss)
+    covered = coverage(model)
+    assert list(covered) == list(model.parameter_names)  # 100 % of θ
+    assert covered["attention/query/kernel"].kind == covered["attention/out/kernel"].kind == "dense"
+    assert {c.kind for c in covered.values()} == {"embedding", "elementwise", "dense"}
+    batch = data(6, 0)
+    flat = model.to_numpy(model.per_sample_grads(batch))
+    rebuilt = model.to_numpy(per_sample_grads_from_layers(model, batch))
+    np.testing.assert_allclose(rebuilt, flat, atol=1e-12 * np.abs(flat).max())
+
+
+def test_the_torch_keras_and_nnx_blocks_agree_to_1e_8() -> None:
     net = keras_block()
     twin = torch_twin(net)
     train, test = data(16, 2), data(4, 3)
     keras_model = InfluenceModel(net, keras_loss())
     torch_model = InfluenceModel(twin, torch.nn.CrossEntropyLoss(reduction="none"))
-    outputs = [
-        m.to_numpy(m.kernels.outputs(m.kernels.as_native(train[0])))
-        for m in (keras_model, torch_model)
-    ]
-    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-12)
+    nnx_model = InfluenceModel(nnx_twin(twin), nnx_loss)
+    models = (keras_model, torch_model, nnx_model)
+    outputs = [m.to_numpy(m.kernels.outputs(m.kernels.as_native(train[0]))) for m in models]
+    for other in outputs[1:]:
+        np.testing.assert_allclose(other, outputs[0], rtol=1e-12)
     scores: dict[str, list[np.ndarray]] = {}
-    for model in (keras_model, torch_model):
+    for model in models:
         for solver in (KFACIHVP, EKFACIHVP):
             calculator = FirstOrderInfluenceCalculator(
                 model, solver(damping=1e-3, fisher="empirical")
@@ -153,9 +228,10 @@ def test_the_keras_and_torch_blocks_agree_to_1e_8() -> None:
             )
         tracin = TracIn(model, [model.save_state()], 0.1, layerwise=True).fit(train)
         scores.setdefault("TracIn", []).append(model.to_numpy(tracin.influence(test)))
-    for name, (keras_scores, torch_scores) in scores.items():
-        gap = np.abs(keras_scores - torch_scores).max() / np.abs(torch_scores).max()
-        assert gap < 1e-8, (name, gap)
+    for name, (keras_scores, torch_scores, nnx_scores) in scores.items():
+        for other in (keras_scores, nnx_scores):
+            gap = np.abs(other - torch_scores).max() / np.abs(torch_scores).max()
+            assert gap < 1e-8, (name, gap)
 
 
 def keras_cnn() -> keras.Model:
@@ -190,5 +266,40 @@ def test_a_keras_cnn_with_batch_normalization_on_all_parameters(solver) -> None:
     g_train, g_test = flat, model.to_numpy(model.per_sample_grads(test))
     solved = model.to_numpy(calculator.ihvp.solve(model.kernels.as_native(g_test.T)))
     expected = solved.T @ g_train.T
+    got = model.to_numpy(calculator.influence(test))
+    np.testing.assert_allclose(got, expected, atol=1e-9 * np.abs(expected).max())
+
+
+class NnxCNN(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        kwargs = {"param_dtype": jax.numpy.float64, "dtype": jax.numpy.float64, "rngs": rngs}
+        self.conv = nnx.Conv(2, 4, (3, 3), padding="SAME", **kwargs)
+        self.norm = nnx.BatchNorm(4, **kwargs)
+        self.head = nnx.Linear(6 * 6 * 4, 3, **kwargs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jax.nn.relu(self.norm(self.conv(x)))
+        return self.head(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("solver", [KFACIHVP, EKFACIHVP])
+def test_an_nnx_cnn_with_batch_norm_on_all_parameters(solver) -> None:
+    net = NnxCNN(nnx.Rngs(4))
+    rng = np.random.default_rng(5)  # running averages and an affine map away from the identity
+    net.norm.mean[...] = rng.uniform(-1, 1, 4).astype(np.float32)  # nnx keeps them in float32
+    net.norm.var[...] = rng.uniform(0.5, 2, 4).astype(np.float32)
+    net.norm.scale[...] = rng.uniform(0.5, 1.5, 4)
+    model = InfluenceModel(net, nnx_loss)
+    assert {c.kind for c in coverage(model).values()} == {"conv2d", "elementwise", "dense"}
+    train = (rng.standard_normal((12, 6, 6, 2)), rng.integers(0, 3, 12))
+    flat = model.to_numpy(model.per_sample_grads(train))
+    rebuilt = model.to_numpy(per_sample_grads_from_layers(model, train))
+    np.testing.assert_allclose(rebuilt, flat, atol=1e-12 * np.abs(flat).max())
+    calculator = FirstOrderInfluenceCalculator(model, solver(damping=1e-2, fisher="empirical"))
+    calculator = calculator.fit(train)
+    test = (train[0][:3], train[1][:3])
+    g_test = model.to_numpy(model.per_sample_grads(test))
+    solved = model.to_numpy(calculator.ihvp.solve(model.kernels.as_native(g_test.T)))
+    expected = solved.T @ flat.T
     got = model.to_numpy(calculator.influence(test))
     np.testing.assert_allclose(got, expected, atol=1e-9 * np.abs(expected).max())
