@@ -10,6 +10,7 @@ import dataclasses
 from typing import ClassVar
 
 import pytest
+import torch
 
 from influence_conformance.calculator_checks import CalculatorChecks
 from influence_conformance.cases import build_case, registered_builder
@@ -383,3 +384,73 @@ def test_a_functional_backend_without_save_state_and_with_checkpoint_is_refused(
         from influence_core.model import _check_writes_theta
 
         _check_writes_theta(NoState(net, loss, None))
+
+
+# -- layer kinds (embedding, elementwise) and segment_sum -------------------------------------
+class PaddingRowsGetGradients(TorchKernels):
+    """Forgets that torch gives an embedding's padding row no gradient."""
+
+    def layer_statistics(self, inputs, targets, measurement=None):
+        tables = [m for m in self.module.modules() if isinstance(m, torch.nn.Embedding)]
+        saved = [m.padding_idx for m in tables]
+        for table in tables:
+            table.padding_idx = None  # the forward values are the same; only the mask is lost
+        try:
+            return super().layer_statistics(inputs, targets, measurement)
+        finally:
+            for table, index in zip(tables, saved, strict=True):
+                table.padding_idx = index
+
+
+class RawNormInputs(TorchKernels):
+    """Gives a normalisation layer its raw input as a instead of the normalised x̂."""
+
+    def layer_statistics(self, inputs, targets, measurement=None):
+        from influence_torch import layers
+
+        original = layers._normalised
+        layers._normalised = lambda module, x: x
+        try:
+            return super().layer_statistics(inputs, targets, measurement)
+        finally:
+            layers._normalised = original
+
+
+class LastSegmentDropped(TorchKernels):
+    """A scatter that loses the rows of the last segment (an off-by-one in the count)."""
+
+    def segment_sum(self, values, segments, count):
+        return super().segment_sum(values * (segments != count - 1)[:, None], segments, count)
+
+
+def kind_checks_on(mutant: type[TorchKernels]):
+    class OnMutant(BackendConformance):
+        backend = "torch"
+
+        def layer_kind_case(self, kind):
+            model, data = super().layer_kind_case(kind)
+            model.kernels = mutant(model.kernels.module, model.kernels.loss_fn, None)
+            return model, data
+
+        def segment_sum_model(self):
+            model = super().segment_sum_model()
+            model.kernels = mutant(model.kernels.module, model.kernels.loss_fn, None)
+            return model
+
+    return OnMutant()
+
+
+@pytest.mark.parametrize(
+    ("mutant", "kind"), [(PaddingRowsGetGradients, "embedding"), (RawNormInputs, "elementwise")]
+)
+def test_the_layer_kind_checks_catch_a_broken_kind(mutant, kind: str) -> None:
+    check = "test_statistics_of_each_layer_kind_rebuild_the_per_sample_gradients"
+    with pytest.raises(AssertionError, match=f"from {kind} statistics"):
+        getattr(kind_checks_on(mutant), check)(kind)
+    getattr(kind_checks_on(TorchKernels), check)(kind)
+
+
+def test_the_segment_sum_check_catches_a_lost_segment() -> None:
+    with pytest.raises(AssertionError, match=r"segment_sum against numpy\.add\.at"):
+        kind_checks_on(LastSegmentDropped).test_segment_sum_adds_rows_into_their_segments()
+    kind_checks_on(TorchKernels).test_segment_sum_adds_rows_into_their_segments()

@@ -241,3 +241,39 @@ def test_segment_sum_of_the_protocol_and_of_torch_agree_with_numpy() -> None:
     for method in (kernels.segment_sum, lambda *a: ModelKernels.segment_sum(kernels, *a)):
         got = method(torch.as_tensor(values), torch.as_tensor(segments), 11)
         np.testing.assert_allclose(got.numpy(), expected, rtol=1e-14, atol=1e-14)
+
+
+def test_the_block_checks_catch_wrong_block_formulas(monkeypatch) -> None:
+    """Mutants of the core's block math, each caught by the reference test above.
+
+    * an embedding's EK-FAC correction that squares each position's row
+      instead of the sum of a sample's rows of one token (sample 1 repeats one);
+    * an elementwise block missing the normalised input (Σ g instead of Σ x̂ ⊙ g).
+    """
+    from influence_core import layerwise
+    from influence_core.ihvp import kfac
+
+    def per_position_rows(model, indices, g):
+        b, t = int(g.shape[0]), int(g.shape[1])
+        samples = torch.arange(b).repeat_interleave(t)
+        return samples, indices.reshape(-1), g.reshape(b * t, -1)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(kfac, "embedding_rows", per_position_rows)
+        with pytest.raises(AssertionError):
+            test_an_embedding_block_is_dense_kfac_on_one_hot_inputs(EKFACIHVP)
+    test_an_embedding_block_is_dense_kfac_on_one_hot_inputs(EKFACIHVP)
+
+    original = layerwise.layer_gradient_matrices
+
+    def without_inputs(xp, blocks, stats):
+        stats = {
+            k: (xp.ones_like(a) if a.dtype.is_floating_point else a, g)
+            for k, (a, g) in stats.items()
+        }
+        return original(xp, blocks, stats)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(kfac, "layer_gradient_matrices", without_inputs)
+        with pytest.raises(AssertionError):
+            test_an_elementwise_block_is_the_exact_diagonal_of_the_fisher(KFACIHVP)

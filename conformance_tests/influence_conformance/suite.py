@@ -22,6 +22,7 @@ test file at all::
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -55,6 +56,7 @@ from .head_checks import HeadChecks
 from .ihvp_checks import IHVPChecks
 from .influence_checks import InfluenceChecks
 from .layer_checks import LayerChecks
+from .layer_kind_checks import LayerKindChecks
 from .measurement_checks import MeasurementChecks
 from .reference_specs import SPECS
 from .selection_checks import SelectionChecks
@@ -76,6 +78,7 @@ class BackendConformance(
     SelectionChecks,
     CalculatorChecks,
     LayerChecks,
+    LayerKindChecks,
     GGNChecks,
 ):
     """Numerical and behavioural checks of one backend: its kernels, and the solvers on them."""
@@ -86,6 +89,9 @@ class BackendConformance(
     def reference_builder(self) -> ReferenceBuilder:
         """``build(spec, weights, dtype) -> ReferenceModel``; by default the registered one."""
         return registered_builder(self.backend)
+
+    def segment_sum_model(self) -> Any:
+        return self.build_case("mlp_tanh", "float64").model
 
     def build_case(self, spec_name: str, dtype: str) -> Case:
         if not self.backend:

@@ -186,7 +186,7 @@ class LayerStatistics:
                 out[spec.name] = (tf.reshape(a, [b, -1]), tf.reshape(d_out, [b, -1, spec.outputs]))
                 continue
             if spec.kind == "elementwise":
-                normalised = _normalised(layer, a)
+                normalised = tf.cast(_normalised(layer, a), d_out.dtype)  # a mixed-dtype model
                 out[spec.name] = (
                     tf.reshape(normalised, [b, -1, spec.outputs]),
                     tf.reshape(d_out, [b, -1, spec.outputs]),

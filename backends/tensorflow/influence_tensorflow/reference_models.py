@@ -74,3 +74,34 @@ def build(spec: ModelSpec, weights: list[np.ndarray], dtype: str) -> ReferenceMo
         native_dataset=native_dataset,
         scalar_loss_fn=scalar_loss,
     )
+
+
+def layer_kind_case(kind: str) -> tuple[Any, Any, tuple[Any, Any]] | None:
+    """A float64 Keras model with a layer of ``kind`` and a batch (LayerKindChecks)."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    loss = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction=None, dtype="float64"
+    )
+    kwargs = {"dtype": "float64"}
+    if kind == "embedding":
+        ids = keras.Input((5,), dtype="int64")
+        h = keras.layers.Embedding(9, 4, **kwargs)(ids)
+        h = keras.layers.LayerNormalization(**kwargs)(keras.layers.Activation("tanh", **kwargs)(h))
+        outputs = keras.layers.Dense(3, **kwargs)(keras.layers.GlobalAveragePooling1D(**kwargs)(h))
+        tokens = rng.integers(0, 9, (7, 5))
+        tokens[1] = 3  # one token at every position
+        return keras.Model(ids, outputs), loss, (tokens, rng.integers(0, 3, 7))
+    if kind == "elementwise":
+        inputs = keras.Input((4, 4, 2), dtype="float64")
+        h = keras.layers.Conv2D(4, 3, padding="same", **kwargs)(inputs)
+        norm = keras.layers.BatchNormalization(**kwargs)
+        h = keras.layers.LayerNormalization(**kwargs)(keras.layers.ReLU(**kwargs)(norm(h)))
+        net = keras.Model(
+            inputs, keras.layers.Dense(3, **kwargs)(keras.layers.Flatten(**kwargs)(h))
+        )
+        norm.moving_mean.assign(rng.uniform(-1, 1, 4))
+        norm.moving_variance.assign(rng.uniform(0.5, 2, 4))
+        norm.gamma.assign(rng.uniform(0.5, 1.5, 4))
+        return net, loss, (rng.standard_normal((7, 4, 4, 2)), rng.integers(0, 3, 7))
+    return None

@@ -123,3 +123,48 @@ def _sequential(modules: dict[str, torch.nn.Module]) -> torch.nn.Sequential:
     from collections import OrderedDict
 
     return torch.nn.Sequential(OrderedDict(modules))
+
+
+class _Tokens(torch.nn.Module):
+    """Token table (padding index 0) and positional table looked up once, LayerNorm, RMSNorm, head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = torch.nn.Embedding(9, 4, padding_idx=0)
+        self.positions = torch.nn.Embedding(5, 4)
+        self.norm = torch.nn.LayerNorm(4)
+        self.rms = torch.nn.RMSNorm(4)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.tokens(ids) + self.positions(torch.arange(ids.shape[1])[None])
+        return self.head(self.rms(torch.tanh(self.norm(h))).mean(dim=1))
+
+
+def layer_kind_case(kind: str) -> tuple[torch.nn.Module, Any, tuple[Any, Any]] | None:
+    """A float64 model with a layer of ``kind`` and a batch (the conformance suite's LayerKindChecks)."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    loss = torch.nn.CrossEntropyLoss(reduction="none")
+    if kind == "embedding":
+        net = _Tokens().double()
+        ids = rng.integers(0, 9, (7, 5))
+        ids[0, :2], ids[1] = 0, 3  # padding, and one token at every position
+        return net, loss, (torch.as_tensor(ids), torch.as_tensor(rng.integers(0, 3, 7)))
+    if kind == "elementwise":
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(2, 4, 3, padding=1),
+            torch.nn.BatchNorm2d(4),
+            torch.nn.ReLU(),
+            torch.nn.GroupNorm(2, 4),
+            torch.nn.Flatten(),
+            torch.nn.Linear(4 * 16, 3),
+        ).double()
+        with torch.no_grad():  # running statistics and an affine map away from the identity
+            net[1].running_mean.uniform_(-1, 1)
+            net[1].running_var.uniform_(0.5, 2)
+            net[1].weight.uniform_(0.5, 1.5)
+            net[3].bias.uniform_(-0.5, 0.5)
+        x = torch.as_tensor(rng.standard_normal((7, 2, 4, 4)))
+        return net.eval(), loss, (x, torch.as_tensor(rng.integers(0, 3, 7)))
+    return None

@@ -156,7 +156,8 @@ def normalised(node: Any, x: Any) -> Any:
     from flax import nnx
 
     if isinstance(node, nnx.BatchNorm):
-        return (x - node.mean[...]) * jax.lax.rsqrt(node.var[...] + node.epsilon)
+        mean, variance = (jnp.asarray(v[...], x.dtype) for v in (node.mean, node.var))
+        return (x - mean) * jax.lax.rsqrt(variance + node.epsilon)
     mean2 = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
     if isinstance(node, nnx.RMSNorm):
         return x * jax.lax.rsqrt(mean2 + node.epsilon)

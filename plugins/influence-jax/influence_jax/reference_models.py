@@ -152,3 +152,49 @@ def build_functional(spec: ModelSpec, weights: list[np.ndarray], dtype: str) -> 
 
     reference.model = Functional(apply_fn, pure)
     return reference
+
+
+def layer_kind_case(kind: str) -> tuple[Any, Any, tuple[Any, Any]] | None:
+    """A float64 nnx model with a layer of ``kind`` and a batch (LayerKindChecks)."""
+    rng = np.random.default_rng(0)
+    kwargs = {"param_dtype": jnp.float64, "dtype": jnp.float64, "rngs": nnx.Rngs(0)}
+
+    def loss(outputs: Any, targets: Any) -> Any:
+        logits = outputs - jax.scipy.special.logsumexp(outputs, axis=1, keepdims=True)
+        return -jnp.take_along_axis(logits, targets[:, None], axis=1)[:, 0]
+
+    if kind == "embedding":
+
+        class Tokens(nnx.Module):
+            def __init__(self) -> None:
+                self.tokens = nnx.Embed(9, 4, **kwargs)
+                self.positions = nnx.Embed(5, 4, **kwargs)
+                self.norm = nnx.LayerNorm(4, **kwargs)
+                self.rms = nnx.RMSNorm(4, **kwargs)
+                self.head = nnx.Linear(4, 3, **kwargs)
+
+            def __call__(self, ids: Any) -> Any:
+                h = self.tokens(ids) + self.positions(jnp.arange(ids.shape[1])[None])
+                return self.head(self.rms(jnp.tanh(self.norm(h))).mean(axis=1))
+
+        ids = rng.integers(0, 9, (7, 5))
+        ids[1] = 3
+        return Tokens(), loss, (ids, rng.integers(0, 3, 7))
+    if kind == "elementwise":
+
+        class Normed(nnx.Module):
+            def __init__(self) -> None:
+                self.conv = nnx.Conv(2, 4, (3, 3), padding="SAME", **kwargs)
+                self.norm = nnx.BatchNorm(4, use_running_average=True, **kwargs)
+                self.head = nnx.Linear(4 * 16, 3, **kwargs)
+
+            def __call__(self, x: Any) -> Any:
+                h = jax.nn.relu(self.norm(self.conv(x)))
+                return self.head(h.reshape(h.shape[0], -1))
+
+        net = Normed()
+        net.norm.mean[...] = rng.uniform(-1, 1, 4).astype(net.norm.mean[...].dtype)
+        net.norm.var[...] = rng.uniform(0.5, 2, 4).astype(net.norm.var[...].dtype)
+        net.norm.scale[...] = rng.uniform(0.5, 1.5, 4)
+        return net, loss, (rng.standard_normal((7, 4, 4, 2)), rng.integers(0, 3, 7))
+    return None

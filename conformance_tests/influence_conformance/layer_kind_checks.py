@@ -1,0 +1,79 @@
+"""Conformance checks of the layer kinds beyond dense and conv2d: embeddings and normalisation.
+
+The reference specs are dense and convolutional, so a backend shows its
+embedding and elementwise (normalisation) statistics on models of its own:
+the module of its ``reference_models`` builder defines
+``layer_kind_case(kind) -> (model, loss_fn, (inputs, targets)) | None``,
+or its test class overrides :meth:`LayerKindChecks.layer_kind_case`. For each kind the statistics must rebuild
+the per-sample gradients, which the rest of the suite checks against NumPy
+through the backend's flat per-sample gradients. A backend that provides no
+model for a kind is skipped visibly, saying so. ``segment_sum``, which the
+embedding blocks use, is checked against ``numpy.add.at`` for every backend.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+
+from influence_core import InfluenceModel
+from influence_core.layerwise import coverage, per_sample_grads_from_layers
+
+from .cases import assert_close, registered_builder, to_numpy
+
+#: The kinds with a case each: a model holding at least one layer of the kind.
+KINDS = ("embedding", "elementwise")
+
+
+class LayerKindChecks:
+    """Embedding and elementwise layers, on the backend's own models (see the module docstring)."""
+
+    backend: str = ""
+
+    def layer_kind_case(self, kind: str) -> tuple[InfluenceModel, Any] | None:
+        """A float64 model whose θ holds a layer of ``kind``, and a batch of its data; None: none.
+
+        A good case has what users' models have: a token table with a padding
+        index and repeated tokens, a positional table looked up once for the
+        batch, LayerNorm/BatchNorm with an affine map away from the identity.
+        By default, ``layer_kind_case`` of the reference builder's module.
+        """
+        builder = registered_builder(self.backend)
+        factory = getattr(sys.modules.get(builder.__module__), "layer_kind_case", None)
+        made = None if factory is None else factory(kind)
+        if made is None:
+            return None
+        model, loss_fn, data = made
+        return InfluenceModel(model, loss_fn, backend=self.backend), data
+
+    def segment_sum_model(self) -> InfluenceModel:  # provided by BackendConformance
+        raise NotImplementedError
+
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_statistics_of_each_layer_kind_rebuild_the_per_sample_gradients(
+        self, kind: str
+    ) -> None:
+        case = self.layer_kind_case(kind)
+        if case is None:
+            pytest.skip(f"this backend's test class gives no {kind} model (layer_kind_case)")
+        model, data = case
+        kinds = {c.kind for c in coverage(model).values()}
+        assert kind in kinds, f"the case has no {kind} layer (kinds: {sorted(kinds)})"
+        rebuilt = per_sample_grads_from_layers(model, data)
+        expected = to_numpy(model.per_sample_grads(data))
+        assert_close(rebuilt, expected, 1e-10, f"per-sample gradients from {kind} statistics")
+
+    def test_segment_sum_adds_rows_into_their_segments(self) -> None:
+        model = self.segment_sum_model()
+        rng = np.random.default_rng(0)
+        values = rng.standard_normal((40, 3))
+        segments = rng.integers(0, 7, size=40)
+        segments[:3] = 8  # the last segment filled, one (7) left empty
+        expected = np.zeros((9, 3))
+        np.add.at(expected, segments, values)
+        native = model.kernels.as_native
+        got = model.kernels.segment_sum(native(values, floating=True), native(segments), 9)
+        assert_close(got, expected, 1e-12, "segment_sum against numpy.add.at")
