@@ -43,6 +43,7 @@ __all__ = [
     "coverage",
     "covering_layers",
     "embedding_rows",
+    "gradients_from_statistics",
     "layer_gradient_dots",
     "layer_gradient_matrices",
     "layer_gradient_squared_norms",
@@ -224,15 +225,24 @@ def per_sample_grads_from_layers(
 
     Equal to :meth:`InfluenceModel.per_sample_grads` (with a ``measurement``,
     to :meth:`InfluenceModel.batch_per_sample_grads` of it); here to check the
-    statistics (it builds the (b, d) matrix the layer-wise solvers avoid).
+    statistics, and for the test side of the layer-wise solvers, which is
+    (n_test, d) anyway (it needs no vmap, so it works where the model cannot
+    be vectorised over samples: a padded Hugging Face batch).
     """
-    xp = model.xp
     single = model._single_batch(batch)
     blocks = covering_layers(model)
     stats = model.layer_statistics(single, measurement)
+    return gradients_from_statistics(model, blocks, stats)
+
+
+def gradients_from_statistics(
+    model: InfluenceModel, blocks: Sequence[LayerBlock], stats: dict[str, tuple[Array, Array]]
+) -> Array:
+    """The (b, d) per-sample gradients, in θ order, that the layers' statistics describe."""
+    xp = model.xp
     pieces = []
     for block, matrix in zip(blocks, layer_gradient_matrices(xp, blocks, stats), strict=True):
-        b, p_in, p_out = single.size, block.layer.inputs, block.layer.outputs
+        b, p_in, p_out = int(matrix.shape[0]), block.layer.inputs, block.layer.outputs
         kernel = xp.reshape(matrix[:, :p_in, :], (b, p_in * p_out))
         pieces.append((block.kernel_offset, kernel))
         if block.bias_offset is not None:

@@ -50,6 +50,16 @@ def test_the_evaluation_examples_run(framework: str) -> None:
     assert re.search(r"LDS -?\d\.\d\d ± \d\.\d\d", result.stdout), result.stdout
 
 
+@pytest.mark.parametrize("example", [0, 1], ids=["bert", "gpt2"])
+def test_the_transformer_examples_run(example: int) -> None:
+    """docs/transformers.md: BERT and GPT-2 on all parameters, as pasted."""
+    block = code_blocks("transformers.md")[example]
+    result = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = "all covered: ['dense', 'elementwise', 'embedding']" if example == 0 else "TracIn"
+    assert expected in result.stdout, result.stdout
+
+
 def test_fault13_the_readme_use_snippets_run_verbatim() -> None:
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     assert len(blocks) >= 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from ..data import Batch
 from ..ihvp import ExactIHVP, InverseHessianVectorProduct
 from ..ihvp.base import TrainingSide, known_size
 from ..model import InfluenceModel
@@ -97,6 +98,11 @@ class FirstOrderInfluenceCalculator(InfluenceCalculator):
         """
         self._check_fitted()
         return self._stack((self.ihvp.test_side(g) for _, g in self._test_gradients(test_data)), 1)
+
+    def _test_gradients(self, data: Any) -> Iterator[tuple[Batch, Array]]:
+        """Test-side gradients as the solver takes them (layer-wise solvers: from statistics)."""
+        for batch in self.model.batches(data, self.batch_size):
+            yield batch, self.ihvp.test_gradients(self.model, batch, self.measurement)
 
     def _training_sides(self, data: Any) -> Iterator[tuple[Any, TrainingSide]]:
         """Each training batch as the solver scores it (per-sample gradients, or layer-wise)."""

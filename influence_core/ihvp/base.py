@@ -385,6 +385,14 @@ class InverseHessianVectorProduct(ABC):
         """What training gradients (b, d) become before meeting :meth:`test_side`: G itself."""
         return grads
 
+    def test_gradients(self, model: InfluenceModel, batch: Any, measurement: Any) -> Array:
+        """∇_θ m(z_i) of one test :class:`~influence_core.data.Batch`, (b, d), for :meth:`test_side`.
+
+        The per-sample gradients by default; a layer-wise solver builds them
+        from layer statistics instead (no vmap over samples).
+        """
+        return model.batch_per_sample_grads(batch, measurement)
+
     def training_side(self, model: InfluenceModel, batch: Any) -> TrainingSide:
         """One training :class:`~influence_core.data.Batch` as this solver scores it.
 

@@ -61,6 +61,7 @@ from ..layerwise import (
     coverage,
     covering_layers,
     embedding_rows,
+    gradients_from_statistics,
     layer_gradient_matrices,
 )
 from ..model import InfluenceModel
@@ -368,6 +369,13 @@ class KFACIHVP(InverseHessianVectorProduct):
         xp = self.xp
         matrices = self._matrices(self.model_.to_canonical(xp.matrix_transpose(grads)))
         return xp.matrix_transpose(self._flat(matrices))
+
+    def test_gradients(self, model: InfluenceModel, batch: Any, measurement: Any) -> Array:
+        """The test batch's gradients from its layer statistics (one forward and backward, no vmap)."""
+        stats = model.layer_statistics(batch, measurement)
+        if model.check_finite:
+            _check_statistics(model, batch, stats)
+        return gradients_from_statistics(model, covering_layers(model), stats)
 
     def training_side(self, model: InfluenceModel, batch: Any) -> TrainingSide:
         """A training batch from its layer-wise statistics (at its own labels): no (b, d) gradients."""
