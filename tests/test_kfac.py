@@ -336,3 +336,28 @@ def test_a_wide_convolution_rotates_its_statistics_before_forming_the_gradient()
     expected = (qa.T @ G @ qs) ** 2
     got = kfac._rotated_matrix_squares(model.xp, block, stats, qa, qs)
     assert float((got - expected).abs().max() / expected.abs().max()) < 1e-13
+
+
+def test_host_decompositions_keep_to_the_framework_s_thread_count(monkeypatch) -> None:
+    """NumPy's BLAS runs K-FAC's eigendecompositions with torch's thread count, not its own."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    seen = []
+    original = np.linalg.eigh
+
+    def recording(matrix):
+        seen.append(max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"))
+        return original(matrix)
+
+    monkeypatch.setattr(np.linalg, "eigh", recording)
+    model, train = exact_case()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with threadpool_limits(limits=4, user_api="blas"):  # NumPy's BLAS left at 4
+            KFACIHVP(damping=1e-3, fisher="empirical").fit(model, train)
+            outside = max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and set(seen) == {1}, seen
+    assert outside == 4  # restored after the fit

@@ -12,6 +12,7 @@ import numpy as np
 from ..chunk_store import check_manifest, locked
 from ..data import Batch, chunks
 from ..errors import NotPositiveDefiniteError
+from ..host_threads import host_threads
 from ..io import FORMAT, data_fingerprint
 from ..measurements import probability
 from ..model import InfluenceModel
@@ -242,7 +243,8 @@ class TRAK(InfluenceCalculator):
 
     def _inverse(self, gram: np.ndarray, s: int) -> Array:
         """(ΦᵀΦ + λI)⁻¹ in float64 on the host (eigh), checked positive definite."""
-        values, vectors = np.linalg.eigh(gram)
+        with host_threads(self.model):
+            values, vectors = np.linalg.eigh(gram)
         self.smallest_eigenvalues_.append(float(values[0]))
         damping = self.damping + self.relative_damping * float(np.trace(gram)) / len(values)
         #: λ_s, the damping each model's kernel was inverted with.

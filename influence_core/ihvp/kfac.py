@@ -56,6 +56,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..data import Batch
+from ..host_threads import host_threads
 from ..layerwise import (
     LayerBlock,
     coverage,
@@ -169,6 +170,11 @@ class KFACIHVP(InverseHessianVectorProduct):
         self.jitter_: list[float] = []
         values_a, values_s = [], []
         native = model.kernels.as_native
+        with host_threads(model):
+            decompositions = [
+                _decompose(block, sums, j, n, host) if block.kronecker else None
+                for j, block in enumerate(blocks)
+            ]
         for j, block in enumerate(blocks):
             if not block.kronecker:  # a diagonal block: E[G²] from the first pass, no bases
                 self.jitter_.append(0.0)
@@ -177,13 +183,7 @@ class KFACIHVP(InverseHessianVectorProduct):
                 self.eigenvectors_a_.append(None)
                 self.eigenvectors_s_.append(None)
                 continue
-            positions = int(sums[f"positions.{j}"])
-            a = np.asarray(host(sums[f"a.{j}"]), np.float64) / positions
-            if block.kind == "embedding":  # A = diag(token frequencies): its basis is I
-                la, qa, jitter_a = a[:, 0], None, 0.0
-            else:
-                la, qa, jitter_a = _eigh(a)
-            ls, qs, jitter_s = _eigh(np.asarray(host(sums[f"s.{j}"]), np.float64) / n)
+            la, qa, jitter_a, ls, qs, jitter_s = decompositions[j]
             self.jitter_.append(max(jitter_a, jitter_s))
             values_a.append(la)
             values_s.append(ls)
@@ -739,6 +739,17 @@ class EKFACIHVP(KFACIHVP):
     """
 
     corrects_eigenvalues = True
+
+
+def _decompose(block: LayerBlock, sums: dict[str, Any], j: int, n: int, host: Any) -> tuple:
+    """(λ_A, Q_A, jitter, λ_S, Q_S, jitter) of layer j's factors (Q_A ``None`` for an embedding)."""
+    a = np.asarray(host(sums[f"a.{j}"]), np.float64) / int(sums[f"positions.{j}"])
+    if block.kind == "embedding":  # A = diag(token frequencies): its basis is I
+        la, qa, jitter_a = a[:, 0], None, 0.0
+    else:
+        la, qa, jitter_a = _eigh(a)
+    ls, qs, jitter_s = _eigh(np.asarray(host(sums[f"s.{j}"]), np.float64) / n)
+    return la, qa, jitter_a, ls, qs, jitter_s
 
 
 def _eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:

@@ -400,6 +400,13 @@ class ModelKernels(ABC):
         """
         raise self._unsupported("layers (needed by K-FAC and EK-FAC)")
 
+    def host_threads(self) -> int | None:
+        """The framework's CPU thread count, which the core's NumPy linear algebra keeps to.
+
+        ``None`` (the default): NumPy's BLAS is left as it is.
+        """
+        return None
+
     def layer_gaps(self) -> dict[str, str]:
         """Selected parameters that no layer of :meth:`layers` holds, each with why.
 

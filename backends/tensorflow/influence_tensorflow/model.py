@@ -370,6 +370,10 @@ class TensorFlowKernels(ModelKernels):
     def layers(self) -> tuple[Layer, ...]:
         return self._layer_statistics_of().layers
 
+    def host_threads(self) -> int | None:
+        threads = tf.config.threading.get_intra_op_parallelism_threads()
+        return threads or None  # 0: TensorFlow's default, all cores
+
     def segment_sum(self, values: Any, segments: Any, count: int) -> Any:
         return tf.math.unsorted_segment_sum(values, tf.convert_to_tensor(segments), count)
 

@@ -464,6 +464,9 @@ class TorchKernels(ModelKernels):
         out = torch.zeros((count, values.shape[1]), dtype=values.dtype, device=values.device)
         return out.index_add_(0, segments, values)
 
+    def host_threads(self) -> int:
+        return torch.get_num_threads()
+
     def layer_gaps(self) -> dict[str, str]:
         return layer_gaps(self.module, self._names)
 
