@@ -170,10 +170,10 @@ class KFACIHVP(InverseHessianVectorProduct):
         self.jitter_: list[float] = []
         values_a, values_s = [], []
         native = model.kernels.as_native
-        with host_threads(model):
+        with host_threads(model):  # one layer at a time, with a progress bar (layers done, ETA)
             decompositions = [
                 _decompose(block, sums, j, n, host) if block.kronecker else None
-                for j, block in enumerate(blocks)
+                for j, block in enumerate(progress(blocks, desc="K-FAC eigendecompositions"))
             ]
         for j, block in enumerate(blocks):
             if not block.kronecker:  # a diagonal block: E[G²] from the first pass, no bases
