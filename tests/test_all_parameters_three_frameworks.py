@@ -178,29 +178,28 @@ def keras_loss() -> keras.losses.Loss:
     )
 
 
-def test_the_keras_block_is_covered_whole_and_its_statistics_rebuild_its_gradients() -> None:
-    model = InfluenceModel(keras_block(), keras_loss())
+def assert_rebuilt(model: InfluenceModel, batch: tuple[np.ndarray, np.ndarray]) -> None:
+    """Every parameter covered, and the statistics rebuild the per-sample gradients."""
     covered = coverage(model)
     assert list(covered) == list(model.parameter_names)  # 100 % of θ
-    kinds = {name.rsplit("/", 2)[-2]: c.kind for name, c in covered.items()}
-    assert kinds["query"] == kinds["attention_output"] == "dense"
     assert {c.kind for c in covered.values()} == {"embedding", "elementwise", "dense"}
-    batch = data(6, 0)
     flat = model.to_numpy(model.per_sample_grads(batch))
     rebuilt = model.to_numpy(per_sample_grads_from_layers(model, batch))
     np.testing.assert_allclose(rebuilt, flat, atol=1e-12 * np.abs(flat).max())
+
+
+def test_the_keras_block_is_covered_whole_and_its_statistics_rebuild_its_gradients() -> None:
+    model = InfluenceModel(keras_block(), keras_loss())
+    kinds = {name.rsplit("/", 2)[-2]: c.kind for name, c in coverage(model).items()}
+    assert kinds["query"] == kinds["attention_output"] == "dense"  # MultiHeadAttention's
+    assert_rebuilt(model, data(6, 0))
 
 
 def test_the_nnx_block_is_covered_whole_and_its_statistics_rebuild_its_gradients() -> None:
     model = InfluenceModel(nnx_twin(torch_twin(keras_block())), nnx_loss)
     covered = coverage(model)
-    assert list(covered) == list(model.parameter_names)  # 100 % of θ
     assert covered["attention/query/kernel"].kind == covered["attention/out/kernel"].kind == "dense"
-    assert {c.kind for c in covered.values()} == {"embedding", "elementwise", "dense"}
-    batch = data(6, 0)
-    flat = model.to_numpy(model.per_sample_grads(batch))
-    rebuilt = model.to_numpy(per_sample_grads_from_layers(model, batch))
-    np.testing.assert_allclose(rebuilt, flat, atol=1e-12 * np.abs(flat).max())
+    assert_rebuilt(model, data(6, 0))
 
 
 def test_the_torch_keras_and_nnx_blocks_agree_to_1e_8() -> None:

@@ -29,6 +29,7 @@ from influence_core import (
 from influence_core.layerwise import coverage, covering_layers, per_sample_grads_from_layers
 from influence_core.measurements import LOSS
 from influence_core.plugin import ModelKernels
+from influence_torch.reference_models import layer_kind_case
 
 VOCAB, WIDTH, T = 7, 4, 5
 
@@ -84,23 +85,9 @@ def token_model(one_hot: bool = False, seed: int = 0) -> InfluenceModel:
 
 
 def norm_convnet() -> tuple[InfluenceModel, tuple[torch.Tensor, torch.Tensor]]:
-    torch.manual_seed(1)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(2, 4, 3, padding=1),
-        torch.nn.BatchNorm2d(4),
-        torch.nn.ReLU(),
-        torch.nn.GroupNorm(2, 4),
-        torch.nn.Flatten(),
-        torch.nn.Linear(4 * 25, 3),
-    ).double()
-    with torch.no_grad():  # running statistics and an affine map away from the identity
-        net[1].running_mean.uniform_(-1, 1)
-        net[1].running_var.uniform_(0.5, 2)
-        net[1].weight.uniform_(0.5, 1.5)
-        net[3].bias.uniform_(-0.5, 0.5)
-    net.eval()
-    data = (torch.randn(7, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (7,)))
-    return InfluenceModel(net, cross_entropy()), data
+    """The torch backend's conformance case: Conv2d, BatchNorm2d (inference), GroupNorm, Linear."""
+    net, loss, data = layer_kind_case("elementwise")
+    return InfluenceModel(net, loss), data
 
 
 def theta_indices(model: InfluenceModel, name: str) -> np.ndarray:

@@ -209,7 +209,7 @@ def sequence_loss(logits, labels):
     return tokens.sum(1)
 
 
-def gpt2() -> torch.nn.Module:
+def gpt2(tied: bool = True) -> torch.nn.Module:
     torch.manual_seed(0)
     config = transformers.GPT2Config(
         vocab_size=30,
@@ -219,6 +219,7 @@ def gpt2() -> torch.nn.Module:
         n_head=2,
         bos_token_id=0,
         eos_token_id=0,
+        tie_word_embeddings=tied,
     )
     return transformers.GPT2LMHeadModel(config).double().eval()
 

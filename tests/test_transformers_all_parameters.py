@@ -14,6 +14,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from test_model_outputs import CE, bert, gpt2, sequence_loss  # noqa: E402
+
 from influence_core import (  # noqa: E402
     EKFACIHVP,
     KFACIHVP,
@@ -26,44 +28,6 @@ from influence_core import (  # noqa: E402
 from influence_core.layerwise import coverage, per_sample_grads_from_layers  # noqa: E402
 
 rng = np.random.default_rng(0)
-CE = torch.nn.CrossEntropyLoss(reduction="none")
-
-
-def bert() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
-    return transformers.BertForSequenceClassification(config).double().eval()
-
-
-def gpt2(tied: bool = False) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=30,
-        n_positions=16,
-        n_embd=16,
-        n_layer=1,
-        n_head=2,
-        bos_token_id=0,
-        eos_token_id=0,
-        tie_word_embeddings=tied,
-    )
-    return transformers.GPT2LMHeadModel(config).double().eval()
-
-
-def sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """A sequence's loss: the sum of its next-token cross-entropies (labels -100 are padding)."""
-    tokens = torch.nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none", ignore_index=-100
-    )
-    return tokens.sum(1)
 
 
 def bert_data(n: int = 12) -> dict[str, torch.Tensor]:
@@ -82,7 +46,7 @@ def gpt2_data(n: int = 12) -> dict[str, torch.Tensor]:
 
 CASES = {
     "bert": (bert, CE, bert_data),
-    "gpt2": (gpt2, sequence_loss, gpt2_data),
+    "gpt2": (lambda: gpt2(tied=False), sequence_loss, gpt2_data),
 }
 
 
