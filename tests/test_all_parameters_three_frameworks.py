@@ -302,3 +302,12 @@ def test_an_nnx_cnn_with_batch_norm_on_all_parameters(solver) -> None:
     expected = solved.T @ flat.T
     got = model.to_numpy(calculator.influence(test))
     np.testing.assert_allclose(got, expected, atol=1e-9 * np.abs(expected).max())
+
+
+def test_a_keras_layer_without_statistics_is_named_with_why() -> None:
+    inputs = keras.Input((6, 6, 4), dtype="float64")
+    x = keras.layers.GroupNormalization(groups=2, dtype="float64")(inputs)
+    outputs = keras.layers.Dense(3, dtype="float64")(keras.layers.Flatten(dtype="float64")(x))
+    model = InfluenceModel(keras.Model(inputs, outputs), keras_loss())
+    with pytest.raises(ValueError, match=r"gamma: GroupNormalization is not a layer kind"):
+        coverage(model)

@@ -161,6 +161,7 @@ class LayerStatistics:
             found.append(Layer(kernel.rpartition("/")[0], kind, kernel, bias, inputs, outputs))
             self.keras_layers.append(layer)
         self.layers = tuple(found)
+        self.gaps = _gaps(model, by_variable, self.layers)
 
     def __call__(self, loss_fn: Any, inputs: Any, targets: Any) -> dict[str, tuple[Any, Any]]:
         b = int(tf.shape(targets)[0])
@@ -227,6 +228,27 @@ class LayerStatistics:
         if bias is not None:
             z = z + bias
         return z, patches
+
+
+def _gaps(model: Any, by_variable: dict[int, str], layers: Sequence[Layer]) -> dict[str, str]:
+    """Why each selected variable that no layer holds has none (its layer's class, and what it lacks)."""
+    covered = {layer.kernel for layer in layers} | {layer.bias for layer in layers}
+    gaps: dict[str, str] = {}
+    for layer in _all_layers(model):
+        for variable in getattr(layer, "_trainable_variables", None) or layer.trainable_weights:
+            name = by_variable.get(id(_unwrapped(variable)))
+            if name is None or name in covered or name in gaps:
+                continue
+            kind = type(layer).__name__
+            if kind in ("LayerNormalization", "RMSNormalization", "BatchNormalization"):
+                gaps[name] = f"a {kind} over an axis other than the last, or without a scale"
+            elif kind == "Conv2D":
+                gaps[name] = "a Conv2D with groups > 1 or channels_first"
+            elif kind == "EinsumDense":
+                gaps[name] = f"an EinsumDense whose equation {layer.equation!r} is not dense"
+            else:
+                gaps[name] = f"{kind} is not a layer kind the tensorflow backend knows"
+    return gaps
 
 
 def _product(shape: Sequence[int]) -> int:

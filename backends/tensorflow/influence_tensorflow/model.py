@@ -370,6 +370,9 @@ class TensorFlowKernels(ModelKernels):
     def layers(self) -> tuple[Layer, ...]:
         return self._layer_statistics_of().layers
 
+    def layer_gaps(self) -> dict[str, str]:
+        return self._layer_statistics_of().gaps if self._keras else {}
+
     def host_threads(self) -> int | None:
         threads = tf.config.threading.get_intra_op_parallelism_threads()
         return threads or None  # 0: TensorFlow's default, all cores
