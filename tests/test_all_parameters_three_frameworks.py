@@ -311,3 +311,17 @@ def test_a_keras_layer_without_statistics_is_named_with_why() -> None:
     model = InfluenceModel(keras.Model(inputs, outputs), keras_loss())
     with pytest.raises(ValueError, match=r"gamma: GroupNormalization is not a layer kind"):
         coverage(model)
+
+
+def test_an_nnx_parameter_used_directly_is_named_with_why() -> None:
+    class ClassToken(nnx.Module):
+        def __init__(self) -> None:
+            self.token = nnx.Param(jax.numpy.zeros((D,), jax.numpy.float64))
+            self.head = nnx.Linear(D, CLASSES, param_dtype=jax.numpy.float64, rngs=nnx.Rngs(0))
+
+        def __call__(self, x: jax.Array) -> jax.Array:
+            return self.head(x + self.token[...])
+
+    model = InfluenceModel(ClassToken(), nnx_loss)
+    with pytest.raises(ValueError, match=r"token: a parameter used directly by ClassToken"):
+        coverage(model)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from influence_core.plugin import Layer
 
-__all__ = ["recording_graph"]
+__all__ = ["layer_gaps", "recording_graph"]
 
 
 class _NormsMeta(type):
@@ -189,6 +189,33 @@ def recording_graph(inference: Any, selected: Sequence[str]) -> tuple[tuple[Laye
         modules[name] = node
     graphdef = nnx.split(clone, nnx.Param, ...)[0]
     return tuple(layers), graphdef, modules
+
+
+def layer_gaps(inference: Any, selected: Sequence[str], layers: Sequence[Layer]) -> dict[str, str]:
+    """Why each selected parameter that no layer of ``layers`` holds has none."""
+    from flax import nnx
+
+    covered = {layer.kernel for layer in layers} | {layer.bias for layer in layers}
+    chosen = set(selected)
+    gaps = {}
+    for path, node in nnx.iter_graph(inference):
+        if not isinstance(node, nnx.Module):
+            continue
+        prefix = "/".join(str(p) for p in path)
+        for attribute, value in vars(node).items():
+            name = f"{prefix}/{attribute}" if prefix else attribute
+            if not isinstance(value, nnx.Param) or name not in chosen or name in covered:
+                continue
+            kind = type(node).__name__
+            if not path or attribute not in ("kernel", "bias", "scale", "embedding"):
+                gaps[name] = f"a parameter used directly by {kind} {prefix or 'the model'!r}"
+            elif isinstance(node, _NORMS):
+                gaps[name] = f"a {kind} over an axis other than the last, or without a scale"
+            elif isinstance(node, nnx.Conv):
+                gaps[name] = "an nnx.Conv with feature groups, input dilation or custom padding"
+            else:
+                gaps[name] = f"{kind} is not a layer kind the jax backend knows"
+    return gaps
 
 
 def _padding(module: Any) -> Any:

@@ -41,7 +41,7 @@ from influence_core.plugin import (
     select_parameters,
 )
 
-from .layers import recording_graph, statistics_function
+from .layers import layer_gaps, recording_graph, statistics_function
 
 __all__ = ["Functional", "JaxKernels"]
 
@@ -398,6 +398,11 @@ class JaxKernels(ModelKernels):
 
     def layers(self) -> tuple[Layer, ...]:
         return self._layer_statistics_kernel()[0]
+
+    def layer_gaps(self) -> dict[str, str]:
+        if self._functional:
+            return {}
+        return layer_gaps(self._inference, self.layout.names, self.layers())
 
     def segment_sum(self, values: Any, segments: Any, count: int) -> Any:
         return jax.ops.segment_sum(values, jnp.asarray(segments), num_segments=count)
