@@ -238,10 +238,22 @@ def per_sample_grads_from_layers(
 def gradients_from_statistics(
     model: InfluenceModel, blocks: Sequence[LayerBlock], stats: dict[str, tuple[Array, Array]]
 ) -> Array:
-    """The (b, d) per-sample gradients, in θ order, that the layers' statistics describe."""
+    """The (b, d) per-sample gradients, in θ order, that the layers' statistics describe.
+
+    An embedding's rows are summed per (sample, token) and placed with one
+    ``segment_sum`` (no (b, T, vocabulary) one-hot array).
+    """
     xp = model.xp
     pieces = []
-    for block, matrix in zip(blocks, layer_gradient_matrices(xp, blocks, stats), strict=True):
+    for block in blocks:
+        if block.kind == "embedding":
+            indices, g = stats[block.layer.name]
+            b, rows, width = int(g.shape[0]), block.layer.inputs, block.layer.outputs
+            samples, tokens, summed = embedding_rows(model, indices, g)
+            placed = model.kernels.segment_sum(summed, samples * rows + tokens, b * rows)
+            pieces.append((block.kernel_offset, xp.reshape(placed, (b, rows * width))))
+            continue
+        (matrix,) = layer_gradient_matrices(xp, [block], stats)
         b, p_in, p_out = int(matrix.shape[0]), block.layer.inputs, block.layer.outputs
         kernel = xp.reshape(matrix[:, :p_in, :], (b, p_in * p_out))
         pieces.append((block.kernel_offset, kernel))

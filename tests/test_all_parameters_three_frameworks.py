@@ -250,23 +250,27 @@ def keras_cnn() -> keras.Model:
     return net
 
 
-@pytest.mark.parametrize("solver", [KFACIHVP, EKFACIHVP])
-def test_a_keras_cnn_with_batch_normalization_on_all_parameters(solver) -> None:
-    model = InfluenceModel(keras_cnn(), keras_loss())
+def assert_cnn_scores(model: InfluenceModel, train: tuple, solver: type) -> None:
+    """All parameters covered; statistics rebuild the gradients; scores equal solve(g_test)ᵀ g_train."""
     assert {c.kind for c in coverage(model).values()} == {"conv2d", "elementwise", "dense"}
-    rng = np.random.default_rng(6)
-    train = (rng.standard_normal((12, 6, 6, 2)), rng.integers(0, 3, 12))
     flat = model.to_numpy(model.per_sample_grads(train))
     rebuilt = model.to_numpy(per_sample_grads_from_layers(model, train))
     np.testing.assert_allclose(rebuilt, flat, atol=1e-12 * np.abs(flat).max())
     calculator = FirstOrderInfluenceCalculator(model, solver(damping=1e-2, fisher="empirical"))
     calculator = calculator.fit(train)
     test = (train[0][:3], train[1][:3])
-    g_train, g_test = flat, model.to_numpy(model.per_sample_grads(test))
+    g_test = model.to_numpy(model.per_sample_grads(test))
     solved = model.to_numpy(calculator.ihvp.solve(model.kernels.as_native(g_test.T)))
-    expected = solved.T @ g_train.T
+    expected = solved.T @ flat.T
     got = model.to_numpy(calculator.influence(test))
     np.testing.assert_allclose(got, expected, atol=1e-9 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("solver", [KFACIHVP, EKFACIHVP])
+def test_a_keras_cnn_with_batch_normalization_on_all_parameters(solver) -> None:
+    rng = np.random.default_rng(6)
+    train = (rng.standard_normal((12, 6, 6, 2)), rng.integers(0, 3, 12))
+    assert_cnn_scores(InfluenceModel(keras_cnn(), keras_loss()), train, solver)
 
 
 class NnxCNN(nnx.Module):
@@ -288,20 +292,8 @@ def test_an_nnx_cnn_with_batch_norm_on_all_parameters(solver) -> None:
     net.norm.mean[...] = rng.uniform(-1, 1, 4).astype(np.float32)  # nnx keeps them in float32
     net.norm.var[...] = rng.uniform(0.5, 2, 4).astype(np.float32)
     net.norm.scale[...] = rng.uniform(0.5, 1.5, 4)
-    model = InfluenceModel(net, nnx_loss)
-    assert {c.kind for c in coverage(model).values()} == {"conv2d", "elementwise", "dense"}
     train = (rng.standard_normal((12, 6, 6, 2)), rng.integers(0, 3, 12))
-    flat = model.to_numpy(model.per_sample_grads(train))
-    rebuilt = model.to_numpy(per_sample_grads_from_layers(model, train))
-    np.testing.assert_allclose(rebuilt, flat, atol=1e-12 * np.abs(flat).max())
-    calculator = FirstOrderInfluenceCalculator(model, solver(damping=1e-2, fisher="empirical"))
-    calculator = calculator.fit(train)
-    test = (train[0][:3], train[1][:3])
-    g_test = model.to_numpy(model.per_sample_grads(test))
-    solved = model.to_numpy(calculator.ihvp.solve(model.kernels.as_native(g_test.T)))
-    expected = solved.T @ flat.T
-    got = model.to_numpy(calculator.influence(test))
-    np.testing.assert_allclose(got, expected, atol=1e-9 * np.abs(expected).max())
+    assert_cnn_scores(InfluenceModel(net, nnx_loss), train, solver)
 
 
 def test_a_keras_layer_without_statistics_is_named_with_why() -> None:
