@@ -23,9 +23,13 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
+from transformer_model import seeded
 
 from influence_core import (
     EKFACIHVP,
@@ -36,51 +40,15 @@ from influence_core import (
 )
 from influence_core.layerwise import coverage
 
-VOCAB, WIDTH, T, BLOCKS, HEADS = 8000, 256, 64, 4, 4
+HERE = Path(__file__).resolve().parent
+KRONFLUENCE = HERE / ".envs" / "kronfluence" / "bin" / "python"
+N_TEST = 50
 
 
-class Block(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = torch.nn.LayerNorm(WIDTH), torch.nn.LayerNorm(WIDTH)
-        self.q, self.k, self.v, self.o = (torch.nn.Linear(WIDTH, WIDTH) for _ in range(4))
-        self.up, self.down = torch.nn.Linear(WIDTH, 4 * WIDTH), torch.nn.Linear(4 * WIDTH, WIDTH)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        h = self.norm1(x)
-
-        def heads(layer: torch.nn.Linear) -> torch.Tensor:
-            return layer(h).reshape(b, T, HEADS, WIDTH // HEADS).transpose(1, 2)
-
-        attended = torch.softmax(
-            heads(self.q) @ heads(self.k).transpose(2, 3) / (WIDTH // HEADS) ** 0.5, dim=-1
-        ) @ heads(self.v)
-        x = x + self.o(attended.transpose(1, 2).reshape(b, T, WIDTH))
-        return x + self.down(torch.nn.functional.gelu(self.up(self.norm2(x))))
-
-
-class Transformer(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.tokens = torch.nn.Embedding(VOCAB, WIDTH)
-        self.positions = torch.nn.Embedding(T, WIDTH)
-        self.blocks = torch.nn.Sequential(*(Block() for _ in range(BLOCKS)))
-        self.norm = torch.nn.LayerNorm(WIDTH)
-        self.head = torch.nn.Linear(WIDTH, 10)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.tokens(ids) + self.positions(torch.arange(T)[None])
-        return self.head(self.norm(self.blocks(x)).mean(dim=1))
-
-
-def one(subset: str, n_train: int) -> dict[str, float]:
+def one(subset: str, n_train: int, scores: str | None = None) -> dict[str, float]:
     set_progress(False)
-    torch.manual_seed(0)
-    net = Transformer().eval()
-    ids = torch.randint(0, VOCAB, (n_train + 50, T))
-    y = torch.randint(0, 10, (n_train + 50,))
-    train, test = (ids[50:], y[50:]), (ids[:50], y[:50])
+    torch.set_num_threads(2)
+    net, train, test = seeded(n_train, N_TEST)
     model = InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"), batch_size=32)
     if subset == "dense":
         dense = sorted({c.layer for c in coverage(model).values() if c.kind == "dense"})
@@ -90,10 +58,12 @@ def one(subset: str, n_train: int) -> dict[str, float]:
         model, EKFACIHVP(damping=1e-3, fisher="empirical")
     ).fit(train)
     fitted = time.perf_counter()
-    calculator.influence(test)
+    pairwise = calculator.influence(test)
     scored = time.perf_counter()
-    calculator.self_influence()
+    own = calculator.self_influence()
     done = time.perf_counter()
+    if scores:
+        np.savez(scores, pairwise=pairwise.double().numpy(), self=own.double().numpy())
     return {
         "d": model.num_parameters,
         "fit": fitted - start,
@@ -105,13 +75,11 @@ def one(subset: str, n_train: int) -> dict[str, float]:
 
 def tracin() -> None:
     set_progress(False)
-    torch.manual_seed(0)
-    net = Transformer().eval()
-    ids, y = torch.randint(0, VOCAB, (522, T)), torch.randint(0, 10, (522,))
+    net, train, test = seeded(512, 10)
     model = InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"), batch_size=256)
     start = time.perf_counter()
-    calculator = TracIn(model, [model.save_state()], 0.1).fit((ids[10:], y[10:]))
-    calculator.influence((ids[:10], y[:10]))
+    calculator = TracIn(model, [model.save_state()], 0.1).fit(train)
+    calculator.influence(test)
     calculator.self_influence()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(
@@ -120,38 +88,109 @@ def tracin() -> None:
     )
 
 
+def kronfluence(n_train: int, work: Path) -> dict[str, float]:
+    """kronfluence's EK-FAC on the same weights and data (its nn.Linear subset), in its own venv."""
+    net, (train_ids, train_y), (test_ids, test_y) = seeded(n_train, N_TEST)
+    state = {f"state.{k}": v.numpy() for k, v in net.state_dict().items()}
+    setup, out = work / "setup.npz", work / "kronfluence.npz"
+    np.savez(
+        setup,
+        train_ids=train_ids.numpy(),
+        train_y=train_y.numpy(),
+        test_ids=test_ids.numpy(),
+        test_y=test_y.numpy(),
+        **state,
+    )
+    runner = HERE / "peers" / "run_kronfluence_transformer.py"
+    subprocess.run([str(KRONFLUENCE), str(runner), str(setup), str(out)], check=True)
+    with np.load(out) as r:
+        fit, pairwise, own = (float(x) for x in r["seconds"])
+        return {"fit": fit, "pairwise": pairwise, "self": own, "rss_gb": float(r["rss_gb"])}
+
+
+def _agreement(ours: Path, theirs: Path) -> str:
+    with np.load(ours) as a, np.load(theirs) as b:
+        parts = []
+        for key in ("pairwise", "self"):
+            x, y = a[key].ravel(), b[key].ravel()
+            pearson = np.corrcoef(x, y)[0, 1]
+            parts.append(
+                f"{key}: Pearson {pearson:.6f}, max rel. diff "
+                f"{np.abs(x - y).max() / np.abs(y).max():.1e}"
+            )
+        return "; ".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--subsets", nargs="+", default=["all", "dense"])
     parser.add_argument("--tracin", action="store_true")
+    parser.add_argument(
+        "--kronfluence",
+        action="store_true",
+        help="also run kronfluence's EK-FAC on the dense subset (benchmarks/.envs)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--scores", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tracin:
         tracin()
         return
     if args.one:
-        print(json.dumps(one(args.one, args.n_train)))
+        print(json.dumps(one(args.one, args.n_train, args.scores)))
         return
-    print(f"transformer, torch float32, {torch.get_num_threads()} threads, n_train {args.n_train}")
+    print(f"transformer, torch float32, 2 threads, n_train {args.n_train}, {N_TEST} test sequences")
     print()
     print(
-        "| parameters | d | fit (s) | pairwise, 50 test (s) | self-influence (s) | peak RSS (GB) |"
+        "| library, parameters | d | fit (s) | pairwise (s) | self-influence (s) | total (s) "
+        "| peak RSS (GB) |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
-    for subset in args.subsets:
-        result = subprocess.run(
-            [sys.executable, __file__, "--one", subset, "--n-train", str(args.n_train)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        r = json.loads(result.stdout.strip().splitlines()[-1])
-        print(
-            f"| {subset} | {r['d']:,} | {r['fit']:.1f} | {r['pairwise']:.1f} | {r['self']:.1f} "
-            f"| {r['rss_gb']:.2f} |",
-            flush=True,
-        )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for subset in args.subsets:
+            command = [
+                sys.executable,
+                __file__,
+                "--one",
+                subset,
+                "--n-train",
+                str(args.n_train),
+                "--scores",
+                str(work / f"ours-{subset}.npz"),
+            ]
+            result = subprocess.run(command, capture_output=True, text=True, check=True)
+            rows[f"ours, {subset}"] = r = json.loads(result.stdout.strip().splitlines()[-1])
+            _print_row(f"ours, {subset}", r)
+        if args.kronfluence:
+            r = kronfluence(args.n_train, work)
+            r["d"] = rows.get("ours, dense", {}).get("d", 0)
+            rows["kronfluence, dense"] = r
+            _print_row("kronfluence, dense (its nn.Linear subset)", r)
+            print()
+            total = {k: v["fit"] + v["pairwise"] + v["self"] for k, v in rows.items()}
+            for name in total:
+                if name != "kronfluence, dense":
+                    print(
+                        f"{name}: {total[name] / total['kronfluence, dense']:.2f}x kronfluence's "
+                        f"time, {rows[name]['rss_gb'] / r['rss_gb']:.2f}x its peak RSS"
+                    )
+            if (work / "ours-dense.npz").exists():
+                print(
+                    "dense subset, ours against kronfluence: "
+                    + _agreement(work / "ours-dense.npz", work / "kronfluence.npz")
+                )
+
+
+def _print_row(name: str, r: dict[str, float]) -> None:
+    total = r["fit"] + r["pairwise"] + r["self"]
+    print(
+        f"| {name} | {r['d']:,} | {r['fit']:.1f} | {r['pairwise']:.1f} | {r['self']:.1f} "
+        f"| {total:.1f} | {r['rss_gb']:.2f} |",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
