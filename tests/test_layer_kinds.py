@@ -175,6 +175,9 @@ def test_every_scoring_path_from_statistics_equals_flat_gradients(build: str) ->
     expected = solved.T @ g_train.T  # the sign: checked by magnitude below
     got = fitted.influence(test)
     assert relative(got, expected) < 1e-10  # a positive score is a proponent: gᵀ H⁻¹ g
+    batch = model._single_batch(test)  # the test side solved layer by layer, as from (b, d)
+    by_layer = fitted.ihvp.solved_test_side(model, batch, LOSS)
+    assert relative(by_layer, fitted.ihvp.test_side(g_test)) < 1e-12
     self_expected = torch.einsum("id,di->i", g_train, fitted.ihvp.solve(g_train.T))
     assert relative(fitted.self_influence(), self_expected) < 1e-10
     state = model.kernels.save_state()
@@ -184,6 +187,20 @@ def test_every_scoring_path_from_statistics_equals_flat_gradients(build: str) ->
     projector = KroneckerProjection(128, 128)  # every side kept: exact features
     features = projector.features(model, model._single_batch(train), LOSS)
     assert relative(features @ features.T, g_train @ g_train.T) < 1e-12
+
+
+def test_the_layer_wise_test_side_never_forms_the_batch_gradients(monkeypatch) -> None:
+    model, train = token_model(), token_data()
+    fitted = FirstOrderInfluenceCalculator(model, EKFACIHVP(damping=1e-2)).fit(train)
+    test = tuple(part[:3] for part in train)
+    expected = fitted.influence(test)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the (b, d) test gradients were formed")
+
+    monkeypatch.setattr(type(fitted.ihvp), "test_gradients", refused)
+    monkeypatch.setattr(type(fitted.ihvp), "test_side", refused)
+    assert relative(fitted.influence(test), expected) == 0.0
 
 
 def test_a_table_called_without_a_batch_axis_is_named() -> None:

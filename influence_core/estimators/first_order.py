@@ -97,7 +97,11 @@ class FirstOrderInfluenceCalculator(InfluenceCalculator):
         score many training sets (or shards) with :meth:`influence_from_prepared`.
         """
         self._check_fitted()
-        return self._stack((self.ihvp.test_side(g) for _, g in self._test_gradients(test_data)), 1)
+        solved = (
+            self.ihvp.solved_test_side(self.model, batch, self.measurement)
+            for batch in self.model.batches(test_data, self.batch_size)
+        )
+        return self._stack(solved, 1)
 
     def _test_gradients(self, data: Any) -> Iterator[tuple[Batch, Array]]:
         """Test-side gradients as the solver takes them (layer-wise solvers: from statistics)."""

@@ -393,6 +393,14 @@ class InverseHessianVectorProduct(ABC):
         """
         return model.batch_per_sample_grads(batch, measurement)
 
+    def solved_test_side(self, model: InfluenceModel, batch: Any, measurement: Any) -> Array:
+        """:meth:`test_side` of one test batch's :meth:`test_gradients`: what the calculators keep.
+
+        A solver that can solve without the batch's (b, d) gradients (layer by
+        layer, from statistics) overrides this to keep its peak memory down.
+        """
+        return self.test_side(self.test_gradients(model, batch, measurement))
+
     def training_side(self, model: InfluenceModel, batch: Any) -> TrainingSide:
         """One training :class:`~influence_core.data.Batch` as this solver scores it.
 

@@ -51,6 +51,7 @@ Fisher); every selected parameter must belong to a supported layer.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -259,9 +260,12 @@ class KFACIHVP(InverseHessianVectorProduct):
 
     def _matrices(self, canonical: Array) -> list[Array]:
         """A canonical block (d, k) as each layer's (k, p_in [+1], p_out) matrices."""
+        return list(self._each_matrix(canonical))
+
+    def _each_matrix(self, canonical: Array) -> Iterator[Array]:
+        """:meth:`_matrices`, one layer at a time."""
         xp = self.xp
         k = int(canonical.shape[1])
-        out = []
         for block in self.blocks_:
             p_in, p_out = block.layer.inputs, block.layer.outputs
             start = block.kernel_offset
@@ -270,8 +274,7 @@ class KFACIHVP(InverseHessianVectorProduct):
             if block.bias_offset is not None:
                 bias = canonical[block.bias_offset : block.bias_offset + p_out, :]
                 matrix = xp.concat([matrix, xp.matrix_transpose(bias)[:, None, :]], axis=1)
-            out.append(matrix)
-        return out
+            yield matrix
 
     def _canonical(self, matrices: list[Array]) -> Array:
         """The inverse of :meth:`_matrices`: a canonical block (d, k)."""
@@ -302,7 +305,11 @@ class KFACIHVP(InverseHessianVectorProduct):
         ]
 
     def _scales(self) -> list[Array]:
-        return [v + lam for v, lam in zip(self.eigenvalues_, self.layer_damping_, strict=True)]
+        return [self._scale(j) for j in range(len(self.eigenvalues_))]
+
+    def _scale(self, j: int) -> Array:
+        """Λ + λ of layer j, in its eigenbasis."""
+        return self.eigenvalues_[j] + self.layer_damping_[j]
 
     def _apply(self, vectors: Array, *, inverse: bool) -> Array:
         self._check_fitted()
@@ -339,23 +346,65 @@ class KFACIHVP(InverseHessianVectorProduct):
         L ((p, r), σ folded in) and R ((r, o)) instead, r (p + o) rows.
         """
         self._check_fitted()
-        xp = self.xp
-        rotated = self._rotated(
-            self._matrices(self.model_.to_canonical(xp.matrix_transpose(grads)))
+        canonical = self.model_.to_canonical(self.xp.matrix_transpose(grads))
+        matrices = self._each_matrix(canonical)
+        return self._flattened(self._solve_matrix(j, m) for j, m in enumerate(matrices))
+
+    def solved_test_side(self, model: InfluenceModel, batch: Any, measurement: Any) -> Array:
+        """:meth:`test_side` of a test batch, straight from its layer statistics.
+
+        Each layer's gradient matrices are built, solved and flattened in turn:
+        the batch's (b, d) gradients and their canonical copy never exist. An
+        embedding is solved on its nonzero rows (one per (sample, token) pair,
+        at most b·T) and placed once, so the peak is the solved block and one
+        layer's temporaries.
+        """
+        self._check_fitted()
+        stats = model.layer_statistics(batch, measurement)
+        if model.check_finite:
+            _check_statistics(model, batch, stats)
+        return self._flattened(
+            self._solve_layer(model, j, block, stats) for j, block in enumerate(self.blocks_)
         )
-        solved = self._back([r / s for r, s in zip(rotated, self._scales(), strict=True)])
-        if self.query_rank is None:
-            return self._flat(solved)
-        pieces, self.query_truncation_ = [], []
+
+    def _solve_matrix(self, j: int, matrix: Array) -> Array:
+        """(F̂_j + λI)⁻¹ for layer j's (k, p, o) matrices: Q_A ((Q_Aᵀ M Q_S) ⊘ (Λ + λ)) Q_Sᵀ."""
+        xp, qa, qs = self.xp, self.eigenvectors_a_[j], self.eigenvectors_s_[j]
+        return _out_of_bases(xp, _into_bases(xp, matrix, qa, qs) / self._scale(j), qa, qs)
+
+    def _solve_layer(
+        self, model: InfluenceModel, j: int, block: LayerBlock, stats: dict[str, Any]
+    ) -> Array:
+        """Layer j's solved test matrices (k, p, o) from the batch's statistics."""
+        if block.kind != "embedding":
+            return self._solve_matrix(j, layer_gradient_matrices(self.xp, [block], stats)[0])
+        xp, qs = self.xp, self.eigenvectors_s_[j]  # Q_A = I: each token's row is solved alone
+        indices, g = stats[block.layer.name]
+        b, rows, width = int(g.shape[0]), block.rows, block.layer.outputs
+        samples, tokens, summed = embedding_rows(model, indices, g)
+        scale = xp.take(self._scale(j), tokens, axis=0)
+        solved = _out_of_bases(xp, _into_bases(xp, summed, None, qs) / scale, None, qs)
+        placed = model.kernels.segment_sum(solved, samples * rows + tokens, b * rows)
+        return xp.reshape(placed, (b, rows, width))
+
+    def _flattened(self, solved: Iterable[Array]) -> Array:
+        """Each layer's solved (k, p, o) matrices (factored with ``query_rank``), flattened (m, k).
+
+        Layers arrive one at a time, so only one layer's temporaries are alive
+        beside the pieces already flattened.
+        """
+        xp, pieces, truncation = self.xp, [], []
         for matrix, rank in zip(solved, self.query_ranks(), strict=True):
             k = int(matrix.shape[0])
             if rank is None:
                 pieces.append(xp.reshape(matrix, (k, -1)))
-                self.query_truncation_.append(0.0)
+                truncation.append(0.0)
                 continue
             left, right, error = _low_rank(self.model_, matrix, rank)
             pieces += [xp.reshape(left, (k, -1)), xp.reshape(right, (k, -1))]
-            self.query_truncation_.append(error)
+            truncation.append(error)
+        if self.query_rank is not None:
+            self.query_truncation_ = truncation
         return xp.matrix_transpose(xp.concat(pieces, axis=1))
 
     def train_side(self, grads: Array) -> Array:
