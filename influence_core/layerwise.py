@@ -37,6 +37,7 @@ from .plugin.protocol import Layer
 
 __all__ = [
     "BLOCKS",
+    "DIAGONAL_KINDS",
     "KINDS",
     "Coverage",
     "LayerBlock",
@@ -54,7 +55,10 @@ __all__ = [
 Array = Any
 
 #: The layer kinds the core builds gradients and curvature blocks for.
-KINDS = ("dense", "conv2d", "embedding", "elementwise")
+KINDS = ("dense", "conv2d", "embedding", "elementwise", "parameter")
+
+#: Kinds whose gradient is a small (1 [+1], p) matrix and whose block is diagonal.
+DIAGONAL_KINDS = ("elementwise", "parameter")
 
 #: The curvature block each kind gets from K-FAC and EK-FAC (``docs/methods.md``).
 BLOCKS = {
@@ -62,6 +66,7 @@ BLOCKS = {
     "conv2d": "Kronecker A ⊗ S over patches (EK-FAC: eigenvalues corrected)",
     "embedding": "Kronecker with diagonal A, the token frequencies (EK-FAC: corrected)",
     "elementwise": "diagonal: the exact diagonal of the Fisher (K-FAC and EK-FAC alike)",
+    "parameter": "diagonal: the exact diagonal of the Fisher, from per-sample gradients",
 }
 
 #: Entries of the (left, positions, right, positions) token-match array formed at once.
@@ -102,7 +107,7 @@ class LayerBlock:
     @property
     def kronecker(self) -> bool:
         """Dense, convolution and embedding layers: G_i = Σ_t ã_tᵀ g_t (one-hot ã for an embedding)."""
-        return self.layer.kind != "elementwise"
+        return self.layer.kind not in DIAGONAL_KINDS
 
 
 def covering_layers(model: InfluenceModel) -> list[LayerBlock]:
@@ -135,10 +140,10 @@ def covering_layers(model: InfluenceModel) -> list[LayerBlock]:
                 f"the {model.backend} backend gives layer {layer.name!r} the kind "
                 f"{layer.kind!r}; the core knows {', '.join(KINDS)}"
             )
-        if layer.kind == "embedding" and layer.bias is not None:
+        if layer.kind in ("embedding", "parameter") and layer.bias is not None:
             raise ValueError(
-                f"the {model.backend} backend gives embedding {layer.name!r} a bias; "
-                "an embedding layer has none"
+                f"the {model.backend} backend gives {layer.kind} layer {layer.name!r} a bias; "
+                f"a layer of kind {layer.kind!r} has none"
             )
         if sizes[layer.kernel] != layer.inputs * layer.outputs:
             raise ValueError(
@@ -204,7 +209,7 @@ def layer_gradient_matrices(
     out = []
     for block in blocks:
         a, g = stats[block.layer.name]
-        if block.kind == "elementwise":
+        if block.kind in DIAGONAL_KINDS:
             kernel = xp.sum(a * g, axis=1)[:, None, :]
         elif block.kind == "embedding":
             a = one_hot(xp, a, block.layer.inputs, g.dtype)
@@ -290,7 +295,7 @@ def layer_gradient_dots(
         (a_l, g_l), (a_r, g_r) = left[block.layer.name], right[block.layer.name]
         if block.kind == "embedding":
             part = _embedding_dots(xp, a_l, g_l, a_r, g_r)
-        elif block.kind != "elementwise" and int(a_l.shape[1]) == 1 and int(a_r.shape[1]) == 1:
+        elif block.kronecker and int(a_l.shape[1]) == 1 and int(a_r.shape[1]) == 1:
             a_l, a_r = with_bias_input(xp, block, a_l), with_bias_input(xp, block, a_r)
             part = xp.matmul(a_l[:, 0, :], xp.matrix_transpose(a_r[:, 0, :])) * xp.matmul(
                 g_l[:, 0, :], xp.matrix_transpose(g_r[:, 0, :])
@@ -342,7 +347,7 @@ def layer_gradient_squared_norms(
         if block.kind == "embedding":
             same = xp.astype(a[:, :, None] == a[:, None, :], g.dtype)
             part = xp.sum(same * xp.matmul(g, xp.matrix_transpose(g)), axis=(1, 2))
-        elif block.kind != "elementwise" and int(a.shape[1]) == 1:
+        elif block.kronecker and int(a.shape[1]) == 1:
             a = with_bias_input(xp, block, a)
             part = xp.sum(a[:, 0, :] * a[:, 0, :], axis=1) * xp.sum(g[:, 0, :] * g[:, 0, :], axis=1)
         else:

@@ -895,10 +895,13 @@ def check_layer_statistics(
             )
         a, g = stats[layer.name]
         a_shape, g_shape = tuple(int(s) for s in a.shape), tuple(int(s) for s in g.shape)
-        # An embedding's a holds indices (b, T); an elementwise layer's a is (b, T, p) like g.
-        expected_a = {"embedding": (), "elementwise": (layer.outputs,)}.get(
-            layer.kind, (layer.inputs,)
-        )
+        # An embedding's a holds indices (b, T); an elementwise or parameter layer's a is
+        # (b, T, p) like g.
+        expected_a = {
+            "embedding": (),
+            "elementwise": (layer.outputs,),
+            "parameter": (layer.outputs,),
+        }.get(layer.kind, (layer.inputs,))
         expected_g = (layer.outputs,)
         good = (
             len(a_shape) == 2 + len(expected_a)

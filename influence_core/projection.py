@@ -316,7 +316,7 @@ class KroneckerProjection(GradientProjector):
         pieces = []
         for block, p_in, p_out in self._prepared(model):
             a, g = stats[block.layer.name]  # (b, T, p_in), (b, T, p_out)
-            if block.kind == "elementwise":  # G = [Σ a ⊙ g; Σ g] is small: project it whole
+            if not block.kronecker:  # G = [Σ a ⊙ g; Σ g] is small: project it whole
                 (matrix,) = layer_gradient_matrices(xp, [block], stats)
                 if p_in is not None:
                     matrix = xp.matmul(xp.matrix_transpose(p_in), matrix)

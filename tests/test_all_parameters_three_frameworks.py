@@ -11,6 +11,8 @@ scores to 1e-8 in float64.
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 
 jax.config.update("jax_enable_x64", True)
@@ -253,6 +255,11 @@ def keras_cnn() -> keras.Model:
 def assert_cnn_scores(model: InfluenceModel, train: tuple, solver: type) -> None:
     """All parameters covered; statistics rebuild the gradients; scores equal solve(g_test)ᵀ g_train."""
     assert {c.kind for c in coverage(model).values()} == {"conv2d", "elementwise", "dense"}
+    assert_scores(model, train, solver)
+
+
+def assert_scores(model: InfluenceModel, train: tuple, solver: type) -> None:
+    """Statistics rebuild the per-sample gradients; scores equal solve(g_test)ᵀ g_train."""
     flat = model.to_numpy(model.per_sample_grads(train))
     rebuilt = model.to_numpy(per_sample_grads_from_layers(model, train))
     np.testing.assert_allclose(rebuilt, flat, atol=1e-12 * np.abs(flat).max())
@@ -296,24 +303,29 @@ def test_an_nnx_cnn_with_batch_norm_on_all_parameters(solver) -> None:
     assert_cnn_scores(InfluenceModel(net, nnx_loss), train, solver)
 
 
-def test_a_keras_layer_without_statistics_is_named_with_why() -> None:
-    inputs = keras.Input((6, 6, 4), dtype="float64")
-    x = keras.layers.GroupNormalization(groups=2, dtype="float64")(inputs)
-    outputs = keras.layers.Dense(3, dtype="float64")(keras.layers.Flatten(dtype="float64")(x))
-    model = InfluenceModel(keras.Model(inputs, outputs), keras_loss())
-    with pytest.raises(ValueError, match=r"gamma: GroupNormalization is not a layer kind"):
-        coverage(model)
-
-
-def test_an_nnx_parameter_used_directly_is_named_with_why() -> None:
-    class ClassToken(nnx.Module):
-        def __init__(self) -> None:
-            self.token = nnx.Param(jax.numpy.zeros((D,), jax.numpy.float64))
-            self.head = nnx.Linear(D, CLASSES, param_dtype=jax.numpy.float64, rngs=nnx.Rngs(0))
-
-        def __call__(self, x: jax.Array) -> jax.Array:
-            return self.head(x + self.token[...])
-
-    model = InfluenceModel(ClassToken(), nnx_loss)
-    with pytest.raises(ValueError, match=r"token: a parameter used directly by ClassToken"):
-        coverage(model)
+@pytest.mark.parametrize("framework", ["torch", "tensorflow", "jax"])
+def test_parameters_of_no_layer_get_the_fisher_diagonal_in_every_framework(framework) -> None:
+    """A class token, a positional table, packed attention, grouped convolutions, GroupNorm."""
+    module = importlib.import_module(f"influence_{framework}.reference_models")
+    net, loss, train = module.layer_kind_case("parameter")
+    model = InfluenceModel(net, loss)
+    kinds = {c.kind for c in coverage(model).values()}
+    assert kinds == {"dense", "parameter"}, kinds
+    assert_scores(model, train, EKFACIHVP)
+    flat = model.to_numpy(model.per_sample_grads(train))
+    fitted = EKFACIHVP(damping=1e-3, fisher="empirical").fit(model, train)
+    d = model.num_parameters
+    curvature = model.to_numpy(
+        fitted.damped_hvp(model.kernels.as_native(np.eye(d)))
+    ) - 1e-3 * np.eye(d)
+    offsets = np.cumsum((0, *model.layout.sizes))
+    index = np.concatenate(
+        [
+            np.arange(offsets[i], offsets[i + 1])
+            for i, name in enumerate(model.layout.names)
+            if fitted.coverage_[name].kind == "parameter"
+        ]
+    )
+    expected = np.diag(np.mean(flat[:, index] ** 2, axis=0))
+    got = curvature[np.ix_(index, index)]
+    np.testing.assert_allclose(got, expected, atol=1e-12 * np.abs(expected).max())

@@ -416,6 +416,19 @@ class RawNormInputs(TorchKernels):
             layers._normalised = original
 
 
+class ParametersInTheirOwnOrder(TorchKernels):
+    """Gives a "parameter" layer its gradient in torch's layout, not the canonical one
+    (a Linear subclass with its own forward: (out, in) where the layout says (in, out))."""
+
+    def _parameter_statistics(self, names, inputs, targets, function):
+        permutations = self._layout.canonical_permutations
+        object.__setattr__(self._layout, "canonical_permutations", (None,) * len(permutations))
+        try:
+            return super()._parameter_statistics(names, inputs, targets, function)
+        finally:
+            object.__setattr__(self._layout, "canonical_permutations", permutations)
+
+
 class LastSegmentDropped(TorchKernels):
     """A scatter that loses the rows of the last segment (an off-by-one in the count)."""
 
@@ -441,7 +454,12 @@ def kind_checks_on(mutant: type[TorchKernels]):
 
 
 @pytest.mark.parametrize(
-    ("mutant", "kind"), [(PaddingRowsGetGradients, "embedding"), (RawNormInputs, "elementwise")]
+    ("mutant", "kind"),
+    [
+        (PaddingRowsGetGradients, "embedding"),
+        (RawNormInputs, "elementwise"),
+        (ParametersInTheirOwnOrder, "parameter"),
+    ],
 )
 def test_the_layer_kind_checks_catch_a_broken_kind(mutant, kind: str) -> None:
     check = "test_statistics_of_each_layer_kind_rebuild_the_per_sample_gradients"

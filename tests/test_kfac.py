@@ -130,14 +130,17 @@ def test_the_true_fisher_is_seeded_and_the_default_damping_is_a_tenth_of_the_mea
 
 
 def test_a_parameter_outside_the_supported_layers_is_named_with_why() -> None:
+    """A BatchNorm normalising by the batch: its samples' gradients are not their own."""
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(2, 2, 1, groups=2), torch.nn.Flatten(), torch.nn.Linear(8, 3)
+        torch.nn.BatchNorm2d(2, track_running_stats=False),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 3),
     ).double()
     model = InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"))
     train = (torch.randn(8, 2, 2, 2, dtype=torch.float64), torch.randint(0, 3, (8,)))
     with pytest.raises(
         ValueError,
-        match=r"\['0.weight', '0.bias'\] belong to no layer .*0.weight: a Conv2d with groups",
+        match=r"\['0.weight', '0.bias'\] belong to no layer .*0.weight: a BatchNorm2d without",
     ):
         KFACIHVP().fit(model, train)
 

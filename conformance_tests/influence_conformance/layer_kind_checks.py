@@ -1,7 +1,8 @@
-"""Conformance checks of the layer kinds beyond dense and conv2d: embeddings and normalisation.
+"""Conformance checks of the layer kinds beyond dense and conv2d: embeddings, normalisation, parameters.
 
 The reference specs are dense and convolutional, so a backend shows its
 embedding and elementwise (normalisation) statistics on models of its own:
+(and parameters used directly, kind ``"parameter"``) on models of its own:
 the module of its ``reference_models`` builder defines
 ``layer_kind_case(kind) -> (model, loss_fn, (inputs, targets)) | None``,
 or its test class overrides :meth:`LayerKindChecks.layer_kind_case`. For each kind the statistics must rebuild
@@ -25,7 +26,7 @@ from influence_core.layerwise import coverage, per_sample_grads_from_layers
 from .cases import assert_close, registered_builder, to_numpy
 
 #: The kinds with a case each: a model holding at least one layer of the kind.
-KINDS = ("embedding", "elementwise")
+KINDS = ("embedding", "elementwise", "parameter")
 
 
 class LayerKindChecks:

@@ -487,7 +487,7 @@ class _LayerwiseTrainingSide(TrainingSide):
             rows = xp.take(xp.reshape(P, (block.rows, width * n)), xp.reshape(a, (-1,)), axis=0)
             picked = xp.reshape(rows, (b * t, width, n)) * xp.reshape(g, (b * t, width, 1))
             return xp.sum(xp.reshape(xp.sum(picked, axis=1), (b, t, n)), axis=1)
-        if block.kind != "elementwise" and int(a.shape[1]) == 1:
+        if block.kronecker and int(a.shape[1]) == 1:
             b, p_out = int(a.shape[0]), block.layer.outputs
             projected = xp.reshape(
                 xp.matmul(self._inputs(block)[:, 0, :], xp.reshape(P, (block.rows, p_out * n))),

@@ -169,14 +169,22 @@ class Layer:
       with the p features last (channels for BatchNorm/GroupNorm, T their
       positions); ``inputs`` is 1 (each output sees one input) and
       ``outputs`` is p. ∇w = Σ_t a_t ⊙ g_t, ∇b = Σ_t g_t.
+    * ``"parameter"``: a parameter used directly (a positional table added to
+      activations, a class token, attention's packed input projection): the
+      generic case, an elementwise layer with input 1. ``g`` is the per-sample
+      gradient of the parameter in its canonical order, ``(b, 1, p)``, and
+      ``a`` is ones of the same shape (a broadcast view is enough); ``inputs``
+      is 1, ``outputs`` the parameter's size, no bias. Its block is the
+      diagonal of the Fisher. A backend computes g however it can (vmapped
+      gradients restricted to these parameters), so keep such parameters small.
 
     Attributes:
         name: the layer's name (a parameter selector).
-        kind: ``"dense"``, ``"conv2d"``, ``"embedding"`` or ``"elementwise"``.
+        kind: ``"dense"``, ``"conv2d"``, ``"embedding"``, ``"elementwise"`` or ``"parameter"``.
         kernel: the parameter name (in ``layout.names``) of W (w).
         bias: the parameter name of b, or ``None`` when b is absent or not in θ.
         inputs: p_in, the length of a (the patch length for a convolution, the
-            number of rows for an embedding, 1 for an elementwise layer).
+            number of rows for an embedding, 1 for an elementwise or parameter layer).
         outputs: p_out, the length of z.
     """
 

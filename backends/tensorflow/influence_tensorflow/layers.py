@@ -160,16 +160,57 @@ class LayerStatistics:
                 inputs, outputs = _product(shape[:-1]), shape[-1]
             found.append(Layer(kernel.rpartition("/")[0], kind, kernel, bias, inputs, outputs))
             self.keras_layers.append(layer)
-        self.layers = tuple(found)
+        self.recorded = tuple(found)
+        covered = {layer.kernel for layer in found} | {layer.bias for layer in found}
+        # Every other selected variable (a weight used directly, a layer of no kind above):
+        # a "parameter" layer, its per-sample gradients from a vectorised one-sample tape.
+        self.variables = {n: v for n, v in zip(names, variables, strict=True) if n not in covered}
+        self.generic = tuple(
+            Layer(n, "parameter", n, None, 1, _product(v.shape)) for n, v in self.variables.items()
+        )
+        self.layers = self.recorded + self.generic
         self.gaps = _gaps(model, by_variable, self.layers)
 
     def __call__(self, loss_fn: Any, inputs: Any, targets: Any) -> dict[str, tuple[Any, Any]]:
+        out = self._recorded_statistics(loss_fn, inputs, targets) if self.recorded else {}
+        if self.generic:
+            out.update(self._parameter_statistics(loss_fn, inputs, targets))
+        return out
+
+    def _parameter_statistics(
+        self, loss_fn: Any, inputs: Any, targets: Any
+    ) -> dict[str, tuple[Any, Any]]:
+        """(ones, g) per ``"parameter"`` layer: g the per-sample gradient (b, 1, p)."""
+        variables = list(self.variables.values())
+
+        def one_sample(sample: Any) -> list[Any]:
+            x, y = sample
+            x = tf.nest.map_structure(lambda t: t[tf.newaxis], x)
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(variables)
+                outputs = select_output(self.model(x, training=False), self.output)
+                loss = tf.reduce_sum(loss_fn(y[tf.newaxis], outputs))
+            grads = tape.gradient(loss, variables)
+            return [
+                tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables, strict=True)
+            ]
+
+        grads = tf.vectorized_map(one_sample, (inputs, targets))
+        out = {}
+        for spec, g in zip(self.generic, grads, strict=True):
+            g = tf.reshape(g, [tf.shape(g)[0], 1, spec.outputs])
+            out[spec.name] = (tf.ones_like(g), g)
+        return out
+
+    def _recorded_statistics(
+        self, loss_fn: Any, inputs: Any, targets: Any
+    ) -> dict[str, tuple[Any, Any]]:
         b = int(tf.shape(targets)[0])
-        with _recorded_calls(self.keras_layers, self.layers, b) as records:
+        with _recorded_calls(self.keras_layers, self.recorded, b) as records:
             with tf.GradientTape() as tape:
                 outputs = self.model(inputs, training=False)
-                missing = [spec.name for spec in self.layers if spec.name not in records]
-                recorded = [records[spec.name][1] for spec in self.layers if spec.name in records]
+                missing = [spec.name for spec in self.recorded if spec.name not in records]
+                recorded = [records[spec.name][1] for spec in self.recorded if spec.name in records]
                 losses = loss_fn(targets, select_output(outputs, self.output))
                 total = tf.reduce_sum(losses)
         if missing:
@@ -179,7 +220,7 @@ class LayerStatistics:
             )
         output_grads = tape.gradient(total, recorded)
         out = {}
-        for layer, spec, d_out in zip(self.keras_layers, self.layers, output_grads, strict=True):
+        for layer, spec, d_out in zip(self.keras_layers, self.recorded, output_grads, strict=True):
             a, y = records[spec.name]
             if d_out is None:  # the loss does not depend on this layer
                 d_out = tf.zeros_like(y)

@@ -104,4 +104,26 @@ def layer_kind_case(kind: str) -> tuple[Any, Any, tuple[Any, Any]] | None:
         norm.moving_variance.assign(rng.uniform(0.5, 2, 4))
         norm.gamma.assign(rng.uniform(0.5, 1.5, 4))
         return net, loss, (rng.standard_normal((7, 4, 4, 2)), rng.integers(0, 3, 7))
+    if kind == "parameter":
+        inputs = keras.Input((5, 3), dtype="float64")
+        h = _ClassToken(**kwargs)(keras.layers.Dense(4, **kwargs)(inputs))
+        h = keras.layers.GroupNormalization(2, **kwargs)(h)
+        # (No grouped convolution: TensorFlow's vectorized_map has no per-sample gradient of one.)
+        h = keras.layers.Activation("tanh", **kwargs)(h)
+        outputs = keras.layers.Dense(3, **kwargs)(keras.layers.GlobalAveragePooling1D(**kwargs)(h))
+        net = keras.Model(inputs, outputs)
+        return net, loss, (rng.standard_normal((7, 5, 3)), rng.integers(0, 3, 7))
     return None
+
+
+class _ClassToken(keras.layers.Layer):
+    """A class token prepended and a positional table added: weights used directly."""
+
+    def build(self, shape: Any) -> None:
+        width = int(shape[-1])
+        self.token = self.add_weight(shape=(1, 1, width), initializer="random_normal")
+        self.table = self.add_weight(shape=(int(shape[1]) + 1, width), initializer="random_normal")
+
+    def call(self, h: Any) -> Any:
+        token = keras.ops.broadcast_to(self.token, (keras.ops.shape(h)[0], 1, h.shape[-1]))
+        return keras.ops.concatenate([token, h], axis=1) + self.table

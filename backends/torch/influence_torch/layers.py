@@ -54,6 +54,12 @@ _NORMS = (
 )
 
 
+def _own_forward(module: torch.nn.Module, base: type) -> bool:
+    """Whether ``module`` runs ``base``'s forward: a subclass that overrides it (its output is
+    not z = a W + b, say) is no layer of ``base``'s kind, and its hooks would mislead."""
+    return type(module).forward is base.forward
+
+
 def _embedding_supported(module: torch.nn.Embedding) -> bool:
     """Plain lookups: ``max_norm`` rewrites rows in the forward pass, ``scale_grad_by_freq`` rescales."""
     return module.max_norm is None and not module.scale_grad_by_freq
@@ -79,44 +85,110 @@ def tied_weights(module: torch.nn.Module) -> dict[str, list[str]]:
     return {names[0]: names for names in users.values() if len(set(names)) > 1}
 
 
-def find_layers(module: torch.nn.Module, selected: Sequence[str]) -> tuple[Layer, ...]:
+def _functional_children(module: torch.nn.Module) -> set[str]:
+    """Modules whose parent applies their weights functionally, so their hooks never fire.
+
+    ``nn.MultiheadAttention`` calls ``F.multi_head_attention_forward`` with its
+    ``out_proj`` weights; that Linear's own forward never runs.
+    """
+    return {
+        f"{name}.{child}" if name else child
+        for name, parent in module.named_modules()
+        if isinstance(parent, torch.nn.MultiheadAttention)
+        for child, _ in parent.named_children()
+    }
+
+
+def find_layers(
+    module: torch.nn.Module,
+    selected: Sequence[str],
+    sizes: dict[str, int] | None = None,
+    *,
+    generic: bool = True,
+) -> tuple[Layer, ...]:
     """The layers whose weight is in θ, in order (see the module docstring for the kinds).
 
     A weight tied between modules (GPT-2's token table and output layer) gets
     no layer: its gradient sums two layers' statistics, which no block here
-    describes, so the solvers name it.
+    describes, so the solvers name it. With ``generic``, every other selected
+    parameter without a layer (one used
+    directly: a positional table, a class token, attention's packed input
+    projection; or one of a module of no kind above) gets a ``"parameter"``
+    layer of its own, whose statistics are its vmapped per-sample gradients.
     """
     chosen = set(selected)
+    if sizes is None:
+        sizes = {name: p.numel() for name, p in module.named_parameters()}
     tied = {user for users in tied_weights(module).values() for user in users}
+    functional = _functional_children(module)
     found = []
     for name, child in module.named_modules():
         prefix = f"{name}." if name else ""
         kernel = f"{prefix}weight"
-        if kernel not in chosen or name in tied:
+        if kernel not in chosen or name in tied or name in functional:
             continue
         bias = f"{prefix}bias" if f"{prefix}bias" in chosen else None
+        norm = next((base for base in _NORMS if isinstance(child, base)), None)
         if isinstance(child, torch.nn.Embedding) and _embedding_supported(child):
+            if not _own_forward(child, torch.nn.Embedding):
+                continue
             rows, width = (int(s) for s in child.weight.shape)
             found.append(Layer(name, "embedding", kernel, None, rows, width))
-        elif isinstance(child, _NORMS) and _norm_width(child) is not None:
-            found.append(Layer(name, "elementwise", kernel, bias, 1, _norm_width(child)))
+        elif norm is not None and _norm_width(child) is not None:
+            if _own_forward(child, norm):
+                found.append(Layer(name, "elementwise", kernel, bias, 1, _norm_width(child)))
         elif isinstance(child, torch.nn.Linear):
-            found.append(Layer(name, "dense", kernel, bias, child.in_features, child.out_features))
+            if _own_forward(child, torch.nn.Linear):
+                inputs, outputs = child.in_features, child.out_features
+                found.append(Layer(name, "dense", kernel, bias, inputs, outputs))
         elif _is_hf_conv1d(child) and child.weight.ndim == 2:
             p_in, p_out = (int(s) for s in child.weight.shape)
             found.append(Layer(name, "dense", kernel, bias, p_in, p_out))
-        elif isinstance(child, torch.nn.Conv2d) and _conv_supported(child):
+        elif (
+            isinstance(child, torch.nn.Conv2d)
+            and _conv_supported(child)
+            and _own_forward(child, torch.nn.Conv2d)
+        ):
             kh, kw = child.kernel_size
             inputs = kh * kw * child.in_channels
             found.append(Layer(name, "conv2d", kernel, bias, inputs, child.out_channels))
+    if generic:
+        covered = {layer.kernel for layer in found} | {layer.bias for layer in found}
+        refused = _refused(module, tied)
+        for parameter in selected:
+            if parameter not in covered and parameter not in refused:
+                found.append(Layer(parameter, "parameter", parameter, None, 1, sizes[parameter]))
     return tuple(found)
+
+
+def _refused(module: torch.nn.Module, tied: set[str]) -> set[str]:
+    """Parameters no per-sample gradient describes well enough for a ``"parameter"`` layer.
+
+    A tied table (its per-sample gradients would be a (b, vocabulary × width)
+    block: untie it), an Embedding that rewrites its rows (``max_norm``) or
+    rescales its gradient, and a BatchNorm that normalises by the batch (its
+    samples are not independent).
+    """
+    out = set()
+    for name, child in module.named_modules():
+        bad = (
+            name in tied
+            or (isinstance(child, torch.nn.Embedding) and not _embedding_supported(child))
+            or (
+                isinstance(child, torch.nn.modules.batchnorm._BatchNorm)
+                and child.running_mean is None
+            )
+        )
+        if bad:
+            out |= {f"{name}.{own}" if name else own for own in child._parameters}
+    return out
 
 
 def layer_gaps(module: torch.nn.Module, selected: Sequence[str]) -> dict[str, str]:
     """Why each selected parameter that :func:`find_layers` leaves out has no layer."""
     covered = set()
     for layer in find_layers(module, selected):
-        covered |= {layer.kernel, layer.bias}
+        covered |= {layer.kernel, layer.bias}  # "parameter" layers included: no gap
     owners = {}
     for name, child in module.named_modules():
         for own in child._parameters:
@@ -133,14 +205,9 @@ def layer_gaps(module: torch.nn.Module, selected: Sequence[str]) -> dict[str, st
             why += "tie_word_embeddings=False in a Hugging Face config, or leave it out)"
         elif isinstance(child, torch.nn.Embedding):
             why = "an Embedding with max_norm or scale_grad_by_freq"
-        elif isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
-            why = "a BatchNorm without running statistics (track_running_stats=False)"
-        elif isinstance(child, torch.nn.Conv2d):
-            why = "a Conv2d with groups > 1 or a non-zero padding mode"
-        elif parameter.rsplit(".", 1)[-1] not in ("weight", "bias"):
-            why = f"a parameter used directly by {kind} {name or 'the model'!r}, not a layer's"
-        else:
-            why = f"{kind} is not a layer kind the torch backend knows"
+        else:  # the last of _refused's cases
+            why = f"a {kind} without running statistics (track_running_stats=False): it "
+            why += "normalises by the batch, so its samples' gradients are not their own"
         gaps[parameter] = why
     return gaps
 

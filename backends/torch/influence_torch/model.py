@@ -338,10 +338,12 @@ class TorchKernels(ModelKernels):
     def _canonical_permutations(self) -> tuple[tuple[int, ...] | None, ...]:
         owners = {}
         for module in self.module.modules():
-            layout = _WEIGHT_LAYOUTS.get(type(module))
+            # isinstance, not type(): a subclass (MultiheadAttention's out_proj, a user's
+            # Linear) stores its weight as its base class does.
+            layouts = [v for k, v in _WEIGHT_LAYOUTS.items() if isinstance(module, k)]
             weight = getattr(module, "weight", None)
-            if layout is not None and isinstance(weight, torch.nn.Parameter):
-                owners[id(weight)] = layout
+            if layouts and isinstance(weight, torch.nn.Parameter):
+                owners[id(weight)] = layouts[0]
         return tuple(owners.get(id(p)) for p in self._params)
 
     # -- checkpoints --------------------------------------------------------------
@@ -474,12 +476,48 @@ class TorchKernels(ModelKernels):
     def layer_statistics(
         self, inputs: Any, targets: torch.Tensor, measurement: Any = None
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        layers = self.layers()
         function = self.loss_fn if measurement is None else measurement
-        batch = int(targets.shape[0])
-        with recorded_layers(self.module, layers, batch) as records, torch.enable_grad():
-            losses = function(self._forward(inputs), targets)
-            return statistics(self.module, layers, records, losses)
+        hooked = [layer for layer in self.layers() if layer.kind != "parameter"]
+        generic = [layer.kernel for layer in self.layers() if layer.kind == "parameter"]
+        out = {}
+        if hooked:
+            batch = int(targets.shape[0])
+            with recorded_layers(self.module, hooked, batch) as records, torch.enable_grad():
+                losses = function(self._forward(inputs), targets)
+                out = statistics(self.module, hooked, records, losses)
+        if generic:
+            out.update(self._parameter_statistics(generic, inputs, targets, function))
+        return out
+
+    @explained_errors
+    @torch.no_grad()
+    def _parameter_statistics(
+        self, names: list[str], inputs: Any, targets: torch.Tensor, function: Any
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``"parameter"`` layers: (ones, g) with g the per-sample gradient (b, 1, p), canonical.
+
+        ``vmap(grad)`` restricted to these parameters; the others enter as the
+        module holds them (``functional_call`` with ``strict=False``).
+        """
+
+        def sample_value(params: dict[str, torch.Tensor], x: Any, y: torch.Tensor) -> Any:
+            batched = tree_map(lambda t: t.unsqueeze(0), x)
+            return function(self._call(params, batched), y.unsqueeze(0)).sum()
+
+        own = self._detached()
+        grads = vmap(grad(sample_value), in_dims=(None, 0, 0))(
+            {name: own[name] for name in names}, inputs, targets
+        )
+        index = {name: i for i, name in enumerate(self._names)}
+        out = {}
+        for name in names:
+            g = grads[name]
+            perm = self._layout.canonical_permutations[index[name]]
+            if perm is not None:
+                g = g.permute(0, *(1 + axis for axis in perm))
+            g = g.reshape(g.shape[0], 1, -1)
+            out[name] = (torch.ones((), dtype=g.dtype, device=g.device).expand_as(g), g)
+        return out
 
     @explained_errors
     @in_inference_mode

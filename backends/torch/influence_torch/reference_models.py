@@ -141,6 +141,39 @@ class _Tokens(torch.nn.Module):
         return self.head(self.rms(torch.tanh(self.norm(h))).mean(dim=1))
 
 
+class _NamedLinear(torch.nn.Linear):
+    """A user's subclass of Linear that keeps Linear's forward: a dense layer, weight (out, in)."""
+
+
+class _ScaledLinear(torch.nn.Linear):
+    """A subclass whose forward is not Linear's (its output is not a W + b): no dense layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * super().forward(x)
+
+
+class _Direct(torch.nn.Module):
+    """Parameters used directly: a class token, a positional table added to activations,
+    ``nn.MultiheadAttention`` (packed input projection, functional ``out_proj``), a grouped
+    Conv1d, a Linear subclass with its own forward; beside a plain Linear subclass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = _ScaledLinear(3, 4)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, 4))
+        self.pos = torch.nn.Parameter(torch.randn(6, 4))
+        self.attention = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+        self.mix = torch.nn.Conv1d(4, 4, 1, groups=2)
+        self.head = _NamedLinear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), h], dim=1) + self.pos
+        h = h + self.attention(h, h, h, need_weights=False)[0]
+        h = self.mix(torch.tanh(h).transpose(1, 2)).transpose(1, 2)
+        return self.head(h[:, 0] + h.mean(dim=1))
+
+
 def layer_kind_case(kind: str) -> tuple[torch.nn.Module, Any, tuple[Any, Any]] | None:
     """A float64 model with a layer of ``kind`` and a batch (the conformance suite's LayerKindChecks)."""
     torch.manual_seed(0)
@@ -167,4 +200,8 @@ def layer_kind_case(kind: str) -> tuple[torch.nn.Module, Any, tuple[Any, Any]] |
             net[3].bias.uniform_(-0.5, 0.5)
         x = torch.as_tensor(rng.standard_normal((7, 2, 4, 4)))
         return net.eval(), loss, (x, torch.as_tensor(rng.integers(0, 3, 7)))
+    if kind == "parameter":
+        net = _Direct().double().eval()
+        x = torch.as_tensor(rng.standard_normal((7, 5, 3)))
+        return net, loss, (x, torch.as_tensor(rng.integers(0, 3, 7)))
     return None

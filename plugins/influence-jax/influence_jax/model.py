@@ -378,6 +378,14 @@ class JaxKernels(ModelKernels):
             from flax import nnx
 
             layers, graphdef, modules = recording_graph(self._inference, self.layout.names)
+            covered = {layer.kernel for layer in layers} | {layer.bias for layer in layers}
+            # Every other selected parameter (used directly, or of a module of no kind the
+            # recording knows): a "parameter" layer, its per-sample gradients vmapped.
+            layers += tuple(
+                Layer(name, "parameter", name, None, 1, size)
+                for name, size in zip(self.layout.names, self._sizes, strict=True)
+                if name not in covered
+            )
 
             def apply(leaves: Any, rest: Any, x: Any) -> Any:
                 state = jax.tree_util.tree_unflatten(self._rest_treedef, rest)
@@ -389,12 +397,43 @@ class JaxKernels(ModelKernels):
         key = None if measurement is None else id(measurement)
         if key not in functions:
             target = self.loss_fn if measurement is None else measurement
+            hooked = [layer for layer in layers if layer.kind != "parameter"]
+            generic = [layer for layer in layers if layer.kind == "parameter"]
+            recorded = statistics_function(hooked, modules, apply, target) if hooked else None
+            direct = self._parameter_statistics(generic, apply, target) if generic else None
+
+            def both(leaves: Any, rest: Any, x: Any, y: Any) -> dict[str, tuple[Any, Any]]:
+                out = {} if recorded is None else recorded(leaves, rest, x, y)
+                return out if direct is None else {**out, **direct(leaves, rest, x, y)}
+
             # The measurement object is kept with its function, so its id stays its own.
-            functions[key] = (
-                measurement,
-                jax.jit(statistics_function(layers, modules, apply, target)),
-            )
+            functions[key] = (measurement, jax.jit(both))
         return layers, functions[key][1]
+
+    def _parameter_statistics(self, generic: list[Layer], apply: Any, target: Any) -> Any:
+        """``f(leaves, rest, x, y)``: (ones, g) per ``"parameter"`` layer, g = ∇ of each sample (b, 1, p)."""
+        index = dict(zip(self.layout.names, self._selected, strict=True))
+        positions = [index[layer.kernel] for layer in generic]
+        one = self._one
+
+        def sample(values: list[Any], leaves: list[Any], rest: Any, x: Any, y: Any) -> Any:
+            leaves = list(leaves)
+            for i, value in zip(positions, values, strict=True):
+                leaves[i] = value
+            return jnp.sum(target(apply(leaves, rest, one(x)), one(y)))
+
+        def stats(leaves: Any, rest: Any, x: Any, y: Any) -> dict[str, tuple[Any, Any]]:
+            values = [leaves[i] for i in positions]
+            grads = jax.vmap(jax.grad(sample), in_axes=(None, None, None, 0, 0))(
+                values, leaves, rest, x, y
+            )
+            out = {}
+            for layer, g in zip(generic, grads, strict=True):
+                g = g.reshape(g.shape[0], 1, -1)
+                out[layer.name] = (jnp.ones_like(g), g)
+            return out
+
+        return stats
 
     def layers(self) -> tuple[Layer, ...]:
         return self._layer_statistics_kernel()[0]

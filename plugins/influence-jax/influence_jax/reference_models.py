@@ -197,4 +197,24 @@ def layer_kind_case(kind: str) -> tuple[Any, Any, tuple[Any, Any]] | None:
         net.norm.var[...] = rng.uniform(0.5, 2, 4).astype(net.norm.var[...].dtype)
         net.norm.scale[...] = rng.uniform(0.5, 1.5, 4)
         return net, loss, (rng.standard_normal((7, 4, 4, 2)), rng.integers(0, 3, 7))
+    if kind == "parameter":
+
+        class Direct(nnx.Module):
+            """A class token and a positional table used directly, and a grouped Conv."""
+
+            def __init__(self) -> None:
+                self.embed = nnx.Linear(3, 4, **kwargs)
+                self.cls = nnx.Param(jnp.asarray(rng.standard_normal((1, 1, 4))))
+                self.pos = nnx.Param(jnp.asarray(rng.standard_normal((6, 4))))
+                self.mix = nnx.Conv(4, 4, (1,), feature_group_count=2, **kwargs)
+                self.head = nnx.Linear(4, 3, **kwargs)
+
+            def __call__(self, x: Any) -> Any:
+                h = self.embed(x)
+                token = jnp.broadcast_to(self.cls[...], (h.shape[0], 1, 4))
+                h = jnp.concatenate([token, h], axis=1) + self.pos[...]
+                h = self.mix(jnp.tanh(h))
+                return self.head(h[:, 0] + h.mean(axis=1))
+
+        return Direct(), loss, (rng.standard_normal((7, 5, 3)), rng.integers(0, 3, 7))
     return None
