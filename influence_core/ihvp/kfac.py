@@ -494,6 +494,13 @@ class _LayerwiseTrainingSide(TrainingSide):
                 (b, p_out, n),
             )
             return xp.sum(projected * g[:, 0, :, None], axis=1)  # (b, n)
+        if block.kronecker:  # kernel and bias scored apart: no concatenated (b, p + 1, o) copy
+            b, size = int(a.shape[0]), block.layer.inputs * block.layer.outputs
+            kernel = xp.reshape(xp.matmul(xp.matrix_transpose(a), g), (b, size))
+            scores = xp.matmul(kernel, P[:size, :])
+            if block.bias_offset is None:
+                return scores
+            return scores + xp.matmul(xp.sum(g, axis=1), P[size:, :])
         (matrix,) = layer_gradient_matrices(xp, [block], self.stats)
         return xp.matmul(xp.reshape(matrix, (int(matrix.shape[0]), -1)), P)
 

@@ -10,7 +10,7 @@ recomputed from the recorded input without the affine parameters) records each l
 outputs gives every sample's ∂ℓ_i/∂z (samples are independent in inference
 mode, so the gradient of the sum is the per-sample gradient, row by row).
 Nothing is accumulated into ``.grad``. Convolutions are unfolded
-(``torch.nn.functional.unfold``) into patches in the canonical ``(kh, kw, in)``
+(``Tensor.unfold`` views, one copy) into patches in the canonical ``(kh, kw, in)``
 order. Hooks were chosen over ``torch.func`` because the statistics are
 intermediate values of the user's own forward pass, which hooks read as they
 are, whatever the module's ``forward`` does around its layers.
@@ -253,14 +253,22 @@ def recorded_layers(
 
 
 def _patches(module: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """(b, positions, kh·kw·in): the unfolded input, each patch in canonical (kh, kw, in) order."""
+    """(b, positions, kh·kw·in): the input's patches, each in canonical (kh, kw, in) order.
+
+    ``Tensor.unfold`` over the two spatial axes is a view of the (padded)
+    input, (b, in, H', W', span_h, span_w); the taps of a dilated kernel are
+    every d-th entry of its span. The one copy is the reshape to patches in
+    canonical order (``F.unfold`` gives them channel-major, and reordering
+    them would copy them a second time).
+    """
     kh, kw = module.kernel_size
-    cols = torch.nn.functional.unfold(
-        x, (kh, kw), dilation=module.dilation, padding=module.padding, stride=module.stride
-    )  # (b, in·kh·kw, L), channel-major
-    b, _, positions = cols.shape
-    cols = cols.reshape(b, module.in_channels, kh, kw, positions)
-    return cols.permute(0, 4, 2, 3, 1).reshape(b, positions, kh * kw * module.in_channels)
+    (ph, pw), (sh, sw), (dh, dw) = module.padding, module.stride, module.dilation
+    if ph or pw:
+        x = torch.nn.functional.pad(x, (pw, pw, ph, ph))
+    windows = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)
+    windows = windows[..., ::dh, ::dw]
+    b, channels, rows, cols = windows.shape[:4]
+    return windows.permute(0, 2, 3, 4, 5, 1).reshape(b, rows * cols, kh * kw * channels)
 
 
 def _normalised(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
