@@ -26,6 +26,8 @@ import torch
 
 from influence_core.plugin import Layer
 
+from .attention import attention_layers, recorded_attention, supported
+
 __all__ = ["find_layers", "layer_gaps", "recorded_layers", "statistics", "tied_weights"]
 
 
@@ -123,6 +125,9 @@ def find_layers(
     functional = _functional_children(module)
     found = []
     for name, child in module.named_modules():
+        if supported(child):  # packed projections: two dense layers (attention.py)
+            found += attention_layers(name, child, chosen)
+            continue
         prefix = f"{name}." if name else ""
         kernel = f"{prefix}weight"
         if kernel not in chosen or name in tied or name in functional:
@@ -227,7 +232,12 @@ def recorded_layers(
     modules = dict(module.named_modules())
     records: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
+    attention = {}
     for layer in layers:
+        owner, _, projection = layer.name.rpartition(".")
+        if projection in ("in_proj", "out_proj") and supported(modules.get(owner)):
+            attention[owner] = modules[owner]  # recorded by its own forward, not a hook
+            continue
 
         def hook(_: Any, args: tuple[Any, ...], output: Any, name: str = layer.name) -> Any:
             x = args[0]
@@ -246,7 +256,8 @@ def recorded_layers(
 
         handles.append(modules[layer.name].register_forward_hook(hook))
     try:
-        yield records
+        with recorded_attention(attention, records):
+            yield records
     finally:
         for handle in handles:
             handle.remove()
@@ -307,7 +318,7 @@ def statistics(
     for layer, g in zip(layers, grads, strict=True):
         x = records[layer.name][0].detach()
         b = x.shape[0]
-        child = modules[layer.name]
+        child = modules.get(layer.name)  # None for an attention projection (dense)
         if layer.kind == "conv2d":
             a = _patches(child, x)
             g = g.reshape(b, layer.outputs, -1).transpose(1, 2)

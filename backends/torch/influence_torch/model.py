@@ -344,6 +344,9 @@ class TorchKernels(ModelKernels):
             weight = getattr(module, "weight", None)
             if layouts and isinstance(weight, torch.nn.Parameter):
                 owners[id(weight)] = layouts[0]
+            packed = getattr(module, "in_proj_weight", None)  # MultiheadAttention's (3E, E)
+            if isinstance(module, torch.nn.MultiheadAttention) and packed is not None:
+                owners[id(packed)] = (1, 0)
         return tuple(owners.get(id(p)) for p in self._params)
 
     # -- checkpoints --------------------------------------------------------------

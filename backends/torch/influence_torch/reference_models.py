@@ -154,8 +154,8 @@ class _ScaledLinear(torch.nn.Linear):
 
 class _Direct(torch.nn.Module):
     """Parameters used directly: a class token, a positional table added to activations,
-    ``nn.MultiheadAttention`` (packed input projection, functional ``out_proj``), a grouped
-    Conv1d, a Linear subclass with its own forward; beside a plain Linear subclass."""
+    a grouped Conv1d, a Linear subclass with its own forward; beside ``nn.MultiheadAttention``
+    (two dense layers, attention.py) and a plain Linear subclass (dense)."""
 
     def __init__(self) -> None:
         super().__init__()
