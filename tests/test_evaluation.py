@@ -17,6 +17,7 @@ from sklearn.metrics import roc_auc_score
 from influence_core import ExactIHVP, FirstOrderInfluenceCalculator, load_result
 from influence_core.evaluation import (
     LDSResult,
+    counterfactual_removal,
     linear_datamodeling_score,
     loo_correlation,
     mislabel_detection,
@@ -161,3 +162,52 @@ def test_mislabel_detection_against_scikit_learn() -> None:
     bad[5] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         mislabel_detection(bad, flipped)
+
+
+def test_counterfactual_removal_against_retraining_by_hand_and_negated(setting) -> None:
+    p, model, calc, retrain, theta_for = setting
+    test = (p["X_test"], p["y_test"])
+    calls = []
+
+    def counted(indices):
+        calls.append(len(indices))
+        return retrain(indices)
+
+    result = counterfactual_removal(calc, counted, test, fraction=0.02, draws=3, seed=1)
+    k = 20
+    assert result.removed.shape == (3, k) and result.random_removed.shape == (3, k)
+    assert len(calls) == 1 + 3 + len({tuple(r) for r in result.removed.tolist()})
+    # By hand: each test point's top-k proponents from the whole score matrix, retrained without.
+    scores = model.to_numpy(calc.influence(test))
+    expected_removed = np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :k], axis=1)
+    np.testing.assert_array_equal(result.removed, expected_removed)
+    everything = np.arange(N_TRAIN)
+    full = loss_at(theta_for(everything), p["X_test"], p["y_test"])
+    np.testing.assert_allclose(result.full, full, rtol=1e-10)
+    for t, row in enumerate(expected_removed):
+        without = loss_at(theta_for(np.setdiff1d(everything, row)), p["X_test"], p["y_test"])
+        np.testing.assert_allclose(result.top_change[t], without[t] - full[t], rtol=1e-9)
+    rng = np.random.default_rng(1)
+    drawn = [np.sort(rng.permutation(N_TRAIN)[:k]) for _ in range(3)]
+    np.testing.assert_array_equal(result.random_removed, np.stack(drawn))
+    random = np.mean(
+        [loss_at(theta_for(np.setdiff1d(everything, r)), p["X_test"], p["y_test"]) for r in drawn],
+        axis=0,
+    )
+    np.testing.assert_allclose(result.random_change, random - full, rtol=1e-9)
+    assert result.score > 0 and np.all(result.top_change > result.random_change)
+
+    class Negated(FirstOrderInfluenceCalculator):
+        def _scores_from_prepared(self, prepared, train_data):
+            for start, block in super()._scores_from_prepared(prepared, train_data):
+                yield start, -block
+
+    negated = Negated(model, ExactIHVP(damping=MU)).fit((p["X"], p["y"]))
+    calls.clear()
+    flipped = counterfactual_removal(negated, result, test, fraction=0.02)
+    # Only its own removals were retrained: the all-data and random ones were reused.
+    assert len(calls) == len({tuple(r) for r in flipped.removed.tolist()})
+    np.testing.assert_array_equal(flipped.random_removed, result.random_removed)
+    assert flipped.score < 0 < result.score
+    with pytest.raises(ValueError, match="removed 20 points per retraining"):
+        counterfactual_removal(negated, result, test, fraction=0.05)
