@@ -25,6 +25,9 @@ that a proponent's presence lowers it whatever the measurement.
 * :func:`counterfactual_removal`: for each test point, retrained without its
   top ``fraction`` of proponents; the change of its loss-like value against
   removing as many random points (Bergson's query-loss difference).
+* :func:`select`: several configurations (a damping grid, several solvers)
+  fitted and scored on one set of retrainings; their LDS, fit and scoring
+  costs as a table, and the best.
 * :func:`mislabel_detection`: checking training points in decreasing order
   of a score (self-influence, say), the fraction of the flipped labels found
   after each fraction of the data checked, and the ROC AUC.
@@ -62,14 +65,17 @@ from .io import host, save_result
 from .progress import progress
 
 __all__ = [
+    "Candidate",
     "CounterfactualResult",
     "LDSResult",
     "LOOResult",
     "MislabelResult",
+    "Selection",
     "counterfactual_removal",
     "linear_datamodeling_score",
     "loo_correlation",
     "mislabel_detection",
+    "select",
 ]
 
 Retrain = Callable[[np.ndarray], Any]
@@ -454,6 +460,121 @@ def _loo_result(
         n_train=n_train,
         _provenance=provenance,
     )
+
+
+# -- choosing among configurations ------------------------------------------------------
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration's row in a :class:`Selection`: its LDS and what it cost."""
+
+    name: str
+    score: float
+    interval: float
+    fit_seconds: float
+    scoring_seconds: float
+    lds: LDSResult = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Configurations compared on one set of retrainings (:func:`select`).
+
+    Attributes:
+        candidates: one :class:`Candidate` per configuration, in the order given.
+        best: the name of the candidate with the highest LDS.
+        reference: the shared retrainings (an :class:`LDSResult`): pass it as
+            ``retrain`` to score more configurations on them.
+        retraining_seconds: what the retrainings cost, once for all candidates.
+    """
+
+    candidates: tuple[Candidate, ...]
+    best: str
+    reference: LDSResult
+    retraining_seconds: float
+
+    def __str__(self) -> str:
+        rows = [
+            "| configuration | LDS | fit (s) | scoring (s) |",
+            "|---|---:|---:|---:|",
+            *(
+                f"| {c.name}{' (best)' if c.name == self.best else ''} | {c.score:.3f} ± "
+                f"{c.interval:.3f} | {c.fit_seconds:.2f} | {c.scoring_seconds:.2f} |"
+                for c in self.candidates
+            ),
+        ]
+        return "\n".join(rows) + f"\nretrainings, shared: {self.retraining_seconds:.1f} s"
+
+
+def select(
+    candidates: dict[str, InfluenceCalculator],
+    retrain: Retrain | LDSResult,
+    train_data: Any,
+    test_data: Any,
+    *,
+    subsets: int = 20,
+    fraction: float = 0.5,
+    seed: int = 0,
+) -> Selection:
+    """Fit and score every candidate configuration on one set of retrainings; the best LDS wins.
+
+    Retraining is the cost, and it does not depend on the estimator: the
+    ``subsets`` random subsets are drawn and retrained once, then every
+    candidate is fitted and its LDS taken on those same retrainings (its fit
+    and scoring timed). A damping grid is a dict of calculators::
+
+        grid = {f"EK-FAC λ={d:g}": FirstOrderInfluenceCalculator(model, EKFACIHVP(damping=d))
+                for d in (1e-4, 1e-3, 1e-2, 1e-1)}
+        chosen = select(grid, retrain, train, test, subsets=20)
+        print(chosen)                      # the table; chosen.best is the name
+
+    Args:
+        candidates: name → calculator, unfitted (each is fitted on ``train_data``).
+            They must share the model and the measurement, which the retrained
+            values are of.
+        retrain: ``retrain(indices) -> weights`` (see the module docstring), or an
+            earlier :class:`LDSResult` (``Selection.reference``) to reuse.
+        train_data: what the candidates are fitted on and subsets index.
+        test_data: the test points.
+        subsets, fraction, seed: the retrainings, as for :func:`linear_datamodeling_score`.
+    """
+    import time
+
+    if not candidates:
+        raise ValueError("select needs at least one candidate configuration")
+    first = next(iter(candidates.values()))
+    for name, calculator in candidates.items():
+        same = calculator.measurement.name == first.measurement.name
+        if calculator.model is not first.model or not same:
+            raise ValueError(
+                f"candidate {name!r} has another model or measurement than the first: the "
+                "retrained values are of one model's measurement, so the candidates must share it"
+            )
+    began = time.perf_counter()
+    if isinstance(retrain, LDSResult):
+        reference = retrain
+    else:
+        n = first.model.count(train_data, first.batch_size)
+        if subsets < 2 or not 0.0 < fraction < 1.0:
+            raise ValueError(f"need ≥ 2 subsets and 0 < fraction < 1, got {subsets}, {fraction}")
+        rng = np.random.default_rng(seed)
+        size = max(1, round(fraction * n))
+        drawn = np.stack([np.sort(rng.permutation(n)[:size]) for _ in range(subsets)])
+        actual = _retrained_values(first, retrain, test_data, list(drawn))
+        reference = LDSResult.from_retrained(drawn, actual)
+    retraining = time.perf_counter() - began
+    rows = []
+    for name, calculator in candidates.items():
+        start = time.perf_counter()
+        calculator.fit(train_data)
+        fitted = time.perf_counter()
+        lds = linear_datamodeling_score(calculator, reference, test_data)
+        rows.append(
+            Candidate(
+                name, lds.score, lds.interval, fitted - start, time.perf_counter() - fitted, lds
+            )
+        )
+    best = max(rows, key=lambda c: -np.inf if not np.isfinite(c.score) else c.score)
+    return Selection(tuple(rows), best.name, reference, retraining)
 
 
 # -- counterfactual removal ---------------------------------------------------------------

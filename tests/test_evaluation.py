@@ -21,6 +21,7 @@ from influence_core.evaluation import (
     linear_datamodeling_score,
     loo_correlation,
     mislabel_detection,
+    select,
 )
 
 
@@ -211,3 +212,41 @@ def test_counterfactual_removal_against_retraining_by_hand_and_negated(setting) 
     assert flipped.score < 0 < result.score
     with pytest.raises(ValueError, match="removed 20 points per retraining"):
         counterfactual_removal(negated, result, test, fraction=0.05)
+
+
+def test_select_scores_a_damping_grid_on_one_set_of_retrainings(setting) -> None:
+    p, model, _, retrain, _ = setting
+    train, test = (p["X"], p["y"]), (p["X_test"], p["y_test"])
+    calls = []
+
+    def counted(indices):
+        calls.append(len(indices))
+        return retrain(indices)
+
+    grid = {
+        f"λ={d:g}": FirstOrderInfluenceCalculator(model, ExactIHVP(damping=d))
+        for d in (MU, 1.0, 100.0)
+    }
+    chosen = select(grid, counted, train, test, subsets=10, fraction=0.9, seed=5)
+    assert len(calls) == 10  # once for every candidate
+    assert [c.name for c in chosen.candidates] == list(grid)
+    # Each candidate's LDS is the one linear_datamodeling_score gives on those retrainings.
+    for candidate, calculator in zip(chosen.candidates, grid.values(), strict=True):
+        alone = linear_datamodeling_score(calculator, chosen.reference, test)
+        assert candidate.score == pytest.approx(alone.score, abs=1e-12)
+        assert candidate.fit_seconds > 0 and candidate.scoring_seconds > 0
+    assert chosen.best == "λ=0.01"  # the damping the model was trained with
+    assert "(best)" in str(chosen)
+    # On a second, independent set of retrainings the choice stays within the best's interval.
+    again = select(grid, retrain, train, test, subsets=10, fraction=0.9, seed=6)
+    top = max(again.candidates, key=lambda c: c.score)
+    picked = next(c for c in again.candidates if c.name == chosen.best)
+    assert picked.score >= top.score - top.interval
+    with pytest.raises(ValueError, match="another model or measurement"):
+        other = digits_model("torch")
+        select(
+            {"a": grid["λ=0.01"], "b": FirstOrderInfluenceCalculator(other, ExactIHVP())},
+            chosen.reference,
+            train,
+            test,
+        )
