@@ -38,13 +38,33 @@ def main(spec_name: str, strategy: str, setup_path: str, out_path: str) -> None:
     test = torch.utils.data.TensorDataset(
         torch.from_numpy(setup["X_test"]), torch.from_numpy(setup["y_test"])
     )
+    batch, train_batch = int(setup["batch_size"]), int(setup["score_batch_size"])
+    run_and_save(
+        model, train, test, strategy, batch, train_batch, float(setup["damping"]), out_path
+    )
+
+
+def run_and_save(
+    model: torch.nn.Module,
+    train: torch.utils.data.Dataset,
+    test: torch.utils.data.Dataset,
+    strategy: str,
+    batch: int,
+    train_batch: int,
+    damping: float,
+    out_path: str,
+) -> None:
+    """kronfluence's fit, pairwise scores and self-influence (empirical Fisher), timed, to ``out_path``.
+
+    Writes the pairwise scores, the self-influence, the seconds of fit,
+    pairwise and self, and the peak RSS (``.npz``).
+    """
     task = Classification()
     model = prepare_model(model, task)
-    batch, train_batch = int(setup["batch_size"]), int(setup["score_batch_size"])
     with tempfile.TemporaryDirectory() as output:
         analyzer = Analyzer("scale", model=model, task=task, cpu=True, output_dir=output)
         factor_args = FactorArguments(strategy=strategy, use_empirical_fisher=True)
-        score_args = ScoreArguments(damping_factor=float(setup["damping"]))
+        score_args = ScoreArguments(damping_factor=damping)
         began = time.perf_counter()
         analyzer.fit_all_factors(
             strategy,
