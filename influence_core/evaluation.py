@@ -310,9 +310,7 @@ def _lds_result(
 ) -> LDSResult:
     per_test = np.array([_spearman(predicted[:, t], actual[:, t]) for t in range(actual.shape[1])])
     valid = per_test[np.isfinite(per_test)]
-    interval = (
-        float(1.96 * np.std(valid, ddof=1) / np.sqrt(len(valid))) if len(valid) > 1 else np.nan
-    )
+    interval = _interval(valid)
     if scored is not None:
         parameters = {**provenance.get("parameters", {}), "scores": scored}
         provenance = {**provenance, "parameters": parameters}
@@ -340,6 +338,13 @@ def _array_folded(
     if not np.all(np.isfinite(matrix)):
         raise ValueError("the scores hold NaN or inf")
     return weights_of(0, matrix.shape[1]) @ matrix.T
+
+
+def _interval(values: np.ndarray) -> float:
+    """Half-width of a 95 % interval of the mean over test points: 1.96 standard errors."""
+    if len(values) < 2:
+        return np.nan
+    return float(1.96 * np.std(values, ddof=1) / np.sqrt(len(values)))
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -686,7 +691,7 @@ def counterfactual_removal(
     top_change = own - full
     random_change = np.mean(random_values - full, axis=0)
     gain = top_change - random_change
-    interval = float(1.96 * np.std(gain, ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else np.nan
+    interval = _interval(gain)
     provenance = {
         "calculator": calculator,
         "retrain": fit,
