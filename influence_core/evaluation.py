@@ -60,6 +60,12 @@ from typing import Any
 import numpy as np
 from scipy.stats import pearsonr, rankdata, spearmanr
 
+from .errors import (
+    CostLimitError,
+    LissaDivergenceError,
+    NonFiniteGradientError,
+    NotPositiveDefiniteError,
+)
 from .estimators.base import InfluenceCalculator
 from .io import host, save_result
 from .progress import progress
@@ -468,6 +474,12 @@ def _loo_result(
 
 
 # -- choosing among configurations ------------------------------------------------------
+#: What a configuration may refuse with, as a row of :func:`select`'s table: its curvature
+#: is not positive definite, LiSSA diverged, its cost is over the limit, its gradients are
+#: not finite. Any other error is a bug, and is raised.
+REFUSALS = (NotPositiveDefiniteError, LissaDivergenceError, CostLimitError, NonFiniteGradientError)
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One configuration's row in a :class:`Selection`: its LDS and what it cost."""
@@ -477,7 +489,10 @@ class Candidate:
     interval: float
     fit_seconds: float
     scoring_seconds: float
-    lds: LDSResult = field(repr=False, compare=False)
+    lds: LDSResult | None = field(repr=False, compare=False)
+    #: Why the configuration gave no scores (its solver refused: not positive definite,
+    #: diverged, over its cost limit), or ``None``; its score is then NaN.
+    refused: str | None = None
 
 
 @dataclass(frozen=True)
@@ -502,8 +517,9 @@ class Selection:
             "| configuration | LDS | fit (s) | scoring (s) |",
             "|---|---:|---:|---:|",
             *(
-                f"| {c.name}{' (best)' if c.name == self.best else ''} | {c.score:.3f} ± "
-                f"{c.interval:.3f} | {c.fit_seconds:.2f} | {c.scoring_seconds:.2f} |"
+                f"| {c.name}{' (best)' if c.name == self.best else ''} | "
+                + (f"refused: {c.refused}" if c.refused else f"{c.score:.3f} ± {c.interval:.3f}")
+                + f" | {c.fit_seconds:.2f} | {c.scoring_seconds:.2f} |"
                 for c in self.candidates
             ),
         ]
@@ -535,7 +551,8 @@ def select(
     Args:
         candidates: name → calculator, unfitted (each is fitted on ``train_data``).
             They must share the model and the measurement, which the retrained
-            values are of.
+            values are of. One whose solver refuses (:data:`REFUSALS`: not positive
+            definite, diverged …) is a row with ``refused`` set and a NaN LDS.
         retrain: ``retrain(indices) -> weights`` (see the module docstring), or an
             earlier :class:`LDSResult` (``Selection.reference``) to reuse.
         train_data: what the candidates are fitted on and subsets index.
@@ -568,15 +585,25 @@ def select(
         reference = LDSResult.from_retrained(drawn, actual)
     retraining = time.perf_counter() - began
     rows = []
-    for name, calculator in candidates.items():
-        start = time.perf_counter()
-        calculator.fit(train_data)
-        fitted = time.perf_counter()
-        lds = linear_datamodeling_score(calculator, reference, test_data)
+    for name, calculator in progress(candidates.items(), desc="candidates", total=len(candidates)):
+        start = fitted = time.perf_counter()
+        try:
+            calculator.fit(train_data)
+            fitted = time.perf_counter()
+            lds = linear_datamodeling_score(calculator, reference, test_data)
+        except REFUSALS as error:  # a configuration that cannot be solved is a row, not a crash
+            now = time.perf_counter()
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            rows.append(Candidate(name, np.nan, np.nan, fitted - start, now - fitted, None, reason))
+            continue
         rows.append(
             Candidate(
                 name, lds.score, lds.interval, fitted - start, time.perf_counter() - fitted, lds
             )
+        )
+    if all(c.refused for c in rows):
+        raise ValueError(
+            "every candidate refused: " + "; ".join(f"{c.name}: {c.refused}" for c in rows)
         )
     best = max(rows, key=lambda c: -np.inf if not np.isfinite(c.score) else c.score)
     return Selection(tuple(rows), best.name, reference, retraining)

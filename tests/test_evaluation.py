@@ -237,6 +237,17 @@ def test_select_scores_a_damping_grid_on_one_set_of_retrainings(setting) -> None
         assert candidate.fit_seconds > 0 and candidate.scoring_seconds > 0
     assert chosen.best == "λ=0.01"  # the damping the model was trained with
     assert "(best)" in str(chosen)
+    # A configuration that cannot be solved is a row that says why, not a lost comparison:
+    # the undamped softmax Hessian is singular (a constant added to every logit).
+    singular = FirstOrderInfluenceCalculator(model, ExactIHVP(damping=0.0))
+    with_refusal = select({**grid, "λ=0": singular}, chosen.reference, train, test)
+    refused = with_refusal.candidates[-1]
+    assert refused.refused.startswith("NotPositiveDefiniteError") and np.isnan(refused.score)
+    assert with_refusal.best == "λ=0.01" and "refused: NotPositiveDefiniteError" in str(
+        with_refusal
+    )
+    with pytest.raises(ValueError, match="every candidate refused: λ=0: NotPositiveDefinite"):
+        select({"λ=0": singular}, chosen.reference, train, test)
     # On a second, independent set of retrainings the choice stays within the best's interval.
     again = select(grid, retrain, train, test, subsets=10, fraction=0.9, seed=6)
     top = max(again.candidates, key=lambda c: c.score)

@@ -150,7 +150,11 @@ class InverseHessianVectorProduct(ABC):
         self.parameter_fingerprint_ = parameter_fingerprint(model)
         self.weights_fingerprint_ = weights_fingerprint(model)
         self._data_fingerprint: dict[str, Any] | None = None
-        self._fit(model, data)
+        try:
+            self._fit(model, data)
+        except BaseException:
+            del self.model_  # a fit that failed leaves the solver unfitted, not half-fitted
+            raise
         return self
 
     def fitted_for(self: Solver, model: InfluenceModel, data: Any) -> Solver:
