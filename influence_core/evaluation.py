@@ -518,12 +518,61 @@ class Selection:
             "|---|---:|---:|---:|",
             *(
                 f"| {c.name}{' (best)' if c.name == self.best else ''} | "
-                + (f"refused: {c.refused}" if c.refused else f"{c.score:.3f} ± {c.interval:.3f}")
+                + (
+                    f"refused: {_first_clause(c.refused)}"
+                    if c.refused
+                    else f"{c.score:.3f} ± {c.interval:.3f}"
+                )
                 + f" | {c.fit_seconds:.2f} | {c.scoring_seconds:.2f} |"
                 for c in self.candidates
             ),
         ]
         return "\n".join(rows) + f"\nretrainings, shared: {self.retraining_seconds:.1f} s"
+
+    def plot(self, axis: Any = None, *, title: str | None = None) -> Any:
+        """LDS (± its 95 % interval) against fit + scoring seconds, one point per candidate.
+
+        The best is drawn in orange; a refused candidate has no point and is
+        named under the axis. Needs matplotlib; draws on ``axis`` (a new
+        figure's if ``None``) and returns it.
+        """
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError as error:  # pragma: no cover - depends on the environment
+            raise ImportError("Selection.plot needs matplotlib: pip install matplotlib") from error
+        if axis is None:
+            _, axis = plt.subplots(figsize=(6.5, 5))
+        for c in self.candidates:
+            if c.refused:
+                continue
+            seconds = max(c.fit_seconds + c.scoring_seconds, 1e-3)
+            best = c.name == self.best
+            axis.errorbar(
+                seconds,
+                c.score,
+                yerr=c.interval,
+                fmt="o",
+                color="tab:orange" if best else "tab:blue",
+                capsize=3,
+            )
+            axis.annotate(
+                c.name, (seconds, c.score), fontsize=7, xytext=(4, 3), textcoords="offset points"
+            )
+        refused = [c.name for c in self.candidates if c.refused]
+        axis.set_xscale("log")
+        axis.set_xlabel(
+            "fit + scoring, seconds" + (f"\nrefused: {', '.join(refused)}" if refused else "")
+        )
+        axis.set_ylabel("LDS (mean Spearman, ± 95 %)")
+        axis.set_title(title or f"{len(self.candidates)} configurations, one set of retrainings")
+        axis.grid(alpha=0.3)
+        return axis
+
+
+def _first_clause(reason: str) -> str:
+    """An error's first clause, for a table cell (the whole reason stays in ``refused``)."""
+    head = reason.split(": ", 2)
+    return ": ".join(head[:2]) if len(head) > 2 else reason
 
 
 def select(

@@ -246,6 +246,12 @@ def test_select_scores_a_damping_grid_on_one_set_of_retrainings(setting) -> None
     assert with_refusal.best == "λ=0.01" and "refused: NotPositiveDefiniteError" in str(
         with_refusal
     )
+    # Its figure: one point per candidate that gave scores, the refused one named under the axis.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    axis = with_refusal.plot()
+    assert len(axis.containers) == len(grid) and "refused: λ=0" in axis.get_xlabel()
     with pytest.raises(ValueError, match="every candidate refused: λ=0: NotPositiveDefinite"):
         select({"λ=0": singular}, chosen.reference, train, test)
     # On a second, independent set of retrainings the choice stays within the best's interval.

@@ -51,6 +51,7 @@ Fisher); every selected parameter must belong to a supported layer.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
@@ -75,13 +76,17 @@ __all__ = ["EKFACIHVP", "KFACIHVP"]
 
 Fisher = Literal["true", "empirical"]
 
+#: c in the default damping λ_l = c × mean(Λ_l) of each layer (``damping=None``).
+DEFAULT_RELATIVE_DAMPING = 0.1
+
 
 class KFACIHVP(InverseHessianVectorProduct):
     """(F̂ + λI)⁻¹ with F̂ the block-diagonal Kronecker-factored Fisher (see the module docstring).
 
     Args:
-        damping: λ for every layer; ``None`` (the default) takes 0.1 × the mean
-            eigenvalue of each layer's curvature.
+        damping: λ for every layer; ``None`` (the default) takes
+            ``relative_damping`` × the mean eigenvalue of each layer's curvature.
+        relative_damping: c in λ_l = c × mean(Λ_l) when ``damping`` is ``None``.
         fisher: ``"true"`` (labels sampled from the model, seeded) or ``"empirical"``.
         seed: seed of the sampled labels.
         batch_size: batch size for ``(X, y)`` arrays.
@@ -96,6 +101,7 @@ class KFACIHVP(InverseHessianVectorProduct):
         self,
         *,
         damping: float | None = None,
+        relative_damping: float = DEFAULT_RELATIVE_DAMPING,
         fisher: Fisher = "true",
         seed: int = 0,
         batch_size: int | None = None,
@@ -106,6 +112,11 @@ class KFACIHVP(InverseHessianVectorProduct):
             raise ValueError(f"query_rank must be an integer ≥ 1 or None, got {query_rank}")
         self.query_rank = None if query_rank is None else int(query_rank)
         self.damping = None if damping is None else self.damping  # type: ignore[assignment]
+        if not (math.isfinite(float(relative_damping)) and relative_damping > 0):
+            raise ValueError(
+                f"relative_damping must be a finite number > 0, got {relative_damping}"
+            )
+        self.relative_damping = float(relative_damping)
         if fisher not in ("true", "empirical"):
             raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
         self.fisher = fisher
@@ -114,6 +125,8 @@ class KFACIHVP(InverseHessianVectorProduct):
     def get_params(self) -> dict[str, Any]:
         return {
             "damping": self.damping,
+            # The rule that set λ when damping is None (so a saved fit says which it was).
+            **({"relative_damping": self.relative_damping} if self.damping is None else {}),
             "fisher": self.fisher,
             "seed": self.seed,
             "batch_size": self.batch_size,
@@ -205,7 +218,7 @@ class KFACIHVP(InverseHessianVectorProduct):
         self.layer_damping_ = [
             float(self.damping)
             if self.damping is not None
-            else 0.1 * float(np.mean(np.asarray(host(values), np.float64)))
+            else self.relative_damping * float(np.mean(np.asarray(host(values), np.float64)))
             for values in self.eigenvalues_
         ]
 

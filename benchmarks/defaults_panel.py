@@ -1,0 +1,196 @@
+"""The panel the solvers' defaults are chosen on: LDS over a damping grid, per model, one run.
+
+    .venv/bin/python benchmarks/defaults_panel.py [--models softmax mlp conv mlp01m]
+        [--subsets 50] [--seed 0] [--out benchmarks/results/defaults_panel.json]
+
+Panel (torch float64, all parameters; every model is trained deterministically
+from one seeded initialisation, so a retraining differs only by its data):
+
+* **softmax**, **mlp**: digits softmax regression (d = 650, convex) and the
+  64-32-10 tanh MLP (d = 2410) of ``evaluation_digits.py`` (L-BFGS).
+* **conv**: digits as 1 × 8 × 8 images, conv 3 × 3 (8 channels) + tanh +
+  dense (d = 2970), μ = 1e-3, L-BFGS (500 iterations).
+* **mlp01m**: the 784-128-10 tanh MLP of ``lds_mlp.py`` (d = 101,770),
+  300 full-batch Adam steps, n_train = 2000, 50 test points.
+
+Every configuration of one model is scored by :func:`influence_core.evaluation.select`
+on the same ``--subsets`` retrainings on random halves (LDS: mean Spearman over
+test points, 95 % interval). The grid:
+
+* EK-FAC and K-FAC, the damping as a fraction c of the mean eigenvalue of
+  each layer's curvature (``damping=None``, ``relative_damping=c``; the old
+  default was c = 0.1) and as a fixed λ;
+* CG, LiSSA and Arnoldi at their defaults, on the Hessian and on the
+  Gauss–Newton matrix, and CG over a damping grid.
+
+A configuration that refuses (not positive definite, diverged) is a row
+saying so. The table printed is the one in ``docs/choosing.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import evaluation_digits as digits_bench  # noqa: E402
+import lds_mlp  # noqa: E402
+
+from influence_core import (  # noqa: E402
+    EKFACIHVP,
+    KFACIHVP,
+    ArnoldiIHVP,
+    ArnoldiInfluenceCalculator,
+    ConjugateGradientIHVP,
+    FirstOrderInfluenceCalculator,
+    InfluenceModel,
+    LissaIHVP,
+    set_progress,
+)
+from influence_core.evaluation import select  # noqa: E402
+
+
+def conv_network() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Unflatten(1, (1, 8, 8)),
+        torch.nn.Conv2d(1, 8, 3),
+        torch.nn.Tanh(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 6 * 6, 10),
+    ).double()
+
+
+def lbfgs_trained(make, mu: float, iterations: int):
+    def trained(X, y) -> dict:
+        net = make()
+        optimizer = torch.optim.LBFGS(
+            net.parameters(),
+            lr=1.0,
+            max_iter=iterations,
+            tolerance_grad=1e-10,
+            tolerance_change=1e-14,
+            history_size=50,
+            line_search_fn="strong_wolfe",
+        )
+
+        def closure():
+            optimizer.zero_grad()
+            value = digits_bench.objective(net, X, y, mu)
+            value.backward()
+            return value
+
+        optimizer.step(closure)
+        return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+    return trained
+
+
+def panel_model(name: str):
+    """(network with trained weights, retrain(indices) -> weights, train, test)."""
+    if name in ("softmax", "mlp", "conv"):
+        X, y, Xt, yt = digits_bench.digits()
+        if name == "conv":
+            make, train_fn = conv_network, lbfgs_trained(conv_network, 1e-3, 500)
+        else:
+            make = lambda: digits_bench.network(name)  # noqa: E731
+            train_fn = lambda X, y: digits_bench.trained(name, X, y)  # noqa: E731
+        train, test = (X.numpy(), y.numpy()), (Xt.numpy(), yt.numpy())
+    else:
+        X, y = lds_mlp.dataset()
+        n = lds_mlp.N
+        make = lds_mlp.network
+
+        def train_fn(X, y):
+            net, _ = lds_mlp.train(X, y)
+            return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+        X, y, Xt, yt = X[:n], y[:n], X[n:], y[n:]
+        train, test = (X.numpy(), y.numpy()), (Xt.numpy(), yt.numpy())
+    net = make()
+    net.load_state_dict(train_fn(X, y))
+
+    def retrain(indices: np.ndarray) -> dict:
+        return train_fn(X[indices], y[indices])
+
+    return net, retrain, train, test
+
+
+def grid(name: str, model: InfluenceModel) -> dict:
+    first_order = lambda solver: FirstOrderInfluenceCalculator(model, solver)  # noqa: E731
+    rows = {}
+    for label, solver in (("EK-FAC", EKFACIHVP), ("K-FAC", KFACIHVP)):
+        rows[f"{label}, default"] = first_order(solver())
+        for c in (1e-1, 1e-2, 1e-3, 1e-4):
+            rows[f"{label}, c = {c:g}"] = first_order(solver(relative_damping=c))
+        for d in (1e-1, 1e-2, 1e-3, 1e-4):
+            rows[f"{label}, λ = {d:g}"] = first_order(solver(damping=d))
+    big = name == "mlp01m"
+    iterations = {"maxiter": 30, "tol": 1e-6} if big else {}
+    for curvature in ("hessian", "ggn"):
+        rows[f"CG, default, {curvature}"] = first_order(
+            ConjugateGradientIHVP(curvature=curvature, **iterations)
+        )
+        rows[f"LiSSA, default, {curvature}"] = first_order(LissaIHVP(curvature=curvature))
+        rows[f"Arnoldi, default, {curvature}"] = ArnoldiInfluenceCalculator(
+            model, ArnoldiIHVP(curvature=curvature)
+        )
+        for d in () if big else (1e-1, 1e-2, 1e-4):
+            rows[f"CG, λ = {d:g}, {curvature}"] = first_order(
+                ConjugateGradientIHVP(curvature=curvature, damping=d)
+            )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["softmax", "mlp", "conv", "mlp01m"])
+    parser.add_argument("--subsets", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", default="", help="keep the configurations whose name has this")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "defaults_panel.json")
+    args = parser.parse_args()
+    set_progress(False)
+    torch.set_num_threads(2)
+    rows = []
+    for name in args.models:
+        began = time.perf_counter()
+        net, retrain, train, test = panel_model(name)
+        model = InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"), batch_size=500)
+        candidates = {k: v for k, v in grid(name, model).items() if args.only in k}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # CG's residual warnings: the LDS is the judge here
+            chosen = select(candidates, retrain, train, test, subsets=args.subsets, seed=args.seed)
+        print(
+            f"\n{name} (d = {model.num_parameters}), {args.subsets} subsets, seed {args.seed}, "
+            f"{time.perf_counter() - began:.0f} s"
+        )
+        print(chosen, flush=True)
+        for c in chosen.candidates:
+            rows.append(
+                {
+                    "model": name,
+                    "configuration": c.name,
+                    "lds": c.score,
+                    "interval": c.interval,
+                    "fit_seconds": c.fit_seconds,
+                    "scoring_seconds": c.scoring_seconds,
+                    "refused": c.refused,
+                    "retraining_seconds": chosen.retraining_seconds,
+                }
+            )
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
