@@ -20,6 +20,7 @@ from influence_core import (  # noqa: E402
     FirstOrderInfluenceCalculator,
     InfluenceModel,
     TracIn,
+    UnsupportedByBackendError,
 )
 from influence_core.tokens import per_token  # noqa: E402
 
@@ -71,3 +72,27 @@ def test_per_token_refuses_labels_without_positions_and_all_ignored() -> None:
     queries = per_token(model, test)
     with pytest.raises(ValueError, match="one row each"):
         queries.by_token(model, torch.zeros((2, 5), dtype=torch.float64))
+
+
+def test_gauss_newton_products_of_a_language_model_need_no_output_hessian(monkeypatch) -> None:
+    # The outputs are (b, T, vocabulary); the Gauss-Newton product takes H_out (J v) as a
+    # product, never the (b, c, c) Hessian with c = T × vocabulary. With only the untied
+    # head selected the logits are linear in θ, so the Gauss-Newton matrix is the Hessian.
+    train = data(6, 2)
+    sdpa = InfluenceModel(gpt2(tied=False), sequence_loss)  # J v needs forward-mode derivatives
+    ones = torch.ones((sdpa.num_parameters, 1), dtype=torch.float64)
+    with pytest.raises(UnsupportedByBackendError, match='set_attn_implementation\\("eager"\\)'):
+        sdpa.ggn_vp(train, ones)
+    net = gpt2(tied=False)
+    net.set_attn_implementation("eager")
+    model = InfluenceModel(net, sequence_loss).with_parameters("lm_head.weight")
+    V = torch.as_tensor(np.random.default_rng(3).normal(size=(model.num_parameters, 2)))
+
+    def formed(*args):
+        raise AssertionError("the (b, c, c) output Hessians were formed")
+
+    monkeypatch.setattr(type(model.kernels), "output_loss_hessians", formed)
+    assert relative(model.ggn_vp(train, V), model.hvp(train, V)) < 1e-10
+    everything = InfluenceModel(net, sequence_loss)  # and on every parameter, PSD
+    W = torch.as_tensor(np.random.default_rng(4).normal(size=(everything.num_parameters, 3)))
+    assert torch.all(torch.linalg.eigvalsh(W.T @ everything.ggn_vp(train, W)) > -1e-10)

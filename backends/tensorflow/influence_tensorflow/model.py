@@ -256,7 +256,7 @@ class TensorFlowKernels(ModelKernels):
 
     def _ggn_graph(self, inputs: Any, targets: Any, vectors: tf.Tensor) -> tf.Tensor:
         # J V by the double-vjp identity J v = ∂/∂u ⟨Jᵀu, v⟩ (u a dummy cotangent, pfor over
-        # the k columns), H_out per sample, then Jᵀ(H J v) as the Jacobian of k projections.
+        # the k columns), H_out (J v) below, then Jᵀ(H J v) as the Jacobian of k projections.
         outputs = self._call(inputs)
         b = tf.shape(outputs)[0]
         with tf.GradientTape() as outer:
@@ -267,14 +267,20 @@ class TensorFlowKernels(ModelKernels):
                 again = self._call(inputs)
             pulled = self._flat(inner.gradient(again, self._vars, output_gradients=dummy))
             projections = tf.linalg.matvec(vectors, pulled, transpose_a=True)  # (k,)
-        jv = outer.jacobian(projections, dummy)  # (k, *outputs.shape)
-        flat_outputs = tf.reshape(outputs, [b, -1])
-        curvature = self.output_loss_hessians(flat_outputs, targets)  # (b, c, c)
-        jv = tf.reshape(jv, [tf.shape(vectors)[1], b, -1])
-        hjv = tf.einsum("bij,kbj->kbi", curvature, jv) / tf.cast(b, self._dtype)
-        hjv = tf.stop_gradient(
-            tf.reshape(hjv, tf.concat([[tf.shape(vectors)[1]], tf.shape(outputs)], 0))
-        )
+        jv = tf.stop_gradient(outer.jacobian(projections, dummy))  # (k, *outputs.shape)
+        k = tf.shape(vectors)[1]
+        # H_out (J v) by reverse over reverse on the summed loss: its Hessian in Φ is
+        # symmetric and block-diagonal over samples, and no (b, c, c) Hessian is formed.
+        held = tf.stop_gradient(outputs)
+        with tf.GradientTape() as second:
+            second.watch(held)
+            with tf.GradientTape() as first:
+                first.watch(held)
+                total = tf.reduce_sum(self.loss_fn(targets, held))
+            along = tf.reduce_sum(
+                tf.reshape(first.gradient(total, held)[tf.newaxis] * jv, [k, -1]), 1
+            )
+        hjv = tf.stop_gradient(second.jacobian(along, held) / tf.cast(b, self._dtype))
         with tf.GradientTape(watch_accessed_variables=False) as last:
             last.watch(self._vars)
             final = self._call(inputs)

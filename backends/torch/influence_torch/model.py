@@ -52,6 +52,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: Raw torch errors a user's model can reach in a kernel, and the fix each names.
 _SECOND_DERIVATIVE = "derivative for"
 _VMAP_CONTROL_FLOW = "vmap: It looks like you're"
+_NO_FORWARD_MODE = "Trying to use forward AD with"
 
 
 def explained_errors(method: F) -> F:
@@ -69,10 +70,12 @@ def explained_errors(method: F) -> F:
             return method(self, *args, **kwargs)
         except RuntimeError as error:
             text = str(error)
-            if _SECOND_DERIVATIVE in text and "not implemented" in text:
+            second = _SECOND_DERIVATIVE in text and "not implemented" in text
+            if second or _NO_FORWARD_MODE in text:
                 raise UnsupportedByBackendError(
-                    f"{method.__name__} needs second derivatives, and an operation of this model "
-                    f"has none in torch ({text.splitlines()[0]}). For a Hugging Face model, "
+                    f"{method.__name__} needs second derivatives (or forward-mode ones), and an "
+                    f"operation of this model has none in torch ({text.splitlines()[0]}). For a "
+                    "Hugging Face model, "
                     'switch its attention to eager: model.set_attn_implementation("eager") (or '
                     'attn_implementation="eager" when loading); or use a solver that needs no '
                     "Hessian-vector products: EKFACIHVP or KFACIHVP (layer-wise), or TracIn / "
@@ -300,19 +303,22 @@ class TorchKernels(ModelKernels):
     def mean_loss_ggn_vp(
         self, inputs: Any, targets: torch.Tensor, vectors: torch.Tensor
     ) -> torch.Tensor:
-        # Jᵀ (H_out J V) / b: a jvp of the outputs per column, H_out per sample, one vjp.
+        # Jᵀ (H_out J V) / b: a jvp of the outputs per column, then H_out (J v) as a jvp of
+        # ∂ℓ/∂Φ (forward over reverse), then one vjp. The loss sums over samples, so its
+        # Hessian in Φ is block-diagonal and one product gives every sample's H_i (J v)_i; no
+        # (b, c, c) Hessian is formed (c = T × vocabulary for a language model).
         def outputs_of(flat: torch.Tensor) -> torch.Tensor:
             return self._call(self._unflatten(flat), inputs)
 
         flat = self.get_flat_parameters()
         outputs, vjp_fn = vjp(outputs_of, flat)
         b = outputs.shape[0]
-        curvature = self.output_loss_hessians(outputs.reshape(b, -1), targets)  # (b, c, c)
+        output_grad = grad(lambda o: self.loss_fn(o, targets).sum())
+        detached = outputs.detach()
 
         def column(v: torch.Tensor) -> torch.Tensor:
-            jv = jvp(outputs_of, (flat,), (v,))[1].reshape(b, -1)
-            hjv = torch.einsum("bij,bj->bi", curvature, jv) / b
-            return vjp_fn(hjv.reshape(outputs.shape))[0]
+            jv = jvp(outputs_of, (flat,), (v,))[1]
+            return vjp_fn(jvp(output_grad, (detached,), (jv,))[1] / b)[0]
 
         return vmap(column, in_dims=1, out_dims=1)(vectors)
 

@@ -284,9 +284,6 @@ class JaxKernels(ModelKernels):
 
             return jax.vmap(column, in_axes=1, out_axes=1)(vectors)
 
-        def output_loss_one(o: Any, y: Any) -> Any:
-            return jnp.sum(self.loss_fn(o[None], y[None]))
-
         def ggn(theta, leaves, rest, x, y, vectors):
             flat = flatten(theta)
 
@@ -295,12 +292,13 @@ class JaxKernels(ModelKernels):
 
             outputs, vjp_fn = jax.vjp(outputs_of, flat)
             b = outputs.shape[0]
-            curvature = jax.vmap(jax.hessian(output_loss_one))(outputs.reshape(b, -1), y)
+            # H_out (J v) as a jvp of ∂ℓ/∂Φ: the summed loss's Hessian in Φ is block-diagonal
+            # over samples, and no (b, c, c) Hessian is formed.
+            output_grad = jax.grad(lambda o: jnp.sum(self.loss_fn(o, y)))
 
             def column(v: Any) -> Any:
-                jv = jax.jvp(outputs_of, (flat,), (v,))[1].reshape(b, -1)
-                hjv = jnp.einsum("bij,bj->bi", curvature, jv) / b
-                return vjp_fn(hjv.reshape(outputs.shape))[0]
+                jv = jax.jvp(outputs_of, (flat,), (v,))[1]
+                return vjp_fn(jax.jvp(output_grad, (outputs,), (jv,))[1] / b)[0]
 
             return jax.vmap(column, in_axes=1, out_axes=1)(vectors)
 
