@@ -26,6 +26,7 @@ from influence_core import (
     FirstOrderInfluenceCalculator,
     InfluenceModel,
 )
+from influence_core.ihvp import FACTORED_DAMPING
 from influence_core.layerwise import per_sample_grads_from_layers
 
 C, P = 2, 3
@@ -113,7 +114,7 @@ def test_ekfac_plugs_into_the_calculators_and_saves_without_pickle(tmp_path) -> 
     assert torch.equal(loaded.solve(V), ekfac.ihvp.solve(V))
 
 
-def test_the_true_fisher_is_seeded_and_the_default_damping_is_a_tenth_of_the_mean() -> None:
+def test_the_true_fisher_is_seeded_and_the_damping_is_fixed_or_relative_to_the_mean() -> None:
     torch.manual_seed(2)
     net = torch.nn.Sequential(
         torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
@@ -125,8 +126,16 @@ def test_the_true_fisher_is_seeded_and_the_default_damping_is_a_tenth_of_the_mea
     V = torch.randn(model.num_parameters, 2, dtype=torch.float64)
     assert torch.equal(one.solve(V), two.solve(V))
     assert not torch.equal(one.solve(V), other.solve(V))
-    for values, damping in zip(one.eigenvalues_, one.layer_damping_, strict=True):
-        assert damping == pytest.approx(0.1 * float(values.mean()), rel=1e-12)
+    assert one.layer_damping_ == [FACTORED_DAMPING] * 2 and FACTORED_DAMPING == 1e-3
+    # damping=None: kronfluence's rule, c × each layer's mean eigenvalue (c = 0.1 unless set).
+    for c in (0.1, 0.01):
+        relative = EKFACIHVP(damping=None, relative_damping=c, seed=5).fit(model, train)
+        for values, damping in zip(relative.eigenvalues_, relative.layer_damping_, strict=True):
+            assert damping == pytest.approx(c * float(values.mean()), rel=1e-12)
+        assert relative.get_params()["relative_damping"] == c  # a saved fit says which rule
+    assert "relative_damping" not in one.get_params()
+    with pytest.raises(ValueError, match="relative_damping must be a finite number > 0"):
+        EKFACIHVP(damping=None, relative_damping=0.0)
 
 
 def test_a_parameter_outside_the_supported_layers_is_named_with_why() -> None:

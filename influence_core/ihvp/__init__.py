@@ -13,12 +13,13 @@ from .arnoldi import ArnoldiIHVP
 from .base import DEFAULT_DAMPING, InverseHessianVectorProduct
 from .conjugate_gradient import ConjugateGradientIHVP
 from .exact import MAX_EXACT_PARAMETERS, ExactIHVP
-from .kfac import EKFACIHVP, KFACIHVP
+from .kfac import EKFACIHVP, FACTORED_DAMPING, KFACIHVP
 from .lissa import LissaIHVP, largest_eigenvalue
 
 __all__ = [
     "DEFAULT_DAMPING",
     "EKFACIHVP",
+    "FACTORED_DAMPING",
     "KFACIHVP",
     "MAX_EXACT_PARAMETERS",
     "ArnoldiIHVP",
