@@ -154,6 +154,91 @@ def grid(name: str, model: InfluenceModel) -> dict:
     return rows
 
 
+#: Each solver's row names: the family a best is taken over, its default now, its former one.
+FAMILIES = {
+    "EK-FAC": ("EK-FAC, ", "EK-FAC, default", "EK-FAC, c = 0.1"),
+    "K-FAC": ("K-FAC, ", "K-FAC, default", "K-FAC, c = 0.1"),
+    "CG": ("CG, ", "CG, default, hessian", "CG, λ = 0.001, hessian"),
+    "LiSSA": ("LiSSA, ", "LiSSA, default, hessian", "LiSSA, λ = 0.001, hessian"),
+}
+
+
+def summary(rows: list[dict]) -> str:
+    """Per model and solver: its best configuration, its default now and before, and whether
+    the default is within the best's 95 % interval (the panel's criterion)."""
+    lines = [
+        "| model | solver | best configuration | default now | within? | former default |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def cell(row: dict | None) -> str:
+        if row is None:
+            return "not run"
+        if row["refused"]:
+            return "refused"
+        return f"{row['lds']:.3f} ± {row['interval']:.3f}"
+
+    for model in dict.fromkeys(r["model"] for r in rows):
+        of_model = {r["configuration"]: r for r in rows if r["model"] == model}
+        for solver, (prefix, now, before) in FAMILIES.items():
+            family = [r for name, r in of_model.items() if name.startswith(prefix)]
+            scored = [r for r in family if not r["refused"]]
+            if not scored:
+                continue
+            best = max(scored, key=lambda r: r["lds"])
+            default = of_model.get(now)
+            within = (
+                default is not None
+                and not default["refused"]
+                and default["lds"] >= best["lds"] - best["interval"]
+            )
+            lines.append(
+                f"| {model} | {solver} | {best['configuration']}: {cell(best)} | {cell(default)} "
+                f"| {'yes' if within else '**no**'} | {cell(of_model.get(before))} |"
+            )
+    return "\n".join(lines)
+
+
+def figure(rows: list[dict], path: Path, model: str = "mlp") -> None:
+    """The digits MLP's EK-FAC and CG damping grids with the defaults: docs/images/selection.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from influence_core.evaluation import Candidate, plot_candidates
+
+    def shown(name: str) -> bool:  # the 4-point grids (a default is one of their points)
+        return name.startswith(("EK-FAC, λ", "CG, λ")) and "ggn" not in name
+
+    kept = [r for r in rows if r["model"] == model and shown(r["configuration"])]
+    candidates = [
+        Candidate(
+            r["configuration"].replace(", hessian", "").replace(", λ = ", " λ="),
+            r["lds"] if not r["refused"] else float("nan"),
+            r["interval"] if not r["refused"] else float("nan"),
+            r["fit_seconds"],
+            r["scoring_seconds"],
+            None,
+            r["refused"],
+        )
+        for r in kept
+    ]
+    scored = [c for c in candidates if not c.refused]
+    best = max(scored, key=lambda c: c.score).name
+    _, axis = plt.subplots(figsize=(7.5, 5.5))
+    plot_candidates(
+        candidates,
+        best,
+        axis,
+        title="select: EK-FAC and CG dampings on the digits MLP (d = 2410)",
+    )
+    axis.figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    axis.figure.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["softmax", "mlp", "conv", "mlp01m"])
@@ -161,7 +246,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", default="", help="keep the configurations whose name has this")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "defaults_panel.json")
+    parser.add_argument("--summarize", type=Path, help="print the summary of an earlier run")
+    parser.add_argument("--figure", type=Path, help="with --summarize: draw the digits MLP's grid")
     args = parser.parse_args()
+    if args.summarize:
+        rows = json.loads(args.summarize.read_text())
+        print(summary(rows))
+        if args.figure:
+            figure(rows, args.figure)
+        return
     set_progress(False)
     torch.set_num_threads(2)
     rows = []
@@ -191,8 +284,10 @@ def main() -> None:
                     "retraining_seconds": chosen.retraining_seconds,
                 }
             )
-    args.out.parent.mkdir(exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1))
+        args.out.parent.mkdir(exist_ok=True)  # after every model: a long run keeps what it did
+        args.out.write_text(json.dumps(rows, indent=1))
+    print()
+    print(summary(rows))
 
 
 if __name__ == "__main__":

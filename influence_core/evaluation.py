@@ -81,6 +81,7 @@ __all__ = [
     "linear_datamodeling_score",
     "loo_correlation",
     "mislabel_detection",
+    "plot_candidates",
     "select",
 ]
 
@@ -530,43 +531,51 @@ class Selection:
         return "\n".join(rows) + f"\nretrainings, shared: {self.retraining_seconds:.1f} s"
 
     def plot(self, axis: Any = None, *, title: str | None = None) -> Any:
-        """LDS (± its 95 % interval) against fit + scoring seconds, one point per candidate.
+        """LDS (± its 95 % interval) against fit + scoring seconds: :func:`plot_candidates`."""
+        return plot_candidates(self.candidates, self.best, axis, title=title)
 
-        The best is drawn in orange; a refused candidate has no point and is
-        named under the axis. Needs matplotlib; draws on ``axis`` (a new
-        figure's if ``None``) and returns it.
-        """
-        try:
-            import matplotlib.pyplot as plt
-        except ImportError as error:  # pragma: no cover - depends on the environment
-            raise ImportError("Selection.plot needs matplotlib: pip install matplotlib") from error
-        if axis is None:
-            _, axis = plt.subplots(figsize=(6.5, 5))
-        for c in self.candidates:
-            if c.refused:
-                continue
-            seconds = max(c.fit_seconds + c.scoring_seconds, 1e-3)
-            best = c.name == self.best
-            axis.errorbar(
-                seconds,
-                c.score,
-                yerr=c.interval,
-                fmt="o",
-                color="tab:orange" if best else "tab:blue",
-                capsize=3,
-            )
-            axis.annotate(
-                c.name, (seconds, c.score), fontsize=7, xytext=(4, 3), textcoords="offset points"
-            )
-        refused = [c.name for c in self.candidates if c.refused]
-        axis.set_xscale("log")
-        axis.set_xlabel(
-            "fit + scoring, seconds" + (f"\nrefused: {', '.join(refused)}" if refused else "")
+
+def plot_candidates(
+    candidates: Sequence[Candidate], best: str, axis: Any = None, *, title: str | None = None
+) -> Any:
+    """LDS (± its 95 % interval) against fit + scoring seconds, one point per candidate.
+
+    ``best`` (a candidate's name) is drawn in orange; a refused candidate has
+    no point and is named under the axis. Needs matplotlib; draws on ``axis``
+    (a new figure's if ``None``) and returns it.
+    """
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "plotting a selection needs matplotlib: pip install matplotlib"
+        ) from error
+    if axis is None:
+        _, axis = plt.subplots(figsize=(6.5, 5))
+    for c in candidates:
+        if c.refused:
+            continue
+        seconds = max(c.fit_seconds + c.scoring_seconds, 1e-3)
+        axis.errorbar(
+            seconds,
+            c.score,
+            yerr=c.interval,
+            fmt="o",
+            color="tab:orange" if c.name == best else "tab:blue",
+            capsize=3,
         )
-        axis.set_ylabel("LDS (mean Spearman, ± 95 %)")
-        axis.set_title(title or f"{len(self.candidates)} configurations, one set of retrainings")
-        axis.grid(alpha=0.3)
-        return axis
+        axis.annotate(
+            c.name, (seconds, c.score), fontsize=7, xytext=(4, 3), textcoords="offset points"
+        )
+    refused = [c.name for c in candidates if c.refused]
+    axis.set_xscale("log")
+    axis.set_xlabel(
+        "fit + scoring, seconds" + (f"\nrefused: {', '.join(refused)}" if refused else "")
+    )
+    axis.set_ylabel("LDS (mean Spearman, ± 95 %)")
+    axis.set_title(title or f"{len(candidates)} configurations, one set of retrainings")
+    axis.grid(alpha=0.3)
+    return axis
 
 
 def _first_clause(reason: str) -> str:
