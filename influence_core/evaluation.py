@@ -546,6 +546,7 @@ def plot_candidates(
     """
     try:
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, NullFormatter
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError(
             "plotting a selection needs matplotlib: pip install matplotlib"
@@ -569,6 +570,9 @@ def plot_candidates(
         )
     refused = [c.name for c in candidates if c.refused]
     axis.set_xscale("log")
+    axis.xaxis.set_minor_formatter(NullFormatter())  # log minor labels collide on short ranges
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    axis.margins(x=0.2)  # room for the right-most name
     axis.set_xlabel(
         "fit + scoring, seconds" + (f"\nrefused: {', '.join(refused)}" if refused else "")
     )
