@@ -26,8 +26,9 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# One worker per core (pytest-xdist; at most 4: each loads torch, TensorFlow and JAX).
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --maxprocesses 4
 
 conformance: $(STAMP)
 	$(PY) -m influence_conformance --backend torch
