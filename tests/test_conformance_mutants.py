@@ -472,3 +472,21 @@ def test_the_segment_sum_check_catches_a_lost_segment() -> None:
     with pytest.raises(AssertionError, match=r"segment_sum against numpy\.add\.at"):
         kind_checks_on(LastSegmentDropped).test_segment_sum_adds_rows_into_their_segments()
     kind_checks_on(TorchKernels).test_segment_sum_adds_rows_into_their_segments()
+
+
+# -- issue 28: the metagradient reads HVPs along the whole trajectory -----------------------
+class HessianOfTheFirstSample(TorchKernels):
+    """A Hessian-vector product of the batch's first sample only (a reduction slip)."""
+
+    def mean_loss_hvp(self, inputs, targets, vectors):
+        return super().mean_loss_hvp(inputs[:1], targets[:1], vectors)
+
+
+def test_the_unrolling_check_catches_a_wrong_hessian_vector_product() -> None:
+    with pytest.raises(AssertionError, match="metagradient of sample"):
+        checks_on(
+            HessianOfTheFirstSample, BackendConformance
+        ).test_metagradients_match_finite_differences_of_the_replayed_run()
+    checks_on(
+        TorchKernels, BackendConformance
+    ).test_metagradients_match_finite_differences_of_the_replayed_run()

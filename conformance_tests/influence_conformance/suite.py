@@ -60,6 +60,7 @@ from .layer_kind_checks import LayerKindChecks
 from .measurement_checks import MeasurementChecks
 from .reference_specs import SPECS
 from .selection_checks import SelectionChecks
+from .unrolling_checks import UnrollingChecks
 
 ALL_SPECS = list(SPECS)
 CLOSED_FORM = [s for s in SPECS if SPECS[s].reference == "closed_form"]
@@ -80,6 +81,7 @@ class BackendConformance(
     LayerChecks,
     LayerKindChecks,
     GGNChecks,
+    UnrollingChecks,
 ):
     """Numerical and behavioural checks of one backend: its kernels, and the solvers on them."""
 
