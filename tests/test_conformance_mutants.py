@@ -483,10 +483,13 @@ class HessianOfTheFirstSample(TorchKernels):
 
 
 def test_the_unrolling_check_catches_a_wrong_hessian_vector_product() -> None:
+    from influence_core.unrolling import SGD
+
+    optimizer = SGD(lr=0.3, momentum=0.9, weight_decay=1e-2)
     with pytest.raises(AssertionError, match="metagradient of sample"):
         checks_on(
             HessianOfTheFirstSample, BackendConformance
-        ).test_metagradients_match_finite_differences_of_the_replayed_run()
+        ).test_metagradients_match_finite_differences_of_the_replayed_run(optimizer)
     checks_on(
         TorchKernels, BackendConformance
-    ).test_metagradients_match_finite_differences_of_the_replayed_run()
+    ).test_metagradients_match_finite_differences_of_the_replayed_run(optimizer)

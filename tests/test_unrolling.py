@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-import influence_core.unrolling as unrolling
 from influence_conformance.specs import Dense, ModelSpec
 from influence_core import InfluenceModel, get_registry
-from influence_core.unrolling import SGD, ReplayedTraining
+from influence_core.unrolling import SGD, Adam, ReplayedTraining
 
 SOFTMAX = ModelSpec("softmax", (64,), (Dense(10),), "cross_entropy", "closed_form")
 MLP = ModelSpec("mlp", (64,), (Dense(8, "tanh"), Dense(10)), "cross_entropy", "finite_differences")
 OPTIMIZER = SGD(lr=0.5, momentum=0.9, weight_decay=1e-2)
+ADAM = Adam(lr=0.05, betas=(0.9, 0.99), weight_decay=1e-2)
 
 
 def data() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -39,7 +39,9 @@ def initial_weights(spec: ModelSpec) -> list[np.ndarray]:
     return weights
 
 
-def run(spec: ModelSpec, backend: str) -> tuple[ReplayedTraining, InfluenceModel]:
+def run(
+    spec: ModelSpec, backend: str, optimizer=OPTIMIZER
+) -> tuple[ReplayedTraining, InfluenceModel]:
     reference = (
         get_registry()
         .by_name(backend)
@@ -47,7 +49,7 @@ def run(spec: ModelSpec, backend: str) -> tuple[ReplayedTraining, InfluenceModel
     )
     model = InfluenceModel(reference.model, reference.loss_fn, batch_size=10)
     train, _ = data()
-    return ReplayedTraining(model, train, OPTIMIZER, epochs=3, batch_size=10, seed=0), model
+    return ReplayedTraining(model, train, optimizer, epochs=3, batch_size=10, seed=0), model
 
 
 def test_loss(replay: ReplayedTraining, model: InfluenceModel, w: np.ndarray) -> np.ndarray:
@@ -73,9 +75,10 @@ def finite_differences(replay, model, indices, eps: float = 1e-5) -> np.ndarray:
 INDICES = [0, 7, 19, 33]
 
 
+@pytest.mark.parametrize("optimizer", [OPTIMIZER, ADAM], ids=["sgd", "adam"])
 @pytest.mark.parametrize("spec", [SOFTMAX, MLP], ids=lambda s: s.name)
-def test_the_metagradient_equals_finite_differences_of_the_replayed_run(spec) -> None:
-    replay, model = run(spec, "torch")
+def test_the_metagradient_equals_finite_differences_of_the_replayed_run(spec, optimizer) -> None:
+    replay, model = run(spec, "torch", optimizer)
     assert replay.steps == 12 and replay.checkpoint_every == 4
     _, test = data()
     scores = model.to_numpy(replay.metagradient_scores(test))
@@ -85,7 +88,7 @@ def test_the_metagradient_equals_finite_differences_of_the_replayed_run(spec) ->
     assert np.abs(expected).max() > 1e-3  # the weights matter: the check can tell
     # The checkpoint spacing changes memory, never the numbers.
     every_step = ReplayedTraining(
-        model, data()[0], OPTIMIZER, epochs=3, batch_size=10, seed=0, checkpoint_every=1
+        model, data()[0], optimizer, epochs=3, batch_size=10, seed=0, checkpoint_every=1
     )
     np.testing.assert_allclose(
         model.to_numpy(every_step.metagradient_scores(test)), scores, rtol=1e-12, atol=1e-15
@@ -110,11 +113,12 @@ def test_a_run_with_left_out_samples_is_differentiated_too() -> None:
         replay.metagradient_scores(test, weights=np.full(replay.n, 0.5))
 
 
-def test_torch_and_tensorflow_replay_the_same_run_to_1e_8() -> None:
+@pytest.mark.parametrize("optimizer", [OPTIMIZER, ADAM], ids=["sgd", "adam"])
+def test_torch_and_tensorflow_replay_the_same_run_to_1e_8(optimizer) -> None:
     _, test = data()
     results = {}
     for backend in ("torch", "tensorflow"):
-        replay, model = run(MLP, backend)
+        replay, model = run(MLP, backend, optimizer)
         results[backend] = (
             model.to_numpy(replay.metagradient_scores(test)),
             model.to_numpy(model.to_canonical(replay.train())),  # one layout for both
@@ -132,27 +136,30 @@ def test_retrain_is_the_run_on_a_subset_and_matches_train_with_zero_weights() ->
         np.testing.assert_allclose(
             model.to_numpy(model.get_parameters()), model.to_numpy(replay.train(w)), rtol=1e-14
         )
+    # TracIn's checkpoints: the states after steps 4, 8 and 12, the last one θ_T.
+    states = replay.checkpoints(4)
+    assert len(states) == 3 and len(replay.checkpoints(5)) == 3  # after 5, 10 and 12
+    with model.checkpoint_loaded(states[-1]):
+        np.testing.assert_array_equal(
+            model.to_numpy(model.get_parameters()), model.to_numpy(replay.train())
+        )
     # The model is left at its initialisation: the run never writes it.
     np.testing.assert_array_equal(
         model.to_numpy(model.get_parameters()), model.to_numpy(replay.initial)
     )
 
 
-def test_an_adjoint_without_its_hessian_term_fails_the_finite_differences(monkeypatch) -> None:
-    """The mutant: θ̄_t = θ̄_{t+1} + μ u (H_t dropped). The check above must turn red on it."""
-    replay, model = run(MLP, "torch")
+@pytest.mark.parametrize("optimizer", [OPTIMIZER, ADAM], ids=["sgd", "adam"])
+def test_an_adjoint_without_its_hessian_term_fails_the_finite_differences(
+    monkeypatch, optimizer
+) -> None:
+    """The mutant: θ̄_t without H_t ḡ_t (the curvature dropped). The check must turn red on it."""
+    replay, model = run(MLP, "torch", optimizer)
     _, test = data()
     expected = finite_differences(replay, model, INDICES)
-
-    def without_hessian(self, theta, t, w, theta_bar, momentum_bar):
-        o, batch = self.optimizer, self.order[t]
-        u = momentum_bar - o.lr * theta_bar
-        with self.model.parameters_set_to(theta):
-            grads = self.model.per_sample_grads(self._batch(batch))
-            rows = self.model.to_numpy(grads @ u).T / batch.size
-        return theta_bar + o.weight_decay * u, o.momentum * u, rows
-
-    monkeypatch.setattr(unrolling.ReplayedTraining, "_adjoint", without_hessian)
+    monkeypatch.setattr(
+        ReplayedTraining, "_curvature", lambda self, kept, size, vectors: vectors * 0.0
+    )
     mutant = model.to_numpy(replay.metagradient_scores(test))[:, INDICES]
     assert not np.allclose(mutant, expected, rtol=1e-6, atol=1e-9)
     assert np.abs(mutant - expected).max() > 1e-3 * np.abs(expected).max()
@@ -163,6 +170,10 @@ def test_bad_settings_are_named() -> None:
         SGD(lr=0.0)
     with pytest.raises(ValueError, match="momentum must be"):
         SGD(lr=0.1, momentum=1.0)
+    with pytest.raises(ValueError, match=r"betas\[1\] must be"):
+        Adam(lr=0.1, betas=(0.9, 1.0))
+    with pytest.raises(TypeError, match="an SGD or an Adam"):
+        ReplayedTraining(run(SOFTMAX, "torch")[1], data()[0], "sgd", epochs=1, batch_size=10)
     replay, model = run(SOFTMAX, "torch")
     with pytest.raises(TypeError, match=r"\(X, y\) arrays"):
         ReplayedTraining(model, [data()[0]], OPTIMIZER, epochs=1, batch_size=10)

@@ -10,22 +10,27 @@ at the trained weights.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from influence_core.unrolling import SGD, ReplayedTraining
+from influence_core.unrolling import SGD, Adam, ReplayedTraining
 
 from .cases import Case, assert_close, to_numpy
 
 
 class UnrollingChecks:
-    """``ReplayedTraining.metagradient_scores`` against central differences of the run."""
+    """``ReplayedTraining.metagradient_scores`` against central differences of the run (SGD, Adam)."""
 
     def build_case(self, spec_name: str, dtype: str) -> Case:  # provided by BackendConformance
         raise NotImplementedError
 
-    def test_metagradients_match_finite_differences_of_the_replayed_run(self) -> None:
+    @pytest.mark.parametrize(
+        "optimizer",
+        [SGD(lr=0.3, momentum=0.9, weight_decay=1e-2), Adam(lr=0.05, weight_decay=1e-2)],
+        ids=["sgd", "adam"],
+    )
+    def test_metagradients_match_finite_differences_of_the_replayed_run(self, optimizer) -> None:
         case = self.build_case("mlp_tanh", "float64")
         model, (X, y) = case.model, case.data
-        optimizer = SGD(lr=0.3, momentum=0.9, weight_decay=1e-2)
         run = ReplayedTraining(model, (X, y), optimizer, epochs=2, batch_size=4, seed=1)
         test = (X[:3], y[:3])
         scores = to_numpy(run.metagradient_scores(test))

@@ -8,30 +8,33 @@ each training sample i carries a weight wᵢ (1: the run as trained, 0: the
 sample left out), and the score is the exact derivative of a test
 measurement at the final weights with respect to wᵢ.
 
-**The run.** T steps on batches B_t, SGD with heavy-ball momentum β and L2
-weight decay μ (PyTorch's ``torch.optim.SGD`` convention, m₀ = 0)::
+**The run.** T steps on batches B_t; each step reads the batch's weighted
+mean gradient and the optimizer's state (:mod:`.optimizers`: SGD with
+momentum, Adam; PyTorch's conventions)::
 
-    g_t     = (1/|B_t|) Σ_{i ∈ B_t} wᵢ ∇ℓ(zᵢ, θ_t)
-    m_{t+1} = β m_t + g_t + μ θ_t
-    θ_{t+1} = θ_t − η m_{t+1}
+    g_t = (1/|B_t|) Σ_{i ∈ B_t} wᵢ ∇ℓ(zᵢ, θ_t)
+    (θ_{t+1}, s_{t+1}) = step(θ_t, s_t, g_t)
 
 **The metagradient**, by reverse mode through the run: adjoints θ̄_T = ∇f(θ_T),
-m̄_T = 0, and for t = T − 1, …, 0::
+s̄_T = 0, and for t = T − 1, …, 0, with the optimizer's adjoint of its step
+giving ḡ_t (the adjoint of g_t), the direct part of θ̄_t and s̄_t::
 
-    u       = m̄_{t+1} − η θ̄_{t+1}                 (the adjoint of m_{t+1})
-    w̄ᵢ     += ⟨∇ℓ(zᵢ, θ_t), u⟩ / |B_t|             for i ∈ B_t
-    θ̄_t     = θ̄_{t+1} + (H_t + μ I) u              H_t: ∂g_t/∂θ, the batch's weighted Hessian
-    m̄_t     = β u
+    w̄ᵢ  += ⟨∇ℓ(zᵢ, θ_t), ḡ_t⟩ / |B_t|        for i ∈ B_t
+    θ̄_t  = (direct part) + H_t ḡ_t            H_t = ∂g_t/∂θ, the batch's weighted Hessian
+
+For SGD (m_{t+1} = β m_t + g_t + μ θ_t, θ_{t+1} = θ_t − η m_{t+1}):
+ḡ_t = m̄_{t+1} − η θ̄_{t+1}, θ̄_t = θ̄_{t+1} + (H_t + μ I) ḡ_t, m̄_t = β ḡ_t.
 
 Every quantity is a protocol call at a replayed θ_t: one Hessian-vector
 product and one batch of per-sample gradients per step, for a whole block of
-test measurements at once (u is d × q). The score follows the library's
+test measurements at once (ḡ_t is d × q). The score follows the library's
 convention, **τ(zᵢ, z_test) = −∂f_test(θ_T)/∂wᵢ**: positive is a proponent
 (removing zᵢ, Δwᵢ = −1, raises the test loss by about τ).
 
 **Memory** (REPLAY with one level of checkpoints): the forward pass keeps
-(θ_t, m_t) every K steps (K = ⌈√T⌉ by default); the reverse pass recomputes
-one segment of K states at a time. Peak: (T/K + K) · 2d floats, plus the
+(θ_t, s_t) every K steps (K = ⌈√T⌉ by default); the reverse pass recomputes
+one segment of K states at a time. Peak: (T/K + K) · (1 + |s|) · d floats (|s|: 1
+for SGD, 2 for Adam), plus the
 d × q adjoints; time: two forward runs and one reverse pass (an HVP and a
 batch of per-sample gradients per step).
 
@@ -45,41 +48,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .data import is_array_pair, leading_dim, take_samples
-from .model import InfluenceModel
-from .progress import progress
+from ..data import is_array_pair, leading_dim, take_samples
+from ..model import InfluenceModel
+from ..progress import progress
+from .optimizers import SGD, Adam, Optimizer
 
-__all__ = ["SGD", "ReplayedTraining"]
+__all__ = ["ReplayedTraining"]
 
 Array = Any
-
-
-@dataclass(frozen=True)
-class SGD:
-    """SGD with heavy-ball momentum and L2 weight decay (``torch.optim.SGD``'s convention).
-
-    Args:
-        lr: the step size η > 0.
-        momentum: β in [0, 1).
-        weight_decay: μ ≥ 0, added to the gradient as μ θ.
-    """
-
-    lr: float
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a finite number ≥ 0, got {self.weight_decay!r}")
 
 
 class ReplayedTraining:
@@ -89,7 +69,7 @@ class ReplayedTraining:
         model: the :class:`~influence_core.InfluenceModel`; its current θ is
             the run's initialisation θ₀ (copied now; the model is never changed).
         train_data: ``(X, y)`` arrays (NumPy or native): the run indexes samples.
-        optimizer: :class:`SGD`.
+        optimizer: :class:`~influence_core.unrolling.SGD` or :class:`~influence_core.unrolling.Adam`.
         epochs: passes over the training data.
         batch_size: samples per step (the last batch of an epoch may be smaller).
         seed: the batch order, drawn once from ``numpy.random.default_rng(seed)``
@@ -107,15 +87,15 @@ class ReplayedTraining:
         self,
         model: InfluenceModel,
         train_data: Any,
-        optimizer: SGD,
+        optimizer: Optimizer,
         *,
         epochs: int,
         batch_size: int,
         seed: int = 0,
         checkpoint_every: int | None = None,
     ) -> None:
-        if not isinstance(optimizer, SGD):
-            raise TypeError(f"optimizer must be an SGD, got {type(optimizer).__name__}")
+        if not isinstance(optimizer, (SGD, Adam)):
+            raise TypeError(f"optimizer must be an SGD or an Adam, got {type(optimizer).__name__}")
         if not is_array_pair(train_data):
             raise TypeError(
                 "ReplayedTraining indexes samples: pass the training data as (X, y) arrays "
@@ -164,25 +144,26 @@ class ReplayedTraining:
             column = xp.asarray(weights / batch.size, dtype=grads.dtype)
             return xp.sum(grads * xp.reshape(column, (-1, 1)), axis=0)
 
-    def _step(self, theta: Array, momentum: Array, t: int, w: np.ndarray) -> tuple[Array, Array]:
-        o = self.optimizer
-        velocity = o.momentum * momentum + self._gradient(theta, t, w)
-        if o.weight_decay:
-            velocity = velocity + o.weight_decay * theta
-        return theta - o.lr * velocity, velocity
+    def _step(
+        self, theta: Array, state: tuple, t: int, w: np.ndarray
+    ) -> tuple[Array, tuple, Array]:
+        """(θ_{t+1}, state_{t+1}, g_t)."""
+        g = self._gradient(theta, t, w)
+        theta, state = self.optimizer.step(self.model.xp, theta, state, g, t)
+        return theta, state, g
 
     def _states(
         self, w: np.ndarray, keep_every: int, *, show: bool = False
-    ) -> Iterator[tuple[int, Array, Array]]:
-        """(t, θ_t, m_t) for t = 0, K, 2K, … and, last, (T, θ_T, m_T)."""
+    ) -> Iterator[tuple[int, Array, tuple]]:
+        """(t, θ_t, the optimizer's state_t) for t = 0, K, 2K, … and, last, t = T."""
         theta = self.initial
-        momentum = self.model.xp.zeros_like(theta)
+        state = self.optimizer.init(self.model.xp, theta)
         steps = range(self.steps)
         for t in progress(steps, desc="training run", total=self.steps) if show else steps:
             if t % keep_every == 0:
-                yield t, theta, momentum
-            theta, momentum = self._step(theta, momentum, t, w)
-        yield self.steps, theta, momentum
+                yield t, theta, state
+            theta, state, _ = self._step(theta, state, t, w)
+        yield self.steps, theta, state
 
     def train(self, weights: Any = None) -> Array:
         """θ_T of the run with per-sample ``weights`` (default all 1), native, shape (d,)."""
@@ -200,6 +181,23 @@ class ReplayedTraining:
         w[np.asarray(indices, dtype=np.int64)] = 1.0
         with self.model.parameters_set_to(self.train(w)):
             return self.model.save_state()
+
+    def checkpoints(self, every: int, weights: Any = None) -> list[Any]:
+        """The model's state after every ``every`` steps and at the end: TracIn's checkpoints of this run.
+
+        θ_t for t = every, 2·every, …, and T, each as
+        :meth:`~influence_core.InfluenceModel.save_state` gives it (what
+        :class:`~influence_core.TracIn` loads); pair them with the optimizer's
+        ``lr``.
+        """
+        if every < 1:
+            raise ValueError(f"every must be ≥ 1, got {every}")
+        states = []
+        for t, theta, _ in self._states(self._weights(weights), every):
+            if t > 0:
+                with self.model.parameters_set_to(theta):
+                    states.append(self.model.save_state())
+        return states
 
     # -- reverse ------------------------------------------------------------------
     def metagradient_scores(self, test_data: Any, weights: Any = None) -> Array:
@@ -222,38 +220,39 @@ class ReplayedTraining:
         with model.parameters_set_to(theta_T):
             test_grads = model.per_sample_grads(test_data)  # (q, d)
         theta_bar = xp.permute_dims(test_grads, (1, 0))  # (d, q)
-        momentum_bar = xp.zeros_like(theta_bar)
+        bars = tuple(xp.zeros_like(theta_bar) for _ in kept_states[0][2])
         scores = np.zeros((int(test_grads.shape[0]), self.n))
-        segments = progress(list(reversed(kept_states)), desc="reverse pass")
-        for start, theta, momentum in segments:
-            stop = min(start + self.checkpoint_every, self.steps)
-            states = [theta]
-            for t in range(start, stop - 1):  # replay the segment's states θ_start … θ_{stop-1}
-                theta, momentum = self._step(theta, momentum, t, w)
-                states.append(theta)
-            for t in reversed(range(start, stop)):
-                theta_bar, momentum_bar, rows = self._adjoint(
-                    states[t - start], t, w, theta_bar, momentum_bar
+        for start, theta, state in progress(list(reversed(kept_states)), desc="reverse pass"):
+            replayed = []  # (θ_t, state_t, g_t) of the segment, recomputed from its first state
+            for t in range(start, min(start + self.checkpoint_every, self.steps)):
+                following = self._step(theta, state, t, w)
+                replayed.append((theta, state, following[2]))
+                theta, state = following[0], following[1]
+            for t in reversed(range(start, start + len(replayed))):
+                theta_t, state_t, g_t = replayed[t - start]
+                g_bar, direct, bars = self.optimizer.adjoint(
+                    xp, theta_t, state_t, g_t, t, theta_bar, bars
                 )
+                rows, curvature = self._through_the_gradient(theta_t, t, w, g_bar)
+                theta_bar = direct + curvature
                 scores[:, self.order[t]] += rows
         return xp.asarray(-scores, dtype=model.dtype)
 
-    def _adjoint(
-        self, theta: Array, t: int, w: np.ndarray, theta_bar: Array, momentum_bar: Array
-    ) -> tuple[Array, Array, np.ndarray]:
-        """One reverse step: (θ̄_t, m̄_t, the batch's (q, b) weight adjoints w̄)."""
-        model, xp, o = self.model, self.model.xp, self.optimizer
-        batch = self.order[t]
-        u = momentum_bar - o.lr * theta_bar
+    def _through_the_gradient(
+        self, theta: Array, t: int, w: np.ndarray, g_bar: Array
+    ) -> tuple[np.ndarray, Array]:
+        """The adjoint ḡ_t (d, q) through g_t: the batch's wᵢ adjoints (q, b) and H_t ḡ_t (d, q)."""
+        model, batch = self.model, self.order[t]
         kept = batch[w[batch] == 1.0]
         with model.parameters_set_to(theta):
             grads = model.per_sample_grads(self._batch(batch))  # (b, d)
-            rows = model.to_numpy(xp.matmul(grads, u)).T / batch.size  # (q, b)
-            curvature = (
-                model.hvp(self._batch(kept), u, batch_size=kept.size) * (kept.size / batch.size)
-                if kept.size
-                else xp.zeros_like(u)
-            )
-        if o.weight_decay:
-            curvature = curvature + o.weight_decay * u
-        return theta_bar + curvature, o.momentum * u, rows
+            rows = model.to_numpy(model.xp.matmul(grads, g_bar)).T / batch.size
+            curvature = self._curvature(kept, batch.size, g_bar)
+        return rows, curvature
+
+    def _curvature(self, kept: np.ndarray, batch_size: int, vectors: Array) -> Array:
+        """H_t V of the batch's weighted mean loss (the kept samples' mean × their share)."""
+        if kept.size == 0:
+            return self.model.xp.zeros_like(vectors)
+        hvp = self.model.hvp(self._batch(kept), vectors, batch_size=kept.size)
+        return hvp * (kept.size / batch_size)

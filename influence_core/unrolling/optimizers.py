@@ -1,0 +1,134 @@
+"""Optimizers a replayed run can differentiate: each step forward, and its adjoint.
+
+An optimizer is a small record of its settings with three methods, written
+once over the array namespace ``xp``:
+
+* ``init(xp, θ₀)``: its state before the first step (a tuple of arrays);
+* ``step(xp, θ_t, state_t, g_t, t)`` → ``(θ_{t+1}, state_{t+1})``, with g_t
+  the batch's weighted mean gradient;
+* ``adjoint(xp, θ_t, state_t, g_t, t, θ̄_{t+1}, statē_{t+1})`` →
+  ``(ḡ_t, θ̄_t without the g path, statē_t)``: the reverse of one step for a
+  block of q adjoints (each d × q). The caller adds the path through g_t:
+  θ̄_t += H_t ḡ_t, and wᵢ's adjoint ⟨∇ℓ(zᵢ, θ_t), ḡ_t⟩/|B_t|.
+
+Conventions are PyTorch's (``torch.optim.SGD``, ``torch.optim.Adam``, L2
+weight decay added to the gradient), so a run written with either matches
+the user's own loop step for step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["SGD", "Adam", "Optimizer"]
+
+Array = Any
+
+
+def _check(name: str, value: float, low: float, high: float, *, open_low: bool = False) -> None:
+    ok = math.isfinite(value) and (value > low if open_low else value >= low) and value < high
+    if not ok:
+        bound = f"({low}, {high})" if open_low else f"[{low}, {high})"
+        raise ValueError(f"{name} must be in {bound}, got {value!r}")
+
+
+def _column(xp: Any, vector: Array) -> Array:
+    return xp.reshape(vector, (-1, 1))  # (d,) against (d, q) adjoints
+
+
+@dataclass(frozen=True)
+class SGD:
+    """SGD with heavy-ball momentum β and L2 weight decay μ (``torch.optim.SGD``, dampening 0).
+
+    m_{t+1} = β m_t + g_t + μ θ_t;  θ_{t+1} = θ_t − η m_{t+1};  m_0 = 0.
+    """
+
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check("lr", self.lr, 0.0, math.inf, open_low=True)
+        _check("momentum", self.momentum, 0.0, 1.0)
+        _check("weight_decay", self.weight_decay, 0.0, math.inf)
+
+    def init(self, xp: Any, theta: Array) -> tuple[Array, ...]:
+        return (xp.zeros_like(theta),)
+
+    def step(self, xp: Any, theta: Array, state: tuple, g: Array, t: int) -> tuple[Array, tuple]:
+        velocity = self.momentum * state[0] + g
+        if self.weight_decay:
+            velocity = velocity + self.weight_decay * theta
+        return theta - self.lr * velocity, (velocity,)
+
+    def adjoint(
+        self, xp: Any, theta: Array, state: tuple, g: Array, t: int, theta_bar: Array, bars: tuple
+    ) -> tuple[Array, Array, tuple]:
+        velocity_bar = bars[0] - self.lr * theta_bar  # the adjoint of m_{t+1}
+        direct = theta_bar + self.weight_decay * velocity_bar if self.weight_decay else theta_bar
+        return velocity_bar, direct, (self.momentum * velocity_bar,)
+
+
+@dataclass(frozen=True)
+class Adam:
+    """Adam with L2 weight decay μ (``torch.optim.Adam``, amsgrad off).
+
+    ĝ = g_t + μ θ_t;  m' = β₁ m + (1 − β₁) ĝ;  v' = β₂ v + (1 − β₂) ĝ²;
+    θ_{t+1} = θ_t − η (m'/c₁) / (√(v'/c₂) + ε),  c_j = 1 − β_j^{t+1}.
+
+    Its adjoint differentiates through ĝ² and the square root (where a
+    coordinate's v' is exactly 0, so is its m', and its derivative is taken as 0).
+    """
+
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check("lr", self.lr, 0.0, math.inf, open_low=True)
+        _check("betas[0]", self.betas[0], 0.0, 1.0)
+        _check("betas[1]", self.betas[1], 0.0, 1.0)
+        _check("eps", self.eps, 0.0, math.inf, open_low=True)
+        _check("weight_decay", self.weight_decay, 0.0, math.inf)
+
+    def init(self, xp: Any, theta: Array) -> tuple[Array, ...]:
+        return (xp.zeros_like(theta), xp.zeros_like(theta))
+
+    def _moments(self, theta: Array, state: tuple, g: Array) -> tuple[Array, Array, Array]:
+        b1, b2 = self.betas
+        decayed = g + self.weight_decay * theta if self.weight_decay else g
+        return decayed, b1 * state[0] + (1 - b1) * decayed, b2 * state[1] + (1 - b2) * decayed**2
+
+    def step(self, xp: Any, theta: Array, state: tuple, g: Array, t: int) -> tuple[Array, tuple]:
+        _, m, v = self._moments(theta, state, g)
+        c1, c2 = 1 - self.betas[0] ** (t + 1), 1 - self.betas[1] ** (t + 1)
+        return theta - self.lr * (m / c1) / (xp.sqrt(v / c2) + self.eps), (m, v)
+
+    def adjoint(
+        self, xp: Any, theta: Array, state: tuple, g: Array, t: int, theta_bar: Array, bars: tuple
+    ) -> tuple[Array, Array, tuple]:
+        b1, b2 = self.betas
+        decayed, m, v = self._moments(theta, state, g)
+        c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+        root = xp.sqrt(v / c2)
+        denominator = root + self.eps
+        m_bar = bars[0] - theta_bar * _column(xp, self.lr / c1 / denominator)
+        # ∂θ_{t+1}/∂v' = η (m'/c₁) / (√(v'/c₂) + ε)² · 1 / (2 c₂ √(v'/c₂))
+        positive = root > 0
+        safe = xp.where(positive, root, xp.ones_like(root))
+        slope = xp.where(
+            positive,
+            self.lr * (m / c1) / (denominator**2 * 2 * c2 * safe),
+            xp.zeros_like(root),
+        )
+        v_bar = bars[1] + theta_bar * _column(xp, slope)
+        g_bar = (1 - b1) * m_bar + 2 * (1 - b2) * _column(xp, decayed) * v_bar
+        direct = theta_bar + self.weight_decay * g_bar if self.weight_decay else theta_bar
+        return g_bar, direct, (b1 * m_bar, b2 * v_bar)
+
+
+#: What :class:`~influence_core.unrolling.ReplayedTraining` takes.
+Optimizer = SGD | Adam
