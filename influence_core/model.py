@@ -614,6 +614,33 @@ class InfluenceModel:
             )
         return grads
 
+    def per_sample_grad_products(self, batch: Any, vectors: Any) -> Array:
+        """⟨∇_θ ℓ(z_i), v_j⟩ for each sample of one batch ``(inputs, targets)``: shape ``(b, q)``.
+
+        ``vectors``: shape ``(d, q)``. A forward-mode product where the backend
+        has one (:meth:`~influence_core.plugin.ModelKernels.per_sample_loss_jvp`:
+        no ``(b, d)`` block, a few forward passes' cost); otherwise the
+        per-sample gradients times ``vectors``.
+        """
+        b = self._single_batch(batch)
+        v = self.kernels.as_native(vectors, floating=True)
+        if self._forward_products:
+            try:
+                products = self._guarded(
+                    b, lambda b: self.kernels.per_sample_loss_jvp(b.inputs, b.targets, v)
+                )
+            except UnsupportedByBackendError:
+                self._forward_products = False
+            else:
+                if self.check_finite and not self._all_finite(products):
+                    raise self.non_finite_error(
+                        "per-sample gradient products", list(range(b.start, b.start + b.size))
+                    )
+                return products
+        return self.xp.matmul(self.batch_per_sample_grads(b), v)
+
+    _forward_products = True  # until the backend says it has no per_sample_loss_jvp
+
     def layer_statistics(
         self, batch: Batch, measurement: Measurement = LOSS, targets: Any = None
     ) -> dict[str, tuple[Array, Array]]:

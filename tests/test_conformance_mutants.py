@@ -493,3 +493,17 @@ def test_the_unrolling_check_catches_a_wrong_hessian_vector_product() -> None:
     checks_on(
         TorchKernels, BackendConformance
     ).test_metagradients_match_finite_differences_of_the_replayed_run(optimizer)
+
+
+class ReversedColumns(TorchKernels):
+    """A forward-mode product that pairs each column's result with the wrong vector."""
+
+    def per_sample_loss_jvp(self, inputs, targets, vectors):
+        return super().per_sample_loss_jvp(inputs, targets, vectors.flip(1))
+
+
+def test_the_jvp_check_catches_products_with_the_wrong_vectors() -> None:
+    check = "test_per_sample_loss_jvps_are_the_per_sample_gradients_times_the_vectors"
+    with pytest.raises(AssertionError, match="per-sample gradients @ V"):
+        getattr(checks_on(ReversedColumns, BackendConformance), check)("mlp_tanh")
+    getattr(checks_on(TorchKernels, BackendConformance), check)("mlp_tanh")

@@ -14,7 +14,8 @@ import pytest
 
 from influence_core.unrolling import SGD, Adam, ReplayedTraining
 
-from .cases import Case, assert_close, to_numpy
+from .cases import Case, assert_close, optional, to_numpy
+from .reference_specs import SPECS
 
 
 class UnrollingChecks:
@@ -22,6 +23,22 @@ class UnrollingChecks:
 
     def build_case(self, spec_name: str, dtype: str) -> Case:  # provided by BackendConformance
         raise NotImplementedError
+
+    @pytest.mark.parametrize("spec_name", list(SPECS))
+    @optional
+    def test_per_sample_loss_jvps_are_the_per_sample_gradients_times_the_vectors(
+        self, spec_name: str
+    ) -> None:
+        case = self.build_case(spec_name, "float64")
+        model, kernels = case.model, case.model.kernels
+        V = np.random.default_rng(11).normal(size=(model.num_parameters, 3))
+        native = model.from_canonical(V)
+        inputs, targets = kernels.as_native(case.X), kernels.as_native(case.y)
+        got = to_numpy(kernels.per_sample_loss_jvp(inputs, targets, native))
+        expected = to_numpy(kernels.per_sample_grads(inputs, targets)) @ to_numpy(native)
+        assert_close(got, expected, 1e-10, "per-sample loss jvps against per-sample gradients @ V")
+        one = to_numpy(kernels.per_sample_loss_jvp(inputs, targets, native[:, :1]))
+        assert_close(one, expected[:, :1], 1e-10, "one column")
 
     @pytest.mark.parametrize(
         "optimizer",

@@ -465,6 +465,17 @@ class ModelKernels(ABC):
             total = total + xp.matmul(one_hot, values[begin : begin + chunk, :])
         return total
 
+    def per_sample_loss_jvp(self, inputs: Array, targets: Array, vectors: Array) -> Array:
+        """⟨∇_θ ℓ(z_i), v_j⟩ for each sample i and column j of ``vectors`` (d, q): shape ``(b, q)``.
+
+        The forward-mode derivative of the per-sample losses along each
+        column, with no ``(b, d)`` gradient block (the reverse pass of
+        :mod:`influence_core.unrolling` reads it once per training step).
+        Optional: without it the core multiplies :meth:`per_sample_grads` by
+        the vectors.
+        """
+        raise self._unsupported("per_sample_loss_jvp (forward-mode per-sample loss derivatives)")
+
     def per_sample_measurement_grads(
         self, inputs: Array, targets: Array, measurement: Callable[[Array, Array], Array]
     ) -> Array:

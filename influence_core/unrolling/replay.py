@@ -26,7 +26,8 @@ For SGD (m_{t+1} = β m_t + g_t + μ θ_t, θ_{t+1} = θ_t − η m_{t+1}):
 ḡ_t = m̄_{t+1} − η θ̄_{t+1}, θ̄_t = θ̄_{t+1} + (H_t + μ I) ḡ_t, m̄_t = β ḡ_t.
 
 Every quantity is a protocol call at a replayed θ_t: one Hessian-vector
-product and one batch of per-sample gradients per step, for a whole block of
+product and one batch of per-sample gradient products (forward mode where
+the backend has it, no (b, d) block) per step, for a whole block of
 test measurements at once (ḡ_t is d × q). The score follows the library's
 convention, **τ(zᵢ, z_test) = −∂f_test(θ_T)/∂wᵢ**: positive is a proponent
 (removing zᵢ, Δwᵢ = −1, raises the test loss by about τ).
@@ -36,7 +37,7 @@ convention, **τ(zᵢ, z_test) = −∂f_test(θ_T)/∂wᵢ**: positive is a pro
 one segment of K states at a time. Peak: (T/K + K) · (1 + |s|) · d floats (|s|: 1
 for SGD, 2 for Adam), plus the
 d × q adjoints; time: two forward runs and one reverse pass (an HVP and a
-batch of per-sample gradients per step).
+batch of per-sample gradient products per step).
 
 Exact when training is deterministic and smooth in θ (no dropout, no data
 augmentation drawn at random, differentiable activations). The weights of the
@@ -245,8 +246,8 @@ class ReplayedTraining:
         model, batch = self.model, self.order[t]
         kept = batch[w[batch] == 1.0]
         with model.parameters_set_to(theta):
-            grads = model.per_sample_grads(self._batch(batch))  # (b, d)
-            rows = model.to_numpy(model.xp.matmul(grads, g_bar)).T / batch.size
+            products = model.per_sample_grad_products(self._batch(batch), g_bar)  # (b, q)
+            rows = model.to_numpy(products).T / batch.size
             curvature = self._curvature(kept, batch.size, g_bar)
         return rows, curvature
 

@@ -300,6 +300,21 @@ class TorchKernels(ModelKernels):
     @explained_errors
     @in_inference_mode
     @torch.no_grad()
+    def per_sample_loss_jvp(
+        self, inputs: Any, targets: torch.Tensor, vectors: torch.Tensor
+    ) -> torch.Tensor:
+        # Forward mode through the per-sample losses, one jvp per column: (b, q), no (b, d).
+        def losses_of(flat: torch.Tensor) -> torch.Tensor:
+            return self._losses(self._unflatten(flat), inputs, targets)
+
+        flat = self.get_flat_parameters()
+        if vectors.shape[1] == 1:
+            return jvp(losses_of, (flat,), (vectors[:, 0],))[1].unsqueeze(1)
+        return vmap(lambda v: jvp(losses_of, (flat,), (v,))[1], in_dims=1, out_dims=1)(vectors)
+
+    @explained_errors
+    @in_inference_mode
+    @torch.no_grad()
     def mean_loss_ggn_vp(
         self, inputs: Any, targets: torch.Tensor, vectors: torch.Tensor
     ) -> torch.Tensor:

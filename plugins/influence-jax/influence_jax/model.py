@@ -302,7 +302,16 @@ class JaxKernels(ModelKernels):
 
             return jax.vmap(column, in_axes=1, out_axes=1)(vectors)
 
+        def loss_jvp(theta, leaves, rest, x, y, vectors):
+            flat = flatten(theta)
+
+            def column(v: Any) -> Any:  # forward mode through the per-sample losses
+                return jax.jvp(lambda f: losses(unflatten(f), leaves, rest, x, y), (flat,), (v,))[1]
+
+            return jax.vmap(column, in_axes=1, out_axes=1)(vectors)
+
         self._ggn = jax.jit(ggn)
+        self._loss_jvp = jax.jit(loss_jvp)
         self._losses = jax.jit(losses)
         # The NaN check stays the core's one reduction: folded into this jit (sums of the
         # per-parameter gradients) it made XLA's CPU float64 kernel 4x slower
@@ -450,6 +459,10 @@ class JaxKernels(ModelKernels):
         _, function = self._layer_statistics_kernel(measurement)
         _, leaves, rest = self._state()
         return function(leaves, rest, inputs, targets)
+
+    def per_sample_loss_jvp(self, inputs: Any, targets: Any, vectors: Any) -> Any:
+        theta, leaves, rest = self._state()
+        return self._loss_jvp(theta, leaves, rest, inputs, targets, vectors)
 
     def mean_loss_ggn_vp(self, inputs: Any, targets: Any, vectors: Any) -> Any:
         theta, leaves, rest = self._state()
