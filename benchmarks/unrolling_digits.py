@@ -20,7 +20,8 @@ metagradient's first-order prediction is close to exact) and 50 %. Methods:
 the metagradient of the replayed run; exact influence at the final weights
 on the Gauss–Newton matrix (λ = μ + the library default; the MLP's Hessian is
 indefinite before convergence); EK-FAC at its default; TracIn over the run's
-end-of-epoch checkpoints (η = lr); Grad-Dot. Costs: seconds of each
+end-of-epoch checkpoints (η = lr); Grad-Dot; TRAK on the final weights
+(k = 256, TRAK's margin). Costs: seconds of each
 method's fit + scores, and the training run's own seconds for scale.
 """
 
@@ -42,6 +43,7 @@ import evaluation_digits as digits_bench  # noqa: E402
 
 from influence_core import (  # noqa: E402
     EKFACIHVP,
+    TRAK,
     ExactIHVP,
     FirstOrderInfluenceCalculator,
     GradientSimilarity,
@@ -88,6 +90,8 @@ def evaluate(name: str, args: argparse.Namespace) -> list[dict]:
         "EK-FAC (default)": FirstOrderInfluenceCalculator(model, EKFACIHVP()),
         f"TracIn ({len(checkpoints)} checkpoints)": TracIn(model, checkpoints, lr),
         "Grad-Dot": GradientSimilarity(model, "dot"),
+        # k = 256: below the rank of the softmax's margin gradients (evaluation_digits.py).
+        "TRAK (final weights, k = 256)": TRAK(model, projection_dim=256),
     }
     for label, calculator in calculators.items():
         began = time.perf_counter()

@@ -95,6 +95,20 @@ def test_the_metagradient_equals_finite_differences_of_the_replayed_run(spec, op
     )
 
 
+def test_top_k_is_the_sorted_metagradient_scores() -> None:
+    replay, model = run(MLP, "torch")
+    _, test = data()
+    scores = model.to_numpy(replay.metagradient_scores(test))
+    top = replay.top_k(test, k=4)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :4]
+    np.testing.assert_array_equal(model.to_numpy(top.proponents), order)
+    np.testing.assert_allclose(
+        model.to_numpy(top.proponent_scores), np.take_along_axis(scores, order, 1), rtol=1e-12
+    )
+    lowest = np.argsort(scores, axis=1, kind="stable")[:, :4]
+    np.testing.assert_array_equal(model.to_numpy(top.opponents), lowest)
+
+
 def test_a_run_with_left_out_samples_is_differentiated_too() -> None:
     """At a 0/1 weighting (a retraining on a subset), the metagradient still equals its differences."""
     replay, model = run(SOFTMAX, "torch")

@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from ..data import is_array_pair, leading_dim, take_samples
+from ..estimators.top_k import RunningTopK, TopK
 from ..model import InfluenceModel
 from ..progress import progress
 from .optimizers import SGD, Adam, Optimizer
@@ -238,6 +239,22 @@ class ReplayedTraining:
                 theta_bar = direct + curvature
                 scores[:, self.order[t]] += rows
         return xp.asarray(-scores, dtype=model.dtype)
+
+    def top_k(self, test_data: Any, k: int = 5, weights: Any = None) -> TopK:
+        """The k strongest proponents and opponents of each test point by metagradient.
+
+        The same :class:`~influence_core.TopK` record as every calculator's
+        (highest score first; ties to the lower index). The reverse pass
+        accumulates every training point's score over the steps it appears
+        in, so the (n_test, n_train) scores exist on the host while it runs.
+        """
+        scores = self.metagradient_scores(test_data, weights)
+        xp = self.model.xp
+        proponents = RunningTopK(xp, min(k, self.n), largest=True)
+        opponents = RunningTopK(xp, min(k, self.n), largest=False)
+        proponents.update(scores, 0)
+        opponents.update(scores, 0)
+        return TopK(proponents.indices, proponents.values, opponents.indices, opponents.values)
 
     def _through_the_gradient(
         self, theta: Array, t: int, w: np.ndarray, g_bar: Array
