@@ -193,3 +193,35 @@ def test_bad_settings_are_named() -> None:
         ReplayedTraining(model, [data()[0]], OPTIMIZER, epochs=1, batch_size=10)
     with pytest.raises(ValueError, match="40 finite numbers"):
         replay.train(np.ones(39))
+
+
+def test_saved_metagradients_are_reloaded_and_refused_for_another_run(
+    tmp_path, monkeypatch
+) -> None:
+    from influence_core.errors import FingerprintMismatchError
+
+    replay, model = run(SOFTMAX, "torch")
+    _, test = data()
+    scores = model.to_numpy(replay.metagradient_scores(test, save_to=tmp_path / "run"))
+    assert (tmp_path / "run" / "metadata.json").exists()
+    # Loaded, not recomputed: the reverse pass is not reached.
+    monkeypatch.setattr(ReplayedTraining, "_metagradient_scores", lambda *a: 1 / 0)
+    again = replay.metagradient_scores(test, save_to=tmp_path / "run")
+    np.testing.assert_array_equal(model.to_numpy(again), scores)
+    top = replay.top_k(test, k=2, save_to=tmp_path / "run")
+    np.testing.assert_array_equal(
+        model.to_numpy(top.proponents), np.argsort(-scores, axis=1, kind="stable")[:, :2]
+    )
+    # Another learning rate, another order, other test points, other initial weights: refused.
+    other = ReplayedTraining(model, data()[0], SGD(lr=0.4), epochs=3, batch_size=10, seed=0)
+    with pytest.raises(FingerprintMismatchError, match="optimizer"):
+        other.metagradient_scores(test, save_to=tmp_path / "run")
+    shuffled = ReplayedTraining(model, data()[0], OPTIMIZER, epochs=3, batch_size=10, seed=1)
+    with pytest.raises(FingerprintMismatchError, match="order_sha256"):
+        shuffled.metagradient_scores(test, save_to=tmp_path / "run")
+    with pytest.raises(FingerprintMismatchError, match="'test' data"):
+        replay.metagradient_scores((test[0][:2], test[1][:2]), save_to=tmp_path / "run")
+    with model.parameters_set_to(replay.train()):  # a run from other initial weights
+        moved = ReplayedTraining(model, data()[0], OPTIMIZER, epochs=3, batch_size=10, seed=0)
+    with pytest.raises(FingerprintMismatchError, match="other parameter values"):
+        moved.metagradient_scores(test, save_to=tmp_path / "run")

@@ -47,19 +47,28 @@ samples' mean Hessian times their fraction); the forward pass takes any w.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..data import is_array_pair, leading_dim, take_samples
+from ..errors import FingerprintMismatchError
 from ..estimators.top_k import RunningTopK, TopK
+from ..io import METADATA, load_result, save_result
 from ..model import InfluenceModel
 from ..progress import progress
 from .optimizers import SGD, Adam, Optimizer
 
 __all__ = ["ReplayedTraining"]
+
+#: The ``method`` a saved result of metagradients records.
+METHOD = "replayed_training_metagradient"
 
 Array = Any
 
@@ -201,15 +210,70 @@ class ReplayedTraining:
                     states.append(self.model.save_state())
         return states
 
+    def settings(self, weights: Any = None) -> dict[str, Any]:
+        """What defines the run (JSON values): the optimizer, epochs, batch size, seed, order, weights."""
+        w = self._weights(weights)
+        order = np.concatenate(self.order).astype(np.int64)
+        return {
+            "optimizer": {"kind": type(self.optimizer).__name__, **asdict(self.optimizer)},
+            "steps": self.steps,
+            "batch_sizes": sorted({int(b.size) for b in self.order}),
+            "order_sha256": hashlib.sha256(order.tobytes()).hexdigest(),
+            "weights_sha256": hashlib.sha256(w.tobytes()).hexdigest(),
+        }
+
     # -- reverse ------------------------------------------------------------------
-    def metagradient_scores(self, test_data: Any, weights: Any = None) -> Array:
+    def metagradient_scores(
+        self, test_data: Any, weights: Any = None, *, save_to: str | Path | None = None
+    ) -> Array:
         """τ(zᵢ, z_test) = −∂ℓ(z_test, θ_T)/∂wᵢ for every test and training point: (n_test, n_train).
 
         One forward run keeping a state every K steps, then per segment (last
         first) a replay of its K states and the reverse steps of the module
         docstring, for all test points at once. ``weights`` (0 or 1 each,
         default all 1) is the run differentiated.
+
+        ``save_to``: a directory of :mod:`influence_core.io` (``.npz`` +
+        JSON, no pickle). Scores saved there are loaded instead of recomputed,
+        after checking they belong to this run: the same initial weights,
+        training and test data (fingerprints) and :meth:`settings`; anything
+        else raises :class:`~influence_core.errors.FingerprintMismatchError`.
         """
+        if save_to is not None and (Path(save_to) / METADATA).exists():
+            return self._load_scores(Path(save_to), test_data, weights)
+        scores = self._metagradient_scores(test_data, weights)
+        if save_to is not None:
+            with self.model.parameters_set_to(self.initial):  # fingerprints of θ₀
+                save_result(
+                    save_to,
+                    {"scores": scores},
+                    method=METHOD,
+                    model=self.model,
+                    parameters=self.settings(weights),
+                    data={"train": self.data, "test": test_data},
+                )
+        return scores
+
+    def _load_scores(self, directory: Path, test_data: Any, weights: Any) -> Array:
+        with self.model.parameters_set_to(self.initial):
+            saved = load_result(
+                directory,
+                model=self.model,
+                data={"train": self.data, "test": test_data},
+                method=METHOD,
+            )
+        expected = json.loads(json.dumps(self.settings(weights)))  # as JSON gives it back
+        recorded = saved.metadata["parameters"]
+        if recorded != expected:
+            differing = sorted(k for k in expected.keys() | recorded.keys()
+                               if expected.get(k) != recorded.get(k))  # fmt: skip
+            raise FingerprintMismatchError(
+                f"{directory} holds the metagradients of another run: {', '.join(differing)} "
+                "differ from this one's; use another directory or recompute"
+            )
+        return self.model.kernels.as_native(saved.arrays["scores"], floating=True)
+
+    def _metagradient_scores(self, test_data: Any, weights: Any) -> Array:
         model, xp = self.model, self.model.xp
         w = self._weights(weights)
         if not np.all((w == 0.0) | (w == 1.0)):
@@ -240,7 +304,9 @@ class ReplayedTraining:
                 scores[:, self.order[t]] += rows
         return xp.asarray(-scores, dtype=model.dtype)
 
-    def top_k(self, test_data: Any, k: int = 5, weights: Any = None) -> TopK:
+    def top_k(
+        self, test_data: Any, k: int = 5, weights: Any = None, *, save_to: str | Path | None = None
+    ) -> TopK:
         """The k strongest proponents and opponents of each test point by metagradient.
 
         The same :class:`~influence_core.TopK` record as every calculator's
@@ -248,7 +314,7 @@ class ReplayedTraining:
         accumulates every training point's score over the steps it appears
         in, so the (n_test, n_train) scores exist on the host while it runs.
         """
-        scores = self.metagradient_scores(test_data, weights)
+        scores = self.metagradient_scores(test_data, weights, save_to=save_to)
         xp = self.model.xp
         proponents = RunningTopK(xp, min(k, self.n), largest=True)
         opponents = RunningTopK(xp, min(k, self.n), largest=False)
