@@ -109,6 +109,15 @@ def test_top_k_is_the_sorted_metagradient_scores() -> None:
     np.testing.assert_array_equal(model.to_numpy(top.opponents), lowest)
 
 
+def test_self_influence_is_the_diagonal_of_the_training_points_own_metagradients() -> None:
+    replay, model = run(MLP, "torch")
+    train, _ = data()
+    full = model.to_numpy(replay.metagradient_scores(train))  # (40, 40): every point as a test
+    got = model.to_numpy(replay.self_influence(block_size=16))  # 3 blocks, the last partial
+    np.testing.assert_allclose(got, np.diag(full), rtol=1e-10, atol=1e-14)
+    assert np.median(got) > 0  # training on a point lowers its own loss, mostly
+
+
 def test_a_run_with_left_out_samples_is_differentiated_too() -> None:
     """At a 0/1 weighting (a retraining on a subset), the metagradient still equals its differences."""
     replay, model = run(SOFTMAX, "torch")

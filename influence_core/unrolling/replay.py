@@ -322,6 +322,24 @@ class ReplayedTraining:
         opponents.update(scores, 0)
         return TopK(proponents.indices, proponents.values, opponents.indices, opponents.values)
 
+    def self_influence(self, block_size: int = 128, weights: Any = None) -> Array:
+        """τ(zᵢ, zᵢ) = −∂ℓ(zᵢ, θ_T)/∂wᵢ for every training point: shape (n_train,).
+
+        Each block of ``block_size`` training points is a block of test
+        measurements of one reverse pass (its (block, n_train) scores are
+        read for their diagonal, then dropped): ⌈n / block_size⌉ reverse
+        passes in all.
+        """
+        if block_size < 1:
+            raise ValueError(f"block_size must be ≥ 1, got {block_size}")
+        values = np.zeros(self.n)
+        blocks = range(0, self.n, block_size)
+        for start in progress(blocks, desc="self-influence", total=len(blocks)):
+            rows = np.arange(start, min(start + block_size, self.n))
+            scores = self.model.to_numpy(self._metagradient_scores(self._batch(rows), weights))
+            values[rows] = scores[np.arange(rows.size), rows]
+        return self.model.xp.asarray(values, dtype=self.model.dtype)
+
     def _through_the_gradient(
         self, theta: Array, t: int, w: np.ndarray, g_bar: Array
     ) -> tuple[np.ndarray, Array]:
