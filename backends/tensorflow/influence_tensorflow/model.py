@@ -177,6 +177,7 @@ class TensorFlowKernels(ModelKernels):
         )
         self._hvp_fn = ShapeSpecializedFunction(self._hvp_graph)
         self._ggn_fn = ShapeSpecializedFunction(self._ggn_graph)
+        self._loss_jvp_fn = ShapeSpecializedFunction(self._loss_jvp_graph)
         self._measurement_fns: dict[int, tuple[Any, ShapeSpecializedFunction]] = {}
         self._all_variables = variables
         self._head: tuple[str, Any, Any] | None = None
@@ -254,6 +255,19 @@ class TensorFlowKernels(ModelKernels):
         jacobians = outer.jacobian(projections, self._vars)  # each (k, *shape)
         return tf.transpose(self._flat(jacobians, leading=tf.shape(vectors)[1]))
 
+    def _loss_jvp_graph(self, inputs: Any, targets: Any, vectors: tf.Tensor) -> tf.Tensor:
+        # J V for J = ∂ℓ/∂θ (b, d) by the double-vjp identity J v = ∂/∂u ⟨Jᵀu, v⟩ (u a dummy
+        # cotangent over the b losses): no (b, d) block, pfor over the k projections.
+        with tf.GradientTape() as outer:
+            with tf.GradientTape(watch_accessed_variables=False) as inner:
+                inner.watch(self._vars)
+                losses = self.loss_fn(targets, self._call(inputs))
+            dummy = tf.zeros_like(losses)
+            outer.watch(dummy)
+            pulled = self._flat(inner.gradient(losses, self._vars, output_gradients=dummy))
+            projections = tf.linalg.matvec(vectors, pulled, transpose_a=True)  # (k,)
+        return tf.transpose(outer.jacobian(projections, dummy))  # (b, k)
+
     def _ggn_graph(self, inputs: Any, targets: Any, vectors: tf.Tensor) -> tf.Tensor:
         # J V by the double-vjp identity J v = ∂/∂u ⟨Jᵀu, v⟩ (u a dummy cotangent, pfor over
         # the k columns), H_out (J v) below, then Jᵀ(H J v) as the Jacobian of k projections.
@@ -309,6 +323,9 @@ class TensorFlowKernels(ModelKernels):
 
     def mean_loss_ggn_vp(self, inputs: Any, targets: Any, vectors: tf.Tensor) -> tf.Tensor:
         return self._ggn_fn(inputs, targets, vectors)
+
+    def per_sample_loss_jvp(self, inputs: Any, targets: Any, vectors: tf.Tensor) -> tf.Tensor:
+        return self._loss_jvp_fn(inputs, targets, vectors)
 
     # -- data ---------------------------------------------------------------------
     def as_native(self, array: Any, *, floating: bool | None = None) -> tf.Tensor:
