@@ -234,3 +234,37 @@ def test_saved_metagradients_are_reloaded_and_refused_for_another_run(
         moved = ReplayedTraining(model, data()[0], OPTIMIZER, epochs=3, batch_size=10, seed=0)
     with pytest.raises(FingerprintMismatchError, match="other parameter values"):
         moved.metagradient_scores(test, save_to=tmp_path / "run")
+
+
+def test_a_margin_s_metagradient_equals_its_finite_differences_with_a_proponent_raising_it() -> (
+    None
+):
+    """measurement="margin": τ = +∂f/∂wᵢ (a proponent raises the margin), as every calculator has it."""
+    import torch
+
+    reference = (
+        get_registry()
+        .by_name("torch")
+        .load_reference_models()(MLP, initial_weights(MLP), "float64")
+    )
+    model = InfluenceModel(reference.model, reference.loss_fn, batch_size=10)
+    train, test = data()
+    replay = ReplayedTraining(
+        model, train, OPTIMIZER, epochs=3, batch_size=10, seed=0, measurement="margin"
+    )
+    scores = model.to_numpy(replay.metagradient_scores(test))
+
+    def margins(w: np.ndarray) -> np.ndarray:
+        with model.parameters_set_to(replay.train(w)), torch.no_grad():
+            z = reference.model(torch.as_tensor(test[0]))
+        y = torch.as_tensor(test[1])
+        others = z.masked_fill(torch.nn.functional.one_hot(y, 10).bool(), -torch.inf)
+        return (z.gather(1, y[:, None])[:, 0] - torch.logsumexp(others, 1)).numpy()
+
+    eps = 1e-5
+    for i in INDICES:
+        up, down = np.ones(replay.n), np.ones(replay.n)
+        up[i], down[i] = 1 + eps, 1 - eps
+        expected = (margins(up) - margins(down)) / (2 * eps)
+        np.testing.assert_allclose(scores[:, i], expected, rtol=1e-6, atol=1e-9)
+    assert replay.settings()["measurement"] == "margin"

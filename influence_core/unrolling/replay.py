@@ -57,10 +57,12 @@ from typing import Any
 
 import numpy as np
 
+from ..arrays import join
 from ..data import is_array_pair, leading_dim, take_samples
 from ..errors import FingerprintMismatchError
 from ..estimators.top_k import RunningTopK, TopK
 from ..io import METADATA, load_result, save_result
+from ..measurements import LOSS, Measurement, resolve_measurement
 from ..model import InfluenceModel
 from ..progress import progress
 from .optimizers import SGD, Adam, Optimizer
@@ -87,6 +89,12 @@ class ReplayedTraining:
             (a new permutation every epoch); every replay uses the same order.
         checkpoint_every: K, states kept every K steps in the reverse pass
             (default ⌈√T⌉).
+        measurement: what a test point's score explains, as for every
+            calculator: ``"loss"`` (default), ``"logit"``, ``"probability"``,
+            ``"margin"``, a :class:`~influence_core.Measurement` or a native
+            ``f(outputs, targets)``; τ = ∂f/∂wᵢ for a raised f (a proponent
+            raises it), −∂f/∂wᵢ for a loss-like one. Self-influence is always
+            of the training loss.
 
     ``train()`` gives θ_T; ``retrain(indices)`` trains on a subset (the rest
     weighted 0) with the same order, a ``retrain`` for
@@ -104,6 +112,7 @@ class ReplayedTraining:
         batch_size: int,
         seed: int = 0,
         checkpoint_every: int | None = None,
+        measurement: Any = None,
     ) -> None:
         if not isinstance(optimizer, (SGD, Adam)):
             raise TypeError(f"optimizer must be an SGD or an Adam, got {type(optimizer).__name__}")
@@ -125,6 +134,7 @@ class ReplayedTraining:
         self.steps = len(self.order)
         self.checkpoint_every = checkpoint_every or max(1, math.isqrt(self.steps - 1) + 1)
         self.initial = model.get_parameters()
+        self.measurement = resolve_measurement(measurement)
 
     # -- forward ------------------------------------------------------------------
     def _weights(self, weights: Any) -> np.ndarray:
@@ -220,6 +230,7 @@ class ReplayedTraining:
             "batch_sizes": sorted({int(b.size) for b in self.order}),
             "order_sha256": hashlib.sha256(order.tobytes()).hexdigest(),
             "weights_sha256": hashlib.sha256(w.tobytes()).hexdigest(),
+            "measurement": self.measurement.name,
         }
 
     # -- reverse ------------------------------------------------------------------
@@ -241,7 +252,7 @@ class ReplayedTraining:
         """
         if save_to is not None and (Path(save_to) / METADATA).exists():
             return self._load_scores(Path(save_to), test_data, weights)
-        scores = self._metagradient_scores(test_data, weights)
+        scores = self._metagradient_scores(test_data, weights, self.measurement)
         if save_to is not None:
             with self.model.parameters_set_to(self.initial):  # fingerprints of θ₀
                 save_result(
@@ -273,7 +284,9 @@ class ReplayedTraining:
             )
         return self.model.kernels.as_native(saved.arrays["scores"], floating=True)
 
-    def _metagradient_scores(self, test_data: Any, weights: Any) -> Array:
+    def _metagradient_scores(
+        self, test_data: Any, weights: Any, measurement: Measurement = LOSS
+    ) -> Array:
         model, xp = self.model, self.model.xp
         w = self._weights(weights)
         if not np.all((w == 0.0) | (w == 1.0)):
@@ -284,7 +297,10 @@ class ReplayedTraining:
         kept_states = list(self._states(w, self.checkpoint_every, show=True))
         (_, theta_T, _) = kept_states.pop()
         with model.parameters_set_to(theta_T):
-            test_grads = model.per_sample_grads(test_data)  # (q, d)
+            # ∇ of the loss-like form m (−f for a raised measurement): θ̄_T, (q, d)
+            test_grads = join(
+                xp, [g for _, g in model.iter_measurement_grads(test_data, measurement)]
+            )
         theta_bar = xp.permute_dims(test_grads, (1, 0))  # (d, q)
         bars = tuple(xp.zeros_like(theta_bar) for _ in kept_states[0][2])
         scores = np.zeros((int(test_grads.shape[0]), self.n))
@@ -336,7 +352,9 @@ class ReplayedTraining:
         blocks = range(0, self.n, block_size)
         for start in progress(blocks, desc="self-influence", total=len(blocks)):
             rows = np.arange(start, min(start + block_size, self.n))
-            scores = self.model.to_numpy(self._metagradient_scores(self._batch(rows), weights))
+            scores = self.model.to_numpy(
+                self._metagradient_scores(self._batch(rows), weights, LOSS)
+            )
             values[rows] = scores[np.arange(rows.size), rows]
         return self.model.xp.asarray(values, dtype=self.model.dtype)
 
