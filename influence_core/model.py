@@ -634,7 +634,7 @@ class InfluenceModel:
             else:
                 if self.check_finite and not self._all_finite(products):
                     raise self.non_finite_error(
-                        "per-sample gradient products", list(range(b.start, b.start + b.size))
+                        "per-sample gradient products", self._bad_rows(products, b.start)
                     )
                 return products
         return self.xp.matmul(self.batch_per_sample_grads(b), v)

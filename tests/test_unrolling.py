@@ -268,3 +268,75 @@ def test_a_margin_s_metagradient_equals_its_finite_differences_with_a_proponent_
         expected = (margins(up) - margins(down)) / (2 * eps)
         np.testing.assert_allclose(scores[:, i], expected, rtol=1e-6, atol=1e-9)
     assert replay.settings()["measurement"] == "margin"
+
+
+def test_a_hugging_face_bert_s_run_is_differentiated_exactly_and_sdpa_names_the_fix() -> None:
+    """A model the project did not write, with dict inputs: BERT from a small config (no download)."""
+    import torch
+    import transformers
+
+    from influence_core import UnsupportedByBackendError
+
+    ids = np.random.default_rng(0).integers(0, 50, size=(12, 6))
+    labels = np.random.default_rng(1).integers(0, 2, size=12)
+    train, test = ({"input_ids": ids}, labels), ({"input_ids": ids[:2]}, labels[:2])
+
+    def replay(attention: str) -> tuple[ReplayedTraining, InfluenceModel]:
+        torch.manual_seed(0)
+        config = transformers.BertConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32, num_labels=2, attn_implementation=attention,
+        )  # fmt: skip
+        net = transformers.BertForSequenceClassification(config).double().eval()
+        model = InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"), batch_size=4)
+        return ReplayedTraining(
+            model, train, SGD(lr=0.5, momentum=0.9), epochs=1, batch_size=4
+        ), model
+
+    with pytest.raises(UnsupportedByBackendError, match="eager"):
+        replay("sdpa")[0].metagradient_scores(test)
+    run_, model = replay("eager")
+    scores = model.to_numpy(run_.metagradient_scores(test))
+    eps = 1e-5
+    for i in (1, 10):
+        up, down = np.ones(12), np.ones(12)
+        up[i], down[i] = 1 + eps, 1 - eps
+        losses = []
+        for w in (up, down):
+            with model.parameters_set_to(run_.train(w)):
+                losses.append(model.to_numpy(model.per_sample_loss(test)))
+        np.testing.assert_allclose(
+            scores[:, i], -(losses[0] - losses[1]) / (2 * eps), rtol=1e-6, atol=1e-10
+        )
+
+
+def test_gradient_products_fall_back_to_per_sample_gradients_and_name_non_finite_samples() -> None:
+    import torch
+
+    from influence_core import NonFiniteGradientError, UnsupportedByBackendError
+    from influence_torch.model import TorchKernels
+
+    _, model = run(MLP, "torch")
+    train, _ = data()
+    batch = (train[0][:5], train[1][:5])
+    V = np.random.default_rng(3).normal(size=(model.num_parameters, 2))
+    expected = model.to_numpy(model.per_sample_grads(batch)) @ V
+    np.testing.assert_allclose(
+        model.to_numpy(model.per_sample_grad_products(batch, V)), expected, rtol=1e-10
+    )
+
+    class WithoutForwardMode(TorchKernels):
+        def per_sample_loss_jvp(self, inputs, targets, vectors):
+            raise UnsupportedByBackendError("no jvp here")
+
+    # A sample with NaN inputs is named, by the forward-mode products' own check.
+    broken = (np.where(np.arange(5)[:, None] == 3, np.nan, batch[0]), batch[1])
+    with pytest.raises(NonFiniteGradientError, match=r"gradient products.*\b3\b"):
+        model.per_sample_grad_products(broken, torch.as_tensor(V))
+    model.kernels = WithoutForwardMode(model.kernels.module, model.kernels.loss_fn, None)
+    np.testing.assert_allclose(
+        model.to_numpy(model.per_sample_grad_products(batch, V)), expected, rtol=1e-10
+    )
+    assert model._forward_products is False  # asked once, then the fallback directly
+    with pytest.raises(NonFiniteGradientError, match=r"\b3\b"):
+        model.per_sample_grad_products(broken, torch.as_tensor(V))
