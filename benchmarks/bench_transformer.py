@@ -14,6 +14,14 @@ self-influence of every training sequence. ``all`` is every parameter
 kronfluence covers. ``--tracin`` instead runs layer-wise TracIn (one
 checkpoint) on all parameters at batch 256, n_train 512, 10 test sequences:
 its (b, d) gradient block would be 5.3 GB; from layer statistics it never exists.
+
+``--trak`` runs dense-projection TRAK on all parameters, ours (torch) and
+traker's (``BasicProjector``, in its venv: ``ONLY=traker bash
+benchmarks/peers/setup_envs.sh``), one process each, on the same weights and
+data: Gaussian k = 256 (d·k is 5.4 GB in float32, so neither keeps the
+matrix), λ = 0, the margin, batch 32, n_train 512 by default. Prints featurise
+and scoring seconds, peak RSS and the ratio, and the scores' agreement (the
+matrices differ, so only the rank correlation of two JL estimates).
 """
 
 from __future__ import annotations
@@ -33,8 +41,10 @@ from transformer_model import seeded
 
 from influence_core import (
     EKFACIHVP,
+    TRAK,
     FirstOrderInfluenceCalculator,
     InfluenceModel,
+    RandomProjection,
     TracIn,
     set_progress,
 )
@@ -42,6 +52,7 @@ from influence_core.layerwise import coverage
 
 HERE = Path(__file__).resolve().parent
 KRONFLUENCE = HERE / ".envs" / "kronfluence" / "bin" / "python"
+TRAKER = HERE / ".envs" / "traker" / "bin" / "python"
 N_TEST = 50
 
 
@@ -88,6 +99,71 @@ def tracin() -> None:
     )
 
 
+TRAK_K, TRAK_BATCH = 256, 32
+
+
+def trak_ours(n_train: int, out: str) -> None:
+    """Our dense-projection TRAK on all parameters (a worker process)."""
+    set_progress(False)
+    torch.set_num_threads(2)
+    net, train, test = seeded(n_train, N_TEST)
+    model = InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"), batch_size=TRAK_BATCH)
+    start = time.perf_counter()
+    calculator = TRAK(model, projector=RandomProjection(TRAK_K), relative_damping=0.0).fit(train)
+    fitted = time.perf_counter()
+    scores = calculator.influence(test)
+    done = time.perf_counter()
+    np.savez(
+        out,
+        scores=scores.double().numpy(),
+        seconds=np.array([fitted - start, done - fitted]),
+        rss_gb=np.array(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20),
+    )
+
+
+def trak(n_train: int) -> None:
+    """Ours against traker, dense projection, one process each, on the same weights and data."""
+    from scipy.stats import spearmanr
+
+    print(
+        f"TRAK, dense Gaussian projection k = {TRAK_K}, all parameters, torch float32, "
+        f"2 threads, batch {TRAK_BATCH}, n_train {n_train}, {N_TEST} test sequences, λ = 0\n"
+    )
+    print("| library | featurise (s) | score (s) | total (s) | x traker | peak RSS (GB) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        net, (train_ids, train_y), (test_ids, test_y) = seeded(n_train, N_TEST)
+        state = {f"state.{k}": v.numpy() for k, v in net.state_dict().items()}
+        np.savez(
+            work / "setup.npz",
+            train_ids=train_ids.numpy(),
+            train_y=train_y.numpy(),
+            test_ids=test_ids.numpy(),
+            test_y=test_y.numpy(),
+            k=np.array(TRAK_K),
+            batch_size=np.array(TRAK_BATCH),
+            **state,
+        )
+        runner = HERE / "peers" / "run_traker_transformer.py"
+        subprocess.run(
+            [str(TRAKER), str(runner), str(work / "setup.npz"), str(work / "traker.npz")],
+            check=True,
+        )
+        command = [sys.executable, __file__, "--trak-worker", str(work / "ours.npz")]
+        subprocess.run([*command, "--n-train", str(n_train)], check=True)
+        results = {name: dict(np.load(work / f"{name}.npz")) for name in ("traker", "ours")}
+    base = float(results["traker"]["seconds"].sum())
+    for name, r in results.items():
+        featurise, score = (float(x) for x in r["seconds"])
+        print(
+            f"| {name} | {featurise:.1f} | {score:.1f} | {featurise + score:.1f} "
+            f"| {(featurise + score) / base:.2f} | {float(r['rss_gb']):.2f} |"
+        )
+    rho = spearmanr(results["ours"]["scores"].ravel(), results["traker"]["scores"].ravel())[0]
+    print(f"\nSpearman between the two (different random matrices): {rho:.3f}")
+
+
 def kronfluence(n_train: int, work: Path) -> dict[str, float]:
     """kronfluence's EK-FAC on the same weights and data (its nn.Linear subset), in its own venv."""
     net, (train_ids, train_y), (test_ids, test_y) = seeded(n_train, N_TEST)
@@ -131,11 +207,19 @@ def main() -> None:
         action="store_true",
         help="also run kronfluence's EK-FAC on the dense subset (benchmarks/.envs)",
     )
+    parser.add_argument("--trak", action="store_true", help="dense TRAK, ours against traker")
+    parser.add_argument("--trak-worker", help=argparse.SUPPRESS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--scores", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tracin:
         tracin()
+        return
+    if args.trak_worker:
+        trak_ours(args.n_train, args.trak_worker)
+        return
+    if args.trak:
+        trak(args.n_train)
         return
     if args.one:
         print(json.dumps(one(args.one, args.n_train, args.scores)))

@@ -20,8 +20,13 @@ with NumPy, block by block, then handed to the backend.
   backend in slabs of at most 2^16 rows. The slabs are kept on the device when
   d·k fits in ``memory_budget`` (as one matrix in the backend's layout when
   its float64 draw takes at most a quarter of it); otherwise they are redrawn
-  at every call, so the d × k matrix never exists whole (project large batches then: the draw
-  costs d·k random numbers per call).
+  at every call, so the d × k matrix never exists whole. A redraw costs d·k
+  random numbers, more than the product itself for small batches, so where
+  the backend gives layer statistics one call projects many batches
+  (:meth:`GradientProjector.features_of`): their statistics are held (within
+  half the budget) and each slab, drawn once, meets every batch's gradient
+  entries in its rows (:mod:`influence_core.gradient_ranges`), never a (b, d)
+  block.
 * :class:`KroneckerProjection`: per layer, P_l = P_in ⊗ P_out (LoGra; Choe et
   al. 2024, "What is Your Data Worth to GPT?"). Layer l's gradient
   G = Σ_t ã_tᵀ g_t (p_in+1 × p_out) becomes P_inᵀ G P_out = Σ_t (ã_t P_in)ᵀ(g_t P_out),
@@ -38,12 +43,13 @@ with NumPy, block by block, then handed to the backend.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
 
 from .data import Batch
+from .gradient_ranges import GradientRanges, Piece, overlapping, pieces
 from .layerwise import (
     LayerBlock,
     covering_layers,
@@ -53,6 +59,7 @@ from .layerwise import (
 )
 from .measurements import Measurement
 from .model import InfluenceModel
+from .plugin.protocol import UnsupportedByBackendError
 
 __all__ = [
     "GradientProjector",
@@ -83,6 +90,16 @@ class GradientProjector(ABC):
     @abstractmethod
     def features(self, model: InfluenceModel, batch: Batch, measurement: Measurement) -> Array:
         """Pᵀ ∇_θ m(z_i) for each sample of ``batch``: shape (b, k), native."""
+
+    def features_of(
+        self, model: InfluenceModel, batches: Sequence[Batch], measurement: Measurement
+    ) -> list[Array]:
+        """:meth:`features` of several batches at once (a projector may share work across them)."""
+        return [self.features(model, batch, measurement) for batch in batches]
+
+    def samples_per_call(self, model: InfluenceModel) -> int:
+        """How many samples a caller should hand :meth:`features_of` at once (0: batch by batch)."""
+        return 0
 
     @abstractmethod
     def dim(self, model: InfluenceModel) -> int:
@@ -131,6 +148,7 @@ class RandomProjection(GradientProjector):
         self.block_rows = int(block_rows)
         self.memory_budget = int(memory_budget)
         self._kept: tuple[Any, Array] | None = None
+        self._layered: tuple[Any, list[Piece] | None] | None = None
         #: Rows of the largest slab drawn at once by the last streamed call (for tests).
         self.largest_slab_rows_ = 0
 
@@ -231,7 +249,89 @@ class RandomProjection(GradientProjector):
         return total
 
     def features(self, model: InfluenceModel, batch: Batch, measurement: Measurement) -> Array:
+        if self._runs(model) is not None:
+            return self.features_of(model, [batch], measurement)[0]
         return self.project(model, model.batch_per_sample_grads(batch, measurement))
+
+    #: Samples per :meth:`features_of` call when the matrix is redrawn: each call draws it once.
+    SAMPLES_PER_DRAW = 4096
+
+    def samples_per_call(self, model: InfluenceModel) -> int:
+        if self._runs(model) is None:
+            return 0
+        # each slab meets all held samples at once: (samples, slab rows) within a quarter budget
+        joined = self._slab_rows(model) * model.itemsize
+        return max(1, min(self.SAMPLES_PER_DRAW, self.memory_budget // 4 // joined))
+
+    def _runs(self, model: InfluenceModel) -> list[Piece] | None:
+        """θ's layer pieces when the matrix is redrawn and layer statistics cover θ, else None."""
+        if self.fits(model):
+            return None
+        key = (id(model.kernels), model.layout.names)
+        if self._layered is None or self._layered[0] != key:
+            try:
+                runs = pieces(covering_layers(model))
+            except (UnsupportedByBackendError, ValueError):
+                runs = None
+            self._layered = (key, runs)
+        return self._layered[1]
+
+    def features_of(
+        self, model: InfluenceModel, batches: Sequence[Batch], measurement: Measurement
+    ) -> list[Array]:
+        """Features of several batches, drawing a redrawn matrix once for all of them.
+
+        Each batch's layer statistics are held (at most half of
+        ``memory_budget`` together, and at most :meth:`samples_per_call`
+        samples, since each slab meets all of them at once); then every slab
+        of P is drawn once and multiplied by every held batch's gradient
+        entries in its rows. Without layer statistics, or with the matrix
+        kept: batch by batch.
+        """
+        runs = self._runs(model)
+        if runs is None:
+            return [
+                self.project(model, model.batch_per_sample_grads(b, measurement)) for b in batches
+            ]
+        out: list[Array] = []
+        held: list[GradientRanges] = []
+        held_bytes = held_samples = 0
+        for batch in batches:
+            stats = model.layer_statistics(batch, measurement)
+            bytes_ = sum(
+                int(np.prod(x.shape)) * model.itemsize for pair in stats.values() for x in pair
+            )
+            if held and (
+                held_bytes + bytes_ > self.memory_budget // 2
+                or held_samples + batch.size > self.samples_per_call(model)
+            ):
+                out.extend(self._project_ranges(model, runs, held))
+                held, held_bytes, held_samples = [], 0, 0
+            held.append(GradientRanges(model, stats))
+            held_bytes += bytes_
+            held_samples += batch.size
+        if held:
+            out.extend(self._project_ranges(model, runs, held))
+        return out
+
+    def _project_ranges(
+        self, model: InfluenceModel, runs: list[Piece], held: list[GradientRanges]
+    ) -> list[Array]:
+        """Pᵀg for every sample of ``held``: one draw of P, each slab against all of them."""
+        xp = model.xp
+        total = None
+        for start, stop, part in self._slabs(model):
+            for piece, lo, hi in overlapping(runs, start, stop):
+                rows = part[piece.offset + lo - start : piece.offset + hi - start]
+                entries = [ranges.entries(piece, lo, hi) for ranges in held]
+                joined = entries[0] if len(entries) == 1 else xp.concat(entries, axis=0)
+                value = xp.matmul(joined, rows)
+                total = value if total is None else total + value
+        out, begin = [], 0
+        for ranges in held:
+            out.append(total[begin : begin + ranges.size])
+            begin += ranges.size
+        return out
 
 
 class KroneckerProjection(GradientProjector):
@@ -351,11 +451,24 @@ def projected_features(
     batch_size: int | None = None,
 ) -> Iterator[tuple[Batch, Array]]:
     """Stream ``(batch, features (b, k))``: projected gradients of ``measurement``, or raw (b, d)."""
-    for batch in model.batches(data, batch_size):
-        if projector is None:
+    batches = model.batches(data, batch_size)
+    if projector is None:
+        for batch in batches:
             yield batch, model.batch_per_sample_grads(batch, measurement)
-        else:
+        return
+    limit = projector.samples_per_call(model)
+    if limit <= 0:
+        for batch in batches:
             yield batch, projector.features(model, batch, measurement)
+        return
+    group: list[Batch] = []
+    for batch in batches:
+        group.append(batch)
+        if sum(b.size for b in group) >= limit:
+            yield from zip(group, projector.features_of(model, group, measurement), strict=True)
+            group = []
+    if group:
+        yield from zip(group, projector.features_of(model, group, measurement), strict=True)
 
 
 def resolve_projector(

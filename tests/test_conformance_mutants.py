@@ -18,6 +18,7 @@ from influence_conformance.measurement_checks import MeasurementChecks
 from influence_conformance.selection_checks import SelectionChecks
 from influence_conformance.suite import BackendConformance
 from influence_core import ExactIHVP, FirstOrderInfluenceCalculator, InfluenceModel
+from influence_core.gradient_ranges import GradientRanges
 from influence_core.plugin import ModelKernels
 from influence_torch.model import TorchKernels
 
@@ -507,3 +508,45 @@ def test_the_jvp_check_catches_products_with_the_wrong_vectors() -> None:
     with pytest.raises(AssertionError, match="per-sample gradients @ V"):
         getattr(checks_on(ReversedColumns, BackendConformance), check)("mlp_tanh")
     getattr(checks_on(TorchKernels, BackendConformance), check)("mlp_tanh")
+
+
+# -- gradient ranges: a redrawn dense projection reads each kind's entries from statistics ------
+def embedding_rows_unshifted(self, block, first, last):
+    """Places a table's rows as if every range began at token 0 (the offset forgotten)."""
+    placed = original_embedding(self, block, 0, last - first)
+    return placed
+
+
+def kernel_read_as_bias(self, block, *, bias):
+    """An elementwise kernel's gradient read as Σ_t g (the inputs a forgotten)."""
+    return original_small(self, block, bias=True)
+
+
+def dense_rows_from_the_start(self, piece, lo, hi):
+    """A dense kernel's range always formed from input row 0 (the row offset forgotten)."""
+    if piece.bias or piece.block.kind != "dense":
+        return original_entries(self, piece, lo, hi)
+    return original_entries(self, piece, 0, hi - lo)
+
+
+original_embedding = GradientRanges._embedding
+original_small = GradientRanges._small_part
+original_entries = GradientRanges.entries
+
+
+@pytest.mark.parametrize(
+    ("attribute", "mutant", "kind"),
+    [
+        ("_embedding", embedding_rows_unshifted, "embedding"),
+        ("_small_part", kernel_read_as_bias, "elementwise"),
+        ("entries", dense_rows_from_the_start, "parameter"),
+    ],
+)
+def test_the_range_check_catches_a_wrong_gradient_range(
+    monkeypatch, attribute: str, mutant, kind: str
+) -> None:
+    check = kind_checks_on(TorchKernels)
+    check.test_a_redrawn_projection_reads_each_layer_kind_range_by_range(kind)
+    monkeypatch.setattr(GradientRanges, attribute, mutant)
+    with pytest.raises(AssertionError, match=f"redrawn projection of {kind} gradient ranges"):
+        check.test_a_redrawn_projection_reads_each_layer_kind_range_by_range(kind)

@@ -191,3 +191,56 @@ def test_projection_arguments_are_checked() -> None:
         TracIn(case.model, [{}], 0.1, projection_dim=4, projector=RandomProjection(4))
     with pytest.raises(TypeError, match="GradientProjector"):
         GradientSimilarity(case.model, projector=np.eye(3))
+
+
+def test_a_redrawn_matrix_is_drawn_once_for_many_batches_from_layer_statistics(
+    monkeypatch,
+) -> None:
+    """TRAK's fit over 13 samples in batches of 3: one draw of P, not one per batch."""
+    import influence_core.projection as projection
+    from influence_core import TRAK
+
+    case = build_case("torch", "convnet", "float64")
+    model, d, k = case.model, case.model.num_parameters, 6
+    draws = []
+    real = projection._draw
+    monkeypatch.setattr(
+        projection, "_draw", lambda seed, *rest: draws.append(seed) or real(seed, *rest)
+    )
+
+    def trak(kept: bool) -> np.ndarray:
+        projector = RandomProjection(k, seed=4, block_rows=16)
+        if not kept:  # as if d·k exceeded the budget (a tiny model's statistics would not fit one)
+            monkeypatch.setattr(RandomProjection, "fits", lambda self, model: False)
+        calc = TRAK(model, projector=projector)
+        calc.fit(case.data)
+        fitted = len(draws)
+        scores = model.to_numpy(calc.influence((case.X[:5], case.y[:5])))
+        return scores, fitted, len(draws) - fitted
+
+    kept, fit_draws, test_draws = trak(True)
+    blocks = -(-d // 16)
+    assert (fit_draws, test_draws) == (blocks, 0)  # kept: drawn once
+    draws.clear()
+    model.batch_size = 3
+    redrawn, fit_draws, test_draws = trak(False)  # redrawn at every call
+    assert len(case.y) >= 4 * 3
+    # the fit's one call and the test side's one call draw P once each, whatever the batches
+    assert (fit_draws, test_draws) == (blocks, blocks)
+    np.testing.assert_allclose(redrawn, kept, rtol=1e-9, atol=1e-12 * np.abs(kept).max())
+
+
+def test_without_layer_statistics_a_redrawn_matrix_projects_batch_by_batch(monkeypatch) -> None:
+    import influence_core.projection as projection
+
+    case = build_case("torch", "convnet", "float64")
+    d = case.model.num_parameters
+
+    def unsupported(model):
+        raise ValueError("no layers")
+
+    monkeypatch.setattr(projection, "covering_layers", unsupported)
+    drawn = RandomProjection(7, seed=3, block_rows=5, memory_budget=7 * 8 * 10)
+    assert drawn.samples_per_call(case.model) == 0
+    got = case.model.to_numpy(drawn.features(case.model, one_batch(case), LOSS))
+    np.testing.assert_allclose(got, canonical_grads(case) @ drawn.matrix(d), atol=1e-13)

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from influence_core import InfluenceModel
+from influence_core import InfluenceModel, RandomProjection
 from influence_core.layerwise import coverage, per_sample_grads_from_layers
+from influence_core.measurements import LOSS
 
 from .cases import assert_close, registered_builder, to_numpy
 
@@ -66,6 +67,30 @@ class LayerKindChecks:
         rebuilt = per_sample_grads_from_layers(model, data)
         expected = to_numpy(model.per_sample_grads(data))
         assert_close(rebuilt, expected, 1e-10, f"per-sample gradients from {kind} statistics")
+
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_a_redrawn_projection_reads_each_layer_kind_range_by_range(self, kind: str) -> None:
+        """A dense projection too large to keep is drawn slab by slab and meets the gradient
+        entries of each slab's rows, formed from the statistics
+        (:mod:`influence_core.gradient_ranges`): it must equal the canonical gradients times P."""
+        case = self.layer_kind_case(kind)
+        if case is None:
+            pytest.skip(f"this backend's test class gives no {kind} model (layer_kind_case)")
+        model, data = case
+        d, k = model.num_parameters, 5
+        grads = to_numpy(model.per_sample_grads(data))
+        canonical = to_numpy(model.to_canonical(model.kernels.as_native(grads.T, floating=True))).T
+        batches = list(model.batches(data, 3))
+        # Slabs of 3 rows cut every layer at odd places; a budget one byte short of the whole
+        # matrix keeps it in two slabs, drawn once for all the batches.
+        for budget in (1, d * k * model.itemsize - 1):
+            projector = RandomProjection(k, seed=2, block_rows=3, memory_budget=budget)
+            assert not projector.fits(model) and projector.samples_per_call(model) > 0
+            got = np.concatenate(
+                [to_numpy(f) for f in projector.features_of(model, batches, LOSS)], axis=0
+            )
+            expected = canonical @ projector.matrix(d)
+            assert_close(got, expected, 1e-10, f"redrawn projection of {kind} gradient ranges")
 
     def test_segment_sum_adds_rows_into_their_segments(self) -> None:
         model = self.segment_sum_model()

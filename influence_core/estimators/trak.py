@@ -178,15 +178,9 @@ class TRAK(InfluenceCalculator):
 
     def _features(self, projector: GradientProjector | None, batches: Sequence[Batch]) -> Array:
         """φ(z) of the measurement for a run of batches at the loaded weights: (len, k)."""
-        parts = [
-            (
-                self.model.batch_per_sample_grads(b, self.measurement)
-                if projector is None
-                else projector.features(self.model, b, self.measurement)
-            )
-            for b in batches
-        ]
-        return self._stack(parts)
+        if projector is not None:
+            return self._stack(projector.features_of(self.model, batches, self.measurement))
+        return self._stack(self.model.batch_per_sample_grads(b, self.measurement) for b in batches)
 
     def _weights(self, batches: Sequence[Batch]) -> Array:
         """Q of each training point at the loaded weights: (len,)."""
