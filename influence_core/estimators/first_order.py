@@ -97,11 +97,17 @@ class FirstOrderInfluenceCalculator(InfluenceCalculator):
         score many training sets (or shards) with :meth:`influence_from_prepared`.
         """
         self._check_fitted()
-        solved = (
-            self.ihvp.solved_test_side(self.model, batch, self.measurement)
-            for batch in self.model.batches(test_data, self.batch_size)
-        )
-        return self._stack(solved, 1)
+        batches = self.model.batches(test_data, self.batch_size)
+        n = known_size(self.model, test_data, self.batch_size)  # exact, or an upper bound
+        out = None if n is None else self.ihvp.allocated_test_side(n)
+        if out is None:
+            solved = (self.ihvp.solved_test_side(self.model, b, self.measurement) for b in batches)
+            return self._stack(solved, 1)
+        column = 0  # each batch written in place: the block exists once, never as pieces too
+        for batch in batches:
+            self.ihvp.solved_test_side_into(self.model, batch, self.measurement, out, column)
+            column += batch.size
+        return out if column == int(out.shape[1]) else out[:, :column]
 
     def _test_gradients(self, data: Any) -> Iterator[tuple[Batch, Array]]:
         """Test-side gradients as the solver takes them (layer-wise solvers: from statistics)."""

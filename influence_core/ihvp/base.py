@@ -409,6 +409,25 @@ class InverseHessianVectorProduct(ABC):
         """
         return self.test_side(self.test_gradients(model, batch, measurement))
 
+    def allocated_test_side(self, n: int) -> Array | None:
+        """A zero (m, n) block that :meth:`solved_test_side_into` can fill, or ``None``.
+
+        A calculator keeping n test points' solved block (m × n, d × n for most
+        solvers) would otherwise hold every batch's block and their
+        concatenation at once: twice the block. A solver that writes its
+        batches into one block in place returns it here when the namespace's
+        arrays are writeable (``array_api_compat.is_writeable_array``: torch,
+        NumPy; not TensorFlow or JAX, which keep the concatenation). By
+        default ``None``.
+        """
+        return None
+
+    def solved_test_side_into(
+        self, model: InfluenceModel, batch: Any, measurement: Any, out: Array, column: int
+    ) -> None:
+        """Write :meth:`solved_test_side` of ``batch`` into ``out[:, column : column + b]``."""
+        out[:, column : column + batch.size] = self.solved_test_side(model, batch, measurement)
+
     def training_side(self, model: InfluenceModel, batch: Any) -> TrainingSide:
         """One training :class:`~influence_core.data.Batch` as this solver scores it.
 

@@ -57,6 +57,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 import numpy as np
+from array_api_compat import device as array_device
+from array_api_compat import is_writeable_array
 
 from ..data import Batch
 from ..host_threads import host_threads
@@ -388,6 +390,30 @@ class KFACIHVP(InverseHessianVectorProduct):
             self._solve_layer(model, j, block, stats) for j, block in enumerate(self.blocks_)
         )
 
+    def allocated_test_side(self, n: int) -> Array | None:
+        """A zero (m, n) block in the namespace when its arrays are writeable (torch, NumPy)."""
+        self._check_fitted()
+        like = self._scale(0)
+        rows = sum(
+            block.rows * block.layer.outputs
+            if rank is None
+            else rank * (block.rows + block.layer.outputs)
+            for block, rank in zip(self.blocks_, self.query_ranks(), strict=True)
+        )
+        out = self.xp.zeros((rows, n), dtype=like.dtype, device=array_device(like))
+        return out if is_writeable_array(out) else None
+
+    def solved_test_side_into(
+        self, model: InfluenceModel, batch: Any, measurement: Any, out: Array, column: int
+    ) -> None:
+        """:meth:`solved_test_side`, each layer written into ``out`` as it is solved."""
+        self._check_fitted()
+        stats = model.layer_statistics(batch, measurement)
+        if model.check_finite:
+            _check_statistics(model, batch, stats)
+        solved = (self._solve_layer(model, j, block, stats) for j, block in enumerate(self.blocks_))
+        self._flattened(solved, out=out, column=column)
+
     def _solve_matrix(self, j: int, matrix: Array) -> Array:
         """(F̂_j + λI)⁻¹ for layer j's (k, p, o) matrices: Q_A ((Q_Aᵀ M Q_S) ⊘ (Λ + λ)) Q_Sᵀ."""
         xp, qa, qs = self.xp, self.eigenvectors_a_[j], self.eigenvectors_s_[j]
@@ -408,24 +434,37 @@ class KFACIHVP(InverseHessianVectorProduct):
         placed = model.kernels.segment_sum(solved, samples * rows + tokens, b * rows)
         return xp.reshape(placed, (b, rows, width))
 
-    def _flattened(self, solved: Iterable[Array]) -> Array:
+    def _flattened(
+        self, solved: Iterable[Array], out: Array | None = None, column: int = 0
+    ) -> Array:
         """Each layer's solved (k, p, o) matrices (factored with ``query_rank``), flattened (m, k).
 
         Layers arrive one at a time, so only one layer's temporaries are alive
-        beside the pieces already flattened.
+        beside the pieces already flattened. Given ``out`` (writeable, (m, ·)),
+        each layer is written into ``out[:, column : column + k]`` instead, and
+        no pieces are kept.
         """
-        xp, pieces, truncation = self.xp, [], []
+        xp, pieces, truncation, row = self.xp, [], [], 0
         for matrix, rank in zip(solved, self.query_ranks(), strict=True):
             k = int(matrix.shape[0])
             if rank is None:
-                pieces.append(xp.reshape(matrix, (k, -1)))
+                blocks = [xp.reshape(matrix, (k, -1))]
                 truncation.append(0.0)
+            else:
+                left, right, error = _low_rank(self.model_, matrix, rank)
+                blocks = [xp.reshape(left, (k, -1)), xp.reshape(right, (k, -1))]
+                truncation.append(error)
+            if out is None:
+                pieces += blocks
                 continue
-            left, right, error = _low_rank(self.model_, matrix, rank)
-            pieces += [xp.reshape(left, (k, -1)), xp.reshape(right, (k, -1))]
-            truncation.append(error)
+            for block in blocks:
+                size = int(block.shape[1])
+                out[row : row + size, column : column + k] = xp.matrix_transpose(block)
+                row += size
         if self.query_rank is not None:
             self.query_truncation_ = truncation
+        if out is not None:
+            return out
         return xp.matrix_transpose(xp.concat(pieces, axis=1))
 
     def train_side(self, grads: Array) -> Array:
