@@ -208,11 +208,11 @@ def test_a_redrawn_matrix_is_drawn_once_for_many_batches_from_layer_statistics(
         projection, "_draw", lambda seed, *rest: draws.append(seed) or real(seed, *rest)
     )
 
-    def trak(kept: bool) -> np.ndarray:
+    def trak(kept: bool, batch_size: int | None = None) -> np.ndarray:
         projector = RandomProjection(k, seed=4, block_rows=16)
         if not kept:  # as if d·k exceeded the budget (a tiny model's statistics would not fit one)
             monkeypatch.setattr(RandomProjection, "fits", lambda self, model: False)
-        calc = TRAK(model, projector=projector)
+        calc = TRAK(model, projector=projector, batch_size=batch_size)
         calc.fit(case.data)
         fitted = len(draws)
         scores = model.to_numpy(calc.influence((case.X[:5], case.y[:5])))
@@ -222,8 +222,7 @@ def test_a_redrawn_matrix_is_drawn_once_for_many_batches_from_layer_statistics(
     blocks = -(-d // 16)
     assert (fit_draws, test_draws) == (blocks, 0)  # kept: drawn once
     draws.clear()
-    model.batch_size = 3
-    redrawn, fit_draws, test_draws = trak(False)  # redrawn at every call
+    redrawn, fit_draws, test_draws = trak(False, batch_size=3)  # redrawn at every call
     assert len(case.y) >= 4 * 3
     # the fit's one call and the test side's one call draw P once each, whatever the batches
     assert (fit_draws, test_draws) == (blocks, blocks)

@@ -34,8 +34,9 @@ def concatenated(calc, test):
 def test_the_block_written_in_place_equals_the_concatenated_one(solver, rank) -> None:
     case = build_case("torch", "convnet", "float64")
     model = case.model
-    model.batch_size = 3  # the 7 test points arrive in three batches, one short
-    calc = FirstOrderInfluenceCalculator(model, solver(seed=1, query_rank=rank)).fit(case.data)
+    # the 7 test points arrive in three batches, one short (the cached case's model is not changed)
+    calc = FirstOrderInfluenceCalculator(model, solver(seed=1, query_rank=rank), batch_size=3)
+    calc.fit(case.data)
     test = (case.X[:7], case.y[:7])
     assert calc.ihvp.allocated_test_side(7) is not None  # torch's arrays are writeable
     expected = concatenated(calc, test)
@@ -58,8 +59,8 @@ def test_a_namespace_without_writeable_arrays_keeps_the_concatenation() -> None:
 def test_a_layer_written_in_the_wrong_columns_is_seen(monkeypatch) -> None:
     """A mutant writing each batch one column late: the equality above turns red."""
     case = build_case("torch", "convnet", "float64")
-    case.model.batch_size = 3
-    calc = FirstOrderInfluenceCalculator(case.model, EKFACIHVP(seed=1)).fit(case.data)
+    calc = FirstOrderInfluenceCalculator(case.model, EKFACIHVP(seed=1), batch_size=3)
+    calc.fit(case.data)
     test = (case.X[:7], case.y[:7])
     expected = concatenated(calc, test)
     original = Base.solved_test_side_into

@@ -410,7 +410,7 @@ class InverseHessianVectorProduct(ABC):
         return self.test_side(self.test_gradients(model, batch, measurement))
 
     def allocated_test_side(self, n: int) -> Array | None:
-        """A zero (m, n) block that :meth:`solved_test_side_into` can fill, or ``None``.
+        """An (m, n) block that :meth:`solved_test_side_into` fills, or ``None``.
 
         A calculator keeping n test points' solved block (m × n, d × n for most
         solvers) would otherwise hold every batch's block and their

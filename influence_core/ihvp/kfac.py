@@ -391,17 +391,22 @@ class KFACIHVP(InverseHessianVectorProduct):
         )
 
     def allocated_test_side(self, n: int) -> Array | None:
-        """A zero (m, n) block in the namespace when its arrays are writeable (torch, NumPy)."""
+        """An (m, n) block in the namespace when its arrays are writeable (torch, NumPy).
+
+        Left uninitialised (``empty``): every row is written, and columns past the
+        test points (n is an upper bound for a loader) are sliced off.
+        """
         self._check_fitted()
         like = self._scale(0)
+        if not is_writeable_array(self.xp.zeros((1,), dtype=like.dtype, device=array_device(like))):
+            return None
         rows = sum(
             block.rows * block.layer.outputs
             if rank is None
             else rank * (block.rows + block.layer.outputs)
             for block, rank in zip(self.blocks_, self.query_ranks(), strict=True)
         )
-        out = self.xp.zeros((rows, n), dtype=like.dtype, device=array_device(like))
-        return out if is_writeable_array(out) else None
+        return self.xp.empty((rows, n), dtype=like.dtype, device=array_device(like))
 
     def solved_test_side_into(
         self, model: InfluenceModel, batch: Any, measurement: Any, out: Array, column: int
