@@ -53,7 +53,7 @@ Fisher); every selected parameter must belong to a supported layer.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -340,6 +340,25 @@ class KFACIHVP(InverseHessianVectorProduct):
         rotated = self._rotated(self._matrices(model.to_canonical(vectors)))
         scaled = [r / s if inverse else r * s for r, s in zip(rotated, self._scales(), strict=True)]
         return model.from_canonical(self._canonical(self._back(scaled)))
+
+    # -- matrix functions of the fitted curvature (approximate unrolling) ----------------
+    def layer_matrices(self, grads: Array) -> list[Array]:
+        """Gradients (b, d) in θ order as each layer's (b, p_in [+1], p_out) matrices."""
+        self._check_fitted()
+        return self._matrices(self.model_.to_canonical(self.xp.matrix_transpose(grads)))
+
+    def spectral(self, matrices: list[Array], function: Callable[[Array], Array]) -> list[Array]:
+        """Q φ(Λ + λ) Qᵀ applied to each layer's (k, p, o) matrices: φ elementwise on the damped
+        eigenvalues in each layer's eigenbasis (EK-FAC: the corrected ones). φ(s) = 1/s is the solve.
+        """
+        self._check_fitted()
+        rotated = self._rotated(matrices)
+        return self._back([r * function(s) for r, s in zip(rotated, self._scales(), strict=True)])
+
+    def flattened(self, matrices: list[Array]) -> Array:
+        """Each layer's (k, p, o) matrices flattened layer after layer, (m, k): what
+        :meth:`training_side` scores meet (the layout of :meth:`solved_test_side`)."""
+        return self._flat(matrices)
 
     # -- the layer-wise form the calculators use -------------------------------------------
     # The test side is (F̂ + λI)⁻¹ g_test as each layer's (p_in [+1], p_out) matrix, flattened

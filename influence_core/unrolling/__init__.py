@@ -3,9 +3,12 @@
 ``ReplayedTraining`` (:mod:`.replay`) fixes a run (θ₀, a seeded batch order,
 an optimizer from :mod:`.optimizers`) and differentiates its final test loss
 with respect to each training sample's weight, in any framework.
+``ApproximateUnrolling`` (:mod:`.segments`, SOURCE) approximates it over a few
+segments of training, one EK-FAC curvature each, at a few first-order passes' cost.
 """
 
 from .optimizers import SGD, Adam, Optimizer
 from .replay import ReplayedTraining
+from .segments import ApproximateUnrolling
 
-__all__ = ["SGD", "Adam", "Optimizer", "ReplayedTraining"]
+__all__ = ["SGD", "Adam", "ApproximateUnrolling", "Optimizer", "ReplayedTraining"]

@@ -1,0 +1,191 @@
+"""Approximate unrolling over segments of training (SOURCE; Bae, Lin, Lorraine & Grosse, 2024).
+
+Between the influence functions, which read one trained model as if training
+had converged, and exact unrolling (:class:`~influence_core.unrolling.ReplayedTraining`),
+which replays every step: training is cut into L segments, segment l having
+run K_l steps at learning rate η_l around a checkpoint θ_l. Within a segment
+the Hessian and each sample's gradient are taken as constant, H_l and g_l(z)
+at θ_l. A perturbation then passes the segment's K_l steps of SGD as
+(I − η_l H_l)^{K_l} ≈ S_l = exp(−η_l K_l H_l), and the pushes of sample z add up
+to Σ_k (I − η_l H_l)^k η_l g_l(z) ≈ (I − S_l) H_l⁻¹ g_l(z). The score, in the
+influence functions' units (removing z raises the test loss by about score / n)::
+
+    τ(z, z_test) = Σ_l ∇f(θ_T)ᵀ S_L ⋯ S_{l+1} (I − S_l) H_l⁻¹ g_l(z)
+
+H_l is the EK-FAC (or K-FAC) curvature fitted at θ_l, so every matrix function
+is elementwise in its eigenbasis: φ_l(s) = (1 − e^{−η_l K_l s}) / s and
+e^{−η_l K_l s} on the damped eigenvalues s = Λ + λ (the limit η_l K_l where
+s = 0). One segment whose η K s is large for every s is the influence
+function g_testᵀ (F̂ + λI)⁻¹ g(z) exactly; a small η K leaves the directions
+training had no time to fit out of the score, which is what the influence
+functions get wrong before convergence.
+
+Cost: one solver fit per segment (a pass over the training data at θ_l, plus
+the eigendecompositions), the test gradients once at the final weights, and
+per segment one scoring pass over the training data from layer statistics (no
+(b, d) block): L times a first-order influence calculator's, against exact
+unrolling's replay of every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..arrays import join
+from ..estimators.top_k import RunningTopK, TopK
+from ..ihvp.base import InverseHessianVectorProduct
+from ..ihvp.kfac import EKFACIHVP, KFACIHVP
+from ..measurements import resolve_measurement
+from ..model import InfluenceModel
+from ..progress import progress
+
+__all__ = ["ApproximateUnrolling"]
+
+Array = Any
+
+
+class ApproximateUnrolling:
+    """SOURCE scores over L training segments, each with its own curvature (see the module).
+
+    Args:
+        model: the model at its final weights θ_T (where the test gradients are taken).
+        checkpoints: θ_l, one per segment, oldest first (any form
+            :meth:`InfluenceModel.checkpoint_loaded` takes).
+        learning_rates: η_l, the learning rate each segment trained at.
+        steps: K_l, the optimizer steps each segment took.
+        solver: an unfitted :class:`EKFACIHVP` or :class:`KFACIHVP` whose settings
+            every segment's curvature takes (default ``EKFACIHVP()``).
+        measurement: the test-side measurement (default: the loss).
+        batch_size: batch size for ``(X, y)`` arrays.
+    """
+
+    def __init__(
+        self,
+        model: InfluenceModel,
+        checkpoints: Sequence[Any],
+        learning_rates: Sequence[float],
+        steps: Sequence[int],
+        *,
+        solver: InverseHessianVectorProduct | None = None,
+        measurement: Any = None,
+        batch_size: int | None = None,
+    ) -> None:
+        checkpoints, rates, steps = list(checkpoints), list(learning_rates), list(steps)
+        if not checkpoints:
+            raise ValueError("give at least one segment: checkpoints, learning_rates and steps")
+        if not len(checkpoints) == len(rates) == len(steps):
+            raise ValueError(
+                f"one learning rate and one step count per checkpoint: got {len(checkpoints)} "
+                f"checkpoints, {len(rates)} learning rates and {len(steps)} step counts"
+            )
+        if any(not float(r) > 0 for r in rates):
+            raise ValueError(f"learning rates must be positive, got {rates}")
+        if any(int(k) != k or int(k) < 1 for k in steps):
+            raise ValueError(f"steps must be positive integers, got {steps}")
+        solver = EKFACIHVP() if solver is None else solver
+        if not isinstance(solver, KFACIHVP):
+            raise TypeError(
+                "approximate unrolling applies exp(−η K H) and (1 − exp(−η K H)) H⁻¹ in the "
+                "curvature's eigenbasis: give an EKFACIHVP or KFACIHVP solver, got "
+                f"{type(solver).__name__}"
+            )
+        if solver.query_rank is not None:
+            raise ValueError(
+                "approximate unrolling scores whole layer matrices: give no query_rank"
+            )
+        self.model = model
+        self.checkpoints = checkpoints
+        self.learning_rates = [float(r) for r in rates]
+        self.steps = [int(k) for k in steps]
+        self.solver = solver
+        self.measurement = resolve_measurement(measurement)
+        self.batch_size = batch_size
+
+    def get_params(self) -> dict[str, Any]:
+        return {
+            "method": "approximate_unrolling",
+            "segments": len(self.checkpoints),
+            "checkpoints": [
+                c if isinstance(c, str) else f"<in memory #{i}>"
+                for i, c in enumerate(self.checkpoints)
+            ],
+            "learning_rates": self.learning_rates,
+            "steps": self.steps,
+            "solver": {"class": type(self.solver).__name__, **self.solver.get_params()},
+            "measurement": self.measurement.describe(),
+        }
+
+    def fit(self, train_data: Any) -> ApproximateUnrolling:
+        """Fit each segment's curvature at its checkpoint on ``train_data``."""
+        self.solvers_: list[KFACIHVP] = []
+        for checkpoint in progress(self.checkpoints, desc="segment curvatures"):
+            with self.model.checkpoint_loaded(checkpoint):
+                self.solvers_.append(self.solver.settings().fit(self.model, train_data))
+        self.train_data_ = train_data
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "solvers_"):
+            raise RuntimeError("call fit(train_data) before scoring")
+
+    def influence(self, test_data: Any, train_data: Any = None) -> Array:
+        """τ(z, z_test) for every test and training point: shape (n_test, n_train), native."""
+        self._check_fitted()
+        xp, model = self.model.xp, self.model
+        train = self.train_data_ if train_data is None else train_data
+        last = self.solvers_[-1]
+        grads = join(
+            xp,
+            [
+                last.test_gradients(model, batch, self.measurement)
+                for batch in model.batches(test_data, self.batch_size)
+            ],
+        )
+        vectors = last.layer_matrices(grads)  # ∇f(θ_T) per layer, then S_L ⋯ S_{l+1} ∇f(θ_T)
+        total = None
+        segments = range(len(self.solvers_) - 1, -1, -1)
+        for j in progress(segments, desc="segments, latest first"):
+            solver, reach = self.solvers_[j], self.learning_rates[j] * self.steps[j]
+            solved = solver.flattened(solver.spectral(vectors, _accumulated(xp, reach)))
+            with model.checkpoint_loaded(self.checkpoints[j]):
+                scores = join(
+                    xp,
+                    [
+                        solver.training_side(model, batch).scores(solved)
+                        for batch in model.batches(train, self.batch_size)
+                    ],
+                    axis=1,
+                )
+            total = scores if total is None else total + scores
+            if j > 0:
+                vectors = solver.spectral(vectors, _decayed(xp, reach))
+        return total
+
+    def top_k(self, test_data: Any, train_data: Any = None, k: int = 5) -> TopK:
+        """The k strongest proponents and opponents of each test point (the record every
+        calculator returns). The segments' scores add up over the whole training set, so the
+        (n_test, n_train) scores exist while they are summed."""
+        scores, xp = self.influence(test_data, train_data), self.model.xp
+        n = int(scores.shape[1])
+        proponents = RunningTopK(xp, min(k, n), largest=True)
+        opponents = RunningTopK(xp, min(k, n), largest=False)
+        proponents.update(scores, 0)
+        opponents.update(scores, 0)
+        return TopK(proponents.indices, proponents.values, opponents.indices, opponents.values)
+
+
+def _accumulated(xp: Any, reach: float):
+    """φ(s) = (1 − e^{−reach·s}) / s, and reach where s = 0: K steps of η's pushes, summed."""
+
+    def function(s: Array) -> Array:
+        positive = s > 0
+        safe = xp.where(positive, s, xp.ones_like(s))
+        return xp.where(positive, -xp.expm1(-reach * safe) / safe, xp.full_like(s, reach))
+
+    return function
+
+
+def _decayed(xp: Any, reach: float):
+    """e^{−reach·s}: what K steps at learning rate η leave of a perturbation along eigenvalue s."""
+    return lambda s: xp.exp(-reach * s)

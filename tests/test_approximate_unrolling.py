@@ -1,0 +1,101 @@
+"""Approximate unrolling (SOURCE) against its definition in NumPy and its influence-function limit.
+
+Reference: each segment's curvature as a dense d × d matrix (the fitted
+solver's own (F̂ + λI), read through ``damped_hvp``), its matrix functions by
+``eigh``, per-sample gradients at each checkpoint, and the sum
+Σ_l g_l(z)ᵀ φ_l(H_l) S_{l+1} ⋯ S_L ∇f(θ_T) written out. A wrong order of the
+propagation is shown to give other numbers, so the comparison can fail.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from influence_conformance.cases import build_case
+from influence_core import EKFACIHVP, KFACIHVP, FirstOrderInfluenceCalculator
+from influence_core.unrolling import ApproximateUnrolling
+
+
+def perturbed(module: torch.nn.Module, scale: float, seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        k: v + scale * torch.randn(v.shape, generator=generator, dtype=v.dtype)
+        for k, v in module.state_dict().items()
+    }
+
+
+def dense_function(H: np.ndarray, function) -> np.ndarray:
+    values, vectors = np.linalg.eigh((H + H.T) / 2)
+    return (vectors * function(values)) @ vectors.T
+
+
+@pytest.mark.parametrize("solver", [EKFACIHVP, KFACIHVP])
+def test_three_segments_equal_the_formula_written_out(solver) -> None:
+    case = build_case("torch", "convnet", "float64")
+    model, module = case.model, case.model.kernels.module
+    train, test = case.data, (case.X[:5], case.y[:5])
+    checkpoints = [perturbed(module, 0.1, seed) for seed in (1, 2, 3)]
+    rates, steps = [0.5, 0.2, 0.1], [3, 5, 10]
+    calc = ApproximateUnrolling(model, checkpoints, rates, steps, solver=solver(damping=1e-2)).fit(
+        train
+    )
+    got = model.to_numpy(calc.influence(test))
+
+    d = model.num_parameters
+    u = model.to_numpy(model.per_sample_grads(test)).T  # ∇f(θ_T), (d, n_test)
+    expected, wrong_order = 0.0, 0.0
+    u_wrong = u.copy()
+    for j in (2, 1, 0):
+        reach = rates[j] * steps[j]
+        eye = model.kernels.as_native(np.eye(d), floating=True)
+        H = model.to_numpy(calc.solvers_[j].damped_hvp(eye))
+        with model.checkpoint_loaded(checkpoints[j]):
+            G = model.to_numpy(model.per_sample_grads(train))  # g_l(z), (n_train, d)
+        accumulated = dense_function(H, lambda s, r=reach: -np.expm1(-r * s) / s)
+        decayed = dense_function(H, lambda s, r=reach: np.exp(-r * s))
+        expected = expected + (G @ accumulated @ u).T
+        u = decayed @ u
+        u_wrong = decayed @ u_wrong  # the mutant: propagated through its own segment first
+        wrong_order = wrong_order + (G @ accumulated @ u_wrong).T
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-10 * np.abs(expected).max())
+    assert np.abs(wrong_order - expected).max() > 1e-3 * np.abs(expected).max()
+
+
+def test_one_long_segment_is_the_influence_function() -> None:
+    """η K s ≫ 1 for every eigenvalue: e^{−ηKs} = 0 and φ(s) = 1/s, the solve itself."""
+    case = build_case("torch", "convnet", "float64")
+    model, test = case.model, (case.X[:5], case.y[:5])
+    state = {k: v.clone() for k, v in model.kernels.module.state_dict().items()}
+    unrolled = ApproximateUnrolling(
+        model, [state], [1.0], [10**9], solver=EKFACIHVP(damping=1e-2)
+    ).fit(case.data)
+    influence = FirstOrderInfluenceCalculator(model, EKFACIHVP(damping=1e-2)).fit(case.data)
+    expected = model.to_numpy(influence.influence(test))
+    got = model.to_numpy(unrolled.influence(test))
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())
+    top = unrolled.top_k(test, k=3)
+    np.testing.assert_array_equal(
+        model.to_numpy(top.proponents), np.argsort(-expected, axis=1, kind="stable")[:, :3]
+    )
+
+
+def test_bad_segments_are_refused_with_what_to_give() -> None:
+    case = build_case("torch", "convnet", "float64")
+    model = case.model
+    state = model.kernels.module.state_dict()
+    with pytest.raises(ValueError, match="one learning rate and one step count per checkpoint"):
+        ApproximateUnrolling(model, [state, state], [0.1], [5, 5])
+    with pytest.raises(ValueError, match="steps must be positive integers"):
+        ApproximateUnrolling(model, [state], [0.1], [0])
+    with pytest.raises(ValueError, match="learning rates must be positive"):
+        ApproximateUnrolling(model, [state], [-0.1], [3])
+    with pytest.raises(TypeError, match="give an EKFACIHVP or KFACIHVP"):
+        from influence_core import ExactIHVP
+
+        ApproximateUnrolling(model, [state], [0.1], [3], solver=ExactIHVP())
+    with pytest.raises(ValueError, match="give no query_rank"):
+        ApproximateUnrolling(model, [state], [0.1], [3], solver=EKFACIHVP(query_rank=2))
+    with pytest.raises(RuntimeError, match="call fit"):
+        ApproximateUnrolling(model, [state], [0.1], [3]).influence(case.data)
