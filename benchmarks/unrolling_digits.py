@@ -21,13 +21,17 @@ the metagradient of the replayed run; exact influence at the final weights
 on the Gauss–Newton matrix (λ = μ + the library default; the MLP's Hessian is
 indefinite before convergence); EK-FAC at its default; TracIn over the run's
 end-of-epoch checkpoints (η = lr); Grad-Dot; TRAK on the final weights
-(k = 256, TRAK's margin). Costs: seconds of each
+(k = 256, TRAK's margin); SOURCE (``ApproximateUnrolling``) over 1, 3 and
+``--epochs`` segments of the run, each read at its last end-of-epoch
+checkpoint, at the effective learning rate η / (1 − β) of momentum SGD, with
+EK-FAC damped by μ. Costs: seconds of each
 method's fit + scores, and the training run's own seconds for scale.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -53,7 +57,7 @@ from influence_core import (  # noqa: E402
 )
 from influence_core.evaluation import linear_datamodeling_score  # noqa: E402
 from influence_core.ihvp import DEFAULT_DAMPING  # noqa: E402
-from influence_core.unrolling import SGD, ReplayedTraining  # noqa: E402
+from influence_core.unrolling import SGD, ApproximateUnrolling, ReplayedTraining  # noqa: E402
 
 SETTINGS = {"softmax": {"lr": 0.05, "mu": 1e-2}, "mlp": {"lr": 0.05, "mu": 1e-3}}
 
@@ -81,6 +85,22 @@ def evaluate(name: str, args: argparse.Namespace) -> list[dict]:
         model.to_numpy(run.metagradient_scores(test)),
         time.perf_counter() - began,
     )
+    # SOURCE: segments of the run, each read at its last checkpoint, at the effective learning
+    # rate of momentum SGD, η / (1 − β); curvature EK-FAC with damping μ (the step's own + μI).
+    effective = lr / (1 - 0.9)
+    for segments in sorted({1, min(3, args.epochs), args.epochs}):
+        bounds = np.linspace(0, args.epochs, segments + 1).round().astype(int)
+        chosen = [checkpoints[b - 1] for b in bounds[1:]]
+        steps = [int(b - a) * steps_per_epoch for a, b in itertools.pairwise(bounds)]
+        unrolled = ApproximateUnrolling(
+            model, chosen, [effective] * segments, steps, solver=EKFACIHVP(damping=mu)
+        )
+        began = time.perf_counter()
+        scores = model.to_numpy(unrolled.fit(train).influence(test))
+        timed[f"SOURCE ({segments} segment{'s' if segments > 1 else ''}, EK-FAC)"] = (
+            scores,
+            time.perf_counter() - began,
+        )
     calculators = {
         # Gauss-Newton: the MLP's Hessian mid-training is indefinite (its smallest eigenvalue
         # was -0.19 after 2 epochs); for softmax regression the two are the same matrix.
