@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from influence_conformance.cases import build_case
-from influence_core import EKFACIHVP, KFACIHVP, FirstOrderInfluenceCalculator
+from influence_core import EKFACIHVP, KFACIHVP, ExactIHVP, FirstOrderInfluenceCalculator
 from influence_core.unrolling import ApproximateUnrolling
 
 
@@ -31,7 +31,12 @@ def dense_function(H: np.ndarray, function) -> np.ndarray:
     return (vectors * function(values)) @ vectors.T
 
 
-@pytest.mark.parametrize("solver", [EKFACIHVP, KFACIHVP])
+def exact_ggn(damping: float) -> ExactIHVP:
+    """The exact Gauss-Newton curvature (the Hessian is indefinite at the checkpoints)."""
+    return ExactIHVP(damping=damping, curvature="ggn")
+
+
+@pytest.mark.parametrize("solver", [EKFACIHVP, KFACIHVP, exact_ggn])
 def test_three_segments_equal_the_formula_written_out(solver) -> None:
     case = build_case("torch", "convnet", "float64")
     model, module = case.model, case.model.kernels.module
@@ -50,8 +55,8 @@ def test_three_segments_equal_the_formula_written_out(solver) -> None:
     for j in (2, 1, 0):
         reach = rates[j] * steps[j]
         eye = model.kernels.as_native(np.eye(d), floating=True)
-        H = model.to_numpy(calc.solvers_[j].damped_hvp(eye))
-        with model.checkpoint_loaded(checkpoints[j]):
+        with model.checkpoint_loaded(checkpoints[j]):  # the exact solver's HVPs read θ_l
+            H = model.to_numpy(calc.solvers_[j].damped_hvp(eye))
             G = model.to_numpy(model.per_sample_grads(train))  # g_l(z), (n_train, d)
         accumulated = dense_function(H, lambda s, r=reach: -np.expm1(-r * s) / s)
         decayed = dense_function(H, lambda s, r=reach: np.exp(-r * s))
@@ -63,15 +68,16 @@ def test_three_segments_equal_the_formula_written_out(solver) -> None:
     assert np.abs(wrong_order - expected).max() > 1e-3 * np.abs(expected).max()
 
 
-def test_one_long_segment_is_the_influence_function() -> None:
+@pytest.mark.parametrize("solver", [EKFACIHVP, exact_ggn])
+def test_one_long_segment_is_the_influence_function(solver) -> None:
     """η K s ≫ 1 for every eigenvalue: e^{−ηKs} = 0 and φ(s) = 1/s, the solve itself."""
     case = build_case("torch", "convnet", "float64")
     model, test = case.model, (case.X[:5], case.y[:5])
     state = {k: v.clone() for k, v in model.kernels.module.state_dict().items()}
     unrolled = ApproximateUnrolling(
-        model, [state], [1.0], [10**9], solver=EKFACIHVP(damping=1e-2)
+        model, [state], [1.0], [10**9], solver=solver(damping=1e-2)
     ).fit(case.data)
-    influence = FirstOrderInfluenceCalculator(model, EKFACIHVP(damping=1e-2)).fit(case.data)
+    influence = FirstOrderInfluenceCalculator(model, solver(damping=1e-2)).fit(case.data)
     expected = model.to_numpy(influence.influence(test))
     got = model.to_numpy(unrolled.influence(test))
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())
@@ -91,10 +97,10 @@ def test_bad_segments_are_refused_with_what_to_give() -> None:
         ApproximateUnrolling(model, [state], [0.1], [0])
     with pytest.raises(ValueError, match="learning rates must be positive"):
         ApproximateUnrolling(model, [state], [-0.1], [3])
-    with pytest.raises(TypeError, match="give an EKFACIHVP or KFACIHVP"):
-        from influence_core import ExactIHVP
+    with pytest.raises(TypeError, match="give an EKFACIHVP, KFACIHVP or ExactIHVP"):
+        from influence_core import ConjugateGradientIHVP
 
-        ApproximateUnrolling(model, [state], [0.1], [3], solver=ExactIHVP())
+        ApproximateUnrolling(model, [state], [0.1], [3], solver=ConjugateGradientIHVP())
     with pytest.raises(ValueError, match="give no query_rank"):
         ApproximateUnrolling(model, [state], [0.1], [3], solver=EKFACIHVP(query_rank=2))
     with pytest.raises(RuntimeError, match="call fit"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import NotPositiveDefiniteError
@@ -93,6 +94,31 @@ class ExactIHVP(InverseHessianVectorProduct):
             smallest = float(xp.min(xp.linalg.eigh(damped).eigenvalues)) - self.damping
             raise NotPositiveDefiniteError(smallest, self.damping)
         return lower
+
+    # -- matrix functions of the fitted curvature (approximate unrolling) ----------------
+    def layer_matrices(self, grads: Array) -> list[Array]:
+        """Gradients (b, d) as the one (d, b) block the matrix functions act on."""
+        self._check_fitted()
+        return [self.xp.matrix_transpose(grads)]
+
+    def spectral(self, matrices: list[Array], function: Callable[[Array], Array]) -> list[Array]:
+        """Q φ(s) Qᵀ V for the eigenpairs (s, Q) of H + λI (from ``eigh`` of the fitted inverse)."""
+        self._check_fitted()
+        xp = self.xp
+        if getattr(self, "_eigenpairs", None) is None or self._eigenpairs[0] is not self.inverse_:
+            pairs = xp.linalg.eigh(self.inverse_)
+            self._eigenpairs = (self.inverse_, 1.0 / pairs.eigenvalues, pairs.eigenvectors)
+        _, values, vectors = self._eigenpairs
+        transposed = xp.matrix_transpose(vectors)
+        return [
+            xp.matmul(vectors, function(values)[:, None] * xp.matmul(transposed, m))
+            for m in matrices
+        ]
+
+    def flattened(self, matrices: list[Array]) -> Array:
+        """The (d, k) block itself: what :meth:`training_side` scores meet."""
+        (block,) = matrices
+        return block
 
     def _fitted_arrays(self) -> dict[str, Array]:
         return {"inverse_": self.inverse_}

@@ -13,7 +13,8 @@ influence functions' units (removing z raises the test loss by about score / n):
     τ(z, z_test) = Σ_l ∇f(θ_T)ᵀ S_L ⋯ S_{l+1} (I − S_l) H_l⁻¹ g_l(z)
 
 H_l is the EK-FAC (or K-FAC) curvature fitted at θ_l, so every matrix function
-is elementwise in its eigenbasis: φ_l(s) = (1 − e^{−η_l K_l s}) / s and
+is elementwise in its eigenbasis (or, for a small model, the exact curvature
+and its ``eigh``): φ_l(s) = (1 − e^{−η_l K_l s}) / s and
 e^{−η_l K_l s} on the damped eigenvalues s = Λ + λ (the limit η_l K_l where
 s = 0). One segment whose η K s is large for every s is the influence
 function g_testᵀ (F̂ + λI)⁻¹ g(z) exactly; a small η K leaves the directions
@@ -29,12 +30,14 @@ unrolling's replay of every step.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
 from ..arrays import join
 from ..estimators.top_k import RunningTopK, TopK
 from ..ihvp.base import InverseHessianVectorProduct
+from ..ihvp.exact import ExactIHVP
 from ..ihvp.kfac import EKFACIHVP, KFACIHVP
 from ..measurements import resolve_measurement
 from ..model import InfluenceModel
@@ -54,8 +57,10 @@ class ApproximateUnrolling:
             :meth:`InfluenceModel.checkpoint_loaded` takes).
         learning_rates: η_l, the learning rate each segment trained at.
         steps: K_l, the optimizer steps each segment took.
-        solver: an unfitted :class:`EKFACIHVP` or :class:`KFACIHVP` whose settings
-            every segment's curvature takes (default ``EKFACIHVP()``).
+        solver: an unfitted :class:`EKFACIHVP`, :class:`KFACIHVP` or
+            :class:`~influence_core.ExactIHVP` (small models: an ``eigh`` of the
+            d × d curvature per segment) whose settings every segment's
+            curvature takes (default ``EKFACIHVP()``).
         measurement: the test-side measurement (default: the loss).
         batch_size: batch size for ``(X, y)`` arrays.
     """
@@ -84,13 +89,13 @@ class ApproximateUnrolling:
         if any(int(k) != k or int(k) < 1 for k in steps):
             raise ValueError(f"steps must be positive integers, got {steps}")
         solver = EKFACIHVP() if solver is None else solver
-        if not isinstance(solver, KFACIHVP):
+        if not isinstance(solver, KFACIHVP | ExactIHVP):
             raise TypeError(
                 "approximate unrolling applies exp(−η K H) and (1 − exp(−η K H)) H⁻¹ in the "
-                "curvature's eigenbasis: give an EKFACIHVP or KFACIHVP solver, got "
+                "curvature's eigenbasis: give an EKFACIHVP, KFACIHVP or ExactIHVP solver, got "
                 f"{type(solver).__name__}"
             )
-        if solver.query_rank is not None:
+        if getattr(solver, "query_rank", None) is not None:
             raise ValueError(
                 "approximate unrolling scores whole layer matrices: give no query_rank"
             )
@@ -118,10 +123,10 @@ class ApproximateUnrolling:
 
     def fit(self, train_data: Any) -> ApproximateUnrolling:
         """Fit each segment's curvature at its checkpoint on ``train_data``."""
-        self.solvers_: list[KFACIHVP] = []
+        self.solvers_: list[Any] = []
         for checkpoint in progress(self.checkpoints, desc="segment curvatures"):
             with self.model.checkpoint_loaded(checkpoint):
-                self.solvers_.append(self.solver.settings().fit(self.model, train_data))
+                self.solvers_.append(copy.deepcopy(self.solver).fit(self.model, train_data))
         self.train_data_ = train_data
         return self
 
