@@ -105,3 +105,17 @@ def test_bad_segments_are_refused_with_what_to_give() -> None:
         ApproximateUnrolling(model, [state], [0.1], [3], solver=EKFACIHVP(query_rank=2))
     with pytest.raises(RuntimeError, match="call fit"):
         ApproximateUnrolling(model, [state], [0.1], [3]).influence(case.data)
+
+
+def test_torch_and_tensorflow_agree_to_1e_8() -> None:
+    """The same weights in both frameworks; three segments (at the same θ, different η K)."""
+    scores = []
+    for backend in ("torch", "tensorflow"):
+        case = build_case(backend, "convnet", "float64")
+        model = case.model
+        state = model.save_state()
+        calc = ApproximateUnrolling(
+            model, [state] * 3, [0.5, 0.2, 0.1], [3, 5, 10], solver=EKFACIHVP(damping=1e-2)
+        ).fit(case.data)
+        scores.append(model.to_numpy(calc.influence((case.X[:5], case.y[:5]))))
+    np.testing.assert_allclose(scores[1], scores[0], rtol=1e-8, atol=1e-8 * np.abs(scores[0]).max())

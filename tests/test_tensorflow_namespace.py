@@ -59,9 +59,13 @@ def both(x: np.ndarray) -> tuple[tf.Tensor, object]:
 
 
 @dtypes
-@pytest.mark.parametrize("name", ["abs", "sqrt", "exp", "log", "square", "isfinite", "isnan"])
+@pytest.mark.parametrize(
+    "name", ["abs", "sqrt", "exp", "expm1", "log", "square", "isfinite", "isnan"]
+)
 def test_elementwise(dtype: str, name: str) -> None:
-    lo, hi = {"sqrt": (0, 10), "log": (0.125, 10), "exp": (-5, 5)}.get(name, (-10, 10))
+    lo, hi = {"sqrt": (0, 10), "log": (0.125, 10), "exp": (-5, 5), "expm1": (-5, 5)}.get(
+        name, (-10, 10)
+    )
 
     @given(float_arrays(dtype, lo=lo, hi=hi))
     def check(x: np.ndarray) -> None:
@@ -254,6 +258,9 @@ def test_creation(dtype: str) -> None:
     same(tfx.zeros((2, 3), dtype=d), xps.zeros((2, 3), dtype=sd), dtype)
     same(tfx.ones((4,), dtype=d), xps.ones((4,), dtype=sd), dtype)
     same(tfx.full((2, 2), 1.5, dtype=d), xps.full((2, 2), 1.5, dtype=sd), dtype)
+    base = np.arange(6.0).reshape(2, 3)
+    t, s = tfx.asarray(base, dtype=d), xps.asarray(base, dtype=sd)
+    same(tfx.full_like(t, 2.5), xps.full_like(s, 2.5), dtype)
     for k in (-1, 0, 2):
         same(tfx.eye(3, 4, k=k, dtype=d), xps.eye(3, 4, k=k, dtype=sd), dtype)
     same(tfx.arange(5), xps.arange(5))

@@ -68,6 +68,10 @@ def full(shape: Any, fill_value: Any, *, dtype: Any = None, device: Any = None) 
     return tf.fill(shape, tf.constant(fill_value, dtype=dtype))
 
 
+def full_like(x: Array, /, fill_value: Any, *, dtype: Any = None, device: Any = None) -> Array:
+    return tf.fill(tf.shape(x), tf.constant(fill_value, dtype=dtype or x.dtype))
+
+
 def zeros_like(x: Array, /, *, dtype: Any = None, device: Any = None) -> Array:
     return tf.zeros_like(x, dtype=dtype)
 
@@ -134,6 +138,10 @@ def sqrt(x: Array, /) -> Array:
 
 def exp(x: Array, /) -> Array:
     return tf.math.exp(x)
+
+
+def expm1(x: Array, /) -> Array:
+    return tf.math.expm1(x)
 
 
 def log(x: Array, /) -> Array:
