@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from sklearn.datasets import load_digits
 
 from influence_conformance.specs import Dense, ModelSpec
 from influence_core import InfluenceModel, get_registry
-from influence_core.unrolling import SGD, Adam, ReplayedTraining
+from influence_core.unrolling import SGD, Adam, AdamW, ReplayedTraining
 
 SOFTMAX = ModelSpec("softmax", (64,), (Dense(10),), "cross_entropy", "closed_form")
 MLP = ModelSpec("mlp", (64,), (Dense(8, "tanh"), Dense(10)), "cross_entropy", "finite_differences")
 OPTIMIZER = SGD(lr=0.5, momentum=0.9, weight_decay=1e-2)
 ADAM = Adam(lr=0.05, betas=(0.9, 0.99), weight_decay=1e-2)
+ADAMW = AdamW(lr=0.05, betas=(0.9, 0.99), weight_decay=0.1)
+#: SGD on a schedule: 12 steps of a cosine decay from 0.5 (one rate per step).
+SCHEDULED = SGD(lr=[0.25 * (1 + np.cos(np.pi * t / 12)) for t in range(12)], momentum=0.9)
 
 
 def data() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -75,7 +79,9 @@ def finite_differences(replay, model, indices, eps: float = 1e-5) -> np.ndarray:
 INDICES = [0, 7, 19, 33]
 
 
-@pytest.mark.parametrize("optimizer", [OPTIMIZER, ADAM], ids=["sgd", "adam"])
+@pytest.mark.parametrize(
+    "optimizer", [OPTIMIZER, ADAM, ADAMW, SCHEDULED], ids=["sgd", "adam", "adamw", "scheduled-sgd"]
+)
 @pytest.mark.parametrize("spec", [SOFTMAX, MLP], ids=lambda s: s.name)
 def test_the_metagradient_equals_finite_differences_of_the_replayed_run(spec, optimizer) -> None:
     replay, model = run(spec, "torch", optimizer)
@@ -136,7 +142,9 @@ def test_a_run_with_left_out_samples_is_differentiated_too() -> None:
         replay.metagradient_scores(test, weights=np.full(replay.n, 0.5))
 
 
-@pytest.mark.parametrize("optimizer", [OPTIMIZER, ADAM], ids=["sgd", "adam"])
+@pytest.mark.parametrize(
+    "optimizer", [OPTIMIZER, ADAM, ADAMW, SCHEDULED], ids=["sgd", "adam", "adamw", "scheduled-sgd"]
+)
 def test_torch_and_tensorflow_replay_the_same_run_to_1e_8(optimizer) -> None:
     _, test = data()
     results = {}
@@ -188,6 +196,32 @@ def test_an_adjoint_without_its_hessian_term_fails_the_finite_differences(
     assert np.abs(mutant - expected).max() > 1e-3 * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("kind", ["adamw", "scheduled-sgd"])
+def test_the_replayed_run_is_torch_s_own_loop_step_for_step(kind: str) -> None:
+    """torch.optim.AdamW, and SGD under a torch LR scheduler, on the run's batches: same θ_T."""
+    replay, model = run(MLP, "torch", ADAMW if kind == "adamw" else SCHEDULED)
+    net = model.kernels.module
+    X, y = (torch.as_tensor(a) for a in data()[0])
+    if kind == "adamw":
+        optimizer = torch.optim.AdamW(
+            net.parameters(), lr=0.05, betas=(0.9, 0.99), weight_decay=0.1
+        )
+        scheduler = None
+    else:
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=12)
+    final = model.to_numpy(replay.train())
+    for batch in replay.order:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(X[batch]), y[batch])
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    mine = model.to_numpy(model.get_parameters())
+    np.testing.assert_allclose(mine, final, rtol=1e-10, atol=1e-12)
+
+
 def test_bad_settings_are_named() -> None:
     with pytest.raises(ValueError, match="lr must be"):
         SGD(lr=0.0)
@@ -195,7 +229,13 @@ def test_bad_settings_are_named() -> None:
         SGD(lr=0.1, momentum=1.0)
     with pytest.raises(ValueError, match=r"betas\[1\] must be"):
         Adam(lr=0.1, betas=(0.9, 1.0))
-    with pytest.raises(TypeError, match="an SGD or an Adam"):
+    with pytest.raises(ValueError, match=r"lr\[1\] must be"):
+        SGD(lr=[0.1, -0.1])
+    with pytest.raises(ValueError, match="one rate per step"):
+        ReplayedTraining(
+            run(SOFTMAX, "torch")[1], data()[0], SGD(lr=[0.1] * 3), epochs=1, batch_size=10
+        )
+    with pytest.raises(TypeError, match="an SGD, Adam or AdamW"):
         ReplayedTraining(run(SOFTMAX, "torch")[1], data()[0], "sgd", epochs=1, batch_size=10)
     replay, model = run(SOFTMAX, "torch")
     with pytest.raises(TypeError, match=r"\(X, y\) arrays"):
@@ -340,3 +380,21 @@ def test_gradient_products_fall_back_to_per_sample_gradients_and_name_non_finite
     assert model._forward_products is False  # asked once, then the fallback directly
     with pytest.raises(NonFiniteGradientError, match=r"\b3\b"):
         model.per_sample_grad_products(broken, torch.as_tensor(V))
+
+
+def test_an_adamw_adjoint_that_forgets_the_decoupled_decay_fails_the_finite_differences(
+    monkeypatch,
+) -> None:
+    """The mutant: θ̄_t = θ̄_{t+1} (the (1 − η μ) factor of AdamW's step dropped)."""
+    replay, model = run(MLP, "torch", ADAMW)
+    _, test = data()
+    expected = finite_differences(replay, model, INDICES)
+    original = AdamW.adjoint
+
+    def forgetful(self, xp, theta, state, g, t, theta_bar, bars):
+        g_bar, _, new_bars = original(self, xp, theta, state, g, t, theta_bar, bars)
+        return g_bar, theta_bar, new_bars
+
+    monkeypatch.setattr(AdamW, "adjoint", forgetful)
+    mutant = model.to_numpy(replay.metagradient_scores(test))[:, INDICES]
+    assert np.abs(mutant - expected).max() > 1e-3 * np.abs(expected).max()

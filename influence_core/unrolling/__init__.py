@@ -7,8 +7,8 @@ with respect to each training sample's weight, in any framework.
 segments of training, one EK-FAC curvature each, at a few first-order passes' cost.
 """
 
-from .optimizers import SGD, Adam, Optimizer
+from .optimizers import SGD, Adam, AdamW, Optimizer
 from .replay import ReplayedTraining
 from .segments import ApproximateUnrolling
 
-__all__ = ["SGD", "Adam", "ApproximateUnrolling", "Optimizer", "ReplayedTraining"]
+__all__ = ["SGD", "Adam", "AdamW", "ApproximateUnrolling", "Optimizer", "ReplayedTraining"]

@@ -11,18 +11,23 @@ once over the array namespace ``xp``:
   block of q adjoints (each d × q). The caller adds the path through g_t:
   θ̄_t += H_t ḡ_t, and wᵢ's adjoint ⟨∇ℓ(zᵢ, θ_t), ḡ_t⟩/|B_t|.
 
-Conventions are PyTorch's (``torch.optim.SGD``, ``torch.optim.Adam``, L2
-weight decay added to the gradient), so a run written with either matches
-the user's own loop step for step.
+Conventions are PyTorch's (``torch.optim.SGD``, ``torch.optim.Adam`` with L2
+weight decay added to the gradient, ``torch.optim.AdamW`` with decoupled
+decay), so a run written with any of them matches the user's own loop step
+for step. A learning-rate schedule is the sequence of each step's rate
+(``lr=[η_0, η_1, …]``, one per step, e.g. read off the user's
+``torch.optim.lr_scheduler`` as ``scheduler.get_last_lr()[0]`` after each
+step); a number is a constant rate.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SGD", "Adam", "Optimizer"]
+__all__ = ["SGD", "Adam", "AdamW", "Optimizer"]
 
 Array = Any
 
@@ -32,6 +37,31 @@ def _check(name: str, value: float, low: float, high: float, *, open_low: bool =
     if not ok:
         bound = f"({low}, {high})" if open_low else f"[{low}, {high})"
         raise ValueError(f"{name} must be in {bound}, got {value!r}")
+
+
+def _rates(value: float | Sequence[float]) -> float | tuple[float, ...]:
+    """A constant rate, or a schedule (one rate per step) as a tuple; each must be > 0."""
+    if isinstance(value, int | float):
+        _check("lr", float(value), 0.0, math.inf, open_low=True)
+        return float(value)
+    rates = tuple(float(r) for r in value)
+    if not rates:
+        raise ValueError("lr must be a positive number or one positive rate per step, got []")
+    for t, rate in enumerate(rates):
+        _check(f"lr[{t}]", rate, 0.0, math.inf, open_low=True)
+    return rates
+
+
+def _rate_at(lr: float | tuple[float, ...], t: int) -> float:
+    """η_t: the constant rate, or step t's rate of the schedule (which must cover step t)."""
+    if isinstance(lr, float):
+        return lr
+    if t >= len(lr):
+        raise ValueError(
+            f"the learning-rate schedule has {len(lr)} rates but the run takes step {t + 1}: "
+            "give one rate per step of the run (epochs × batches per epoch)"
+        )
+    return lr[t]
 
 
 def _column(xp: Any, vector: Array) -> Array:
@@ -45,12 +75,12 @@ class SGD:
     m_{t+1} = β m_t + g_t + μ θ_t;  θ_{t+1} = θ_t − η m_{t+1};  m_0 = 0.
     """
 
-    lr: float
+    lr: float | Sequence[float]
     momentum: float = 0.0
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        _check("lr", self.lr, 0.0, math.inf, open_low=True)
+        object.__setattr__(self, "lr", _rates(self.lr))
         _check("momentum", self.momentum, 0.0, 1.0)
         _check("weight_decay", self.weight_decay, 0.0, math.inf)
 
@@ -61,12 +91,12 @@ class SGD:
         velocity = self.momentum * state[0] + g
         if self.weight_decay:
             velocity = velocity + self.weight_decay * theta
-        return theta - self.lr * velocity, (velocity,)
+        return theta - _rate_at(self.lr, t) * velocity, (velocity,)
 
     def adjoint(
         self, xp: Any, theta: Array, state: tuple, g: Array, t: int, theta_bar: Array, bars: tuple
     ) -> tuple[Array, Array, tuple]:
-        velocity_bar = bars[0] - self.lr * theta_bar  # the adjoint of m_{t+1}
+        velocity_bar = bars[0] - _rate_at(self.lr, t) * theta_bar  # the adjoint of m_{t+1}
         direct = theta_bar + self.weight_decay * velocity_bar if self.weight_decay else theta_bar
         return velocity_bar, direct, (self.momentum * velocity_bar,)
 
@@ -82,13 +112,16 @@ class Adam:
     coordinate's v' is exactly 0, so is its m', and its derivative is taken as 0).
     """
 
-    lr: float
+    lr: float | Sequence[float]
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
 
+    #: L2 decay added to the gradient (Adam); AdamW decays θ apart from it.
+    decoupled = False
+
     def __post_init__(self) -> None:
-        _check("lr", self.lr, 0.0, math.inf, open_low=True)
+        object.__setattr__(self, "lr", _rates(self.lr))
         _check("betas[0]", self.betas[0], 0.0, 1.0)
         _check("betas[1]", self.betas[1], 0.0, 1.0)
         _check("eps", self.eps, 0.0, math.inf, open_low=True)
@@ -99,13 +132,17 @@ class Adam:
 
     def _moments(self, theta: Array, state: tuple, g: Array) -> tuple[Array, Array, Array]:
         b1, b2 = self.betas
-        decayed = g + self.weight_decay * theta if self.weight_decay else g
+        coupled = self.weight_decay and not self.decoupled
+        decayed = g + self.weight_decay * theta if coupled else g
         return decayed, b1 * state[0] + (1 - b1) * decayed, b2 * state[1] + (1 - b2) * decayed**2
 
     def step(self, xp: Any, theta: Array, state: tuple, g: Array, t: int) -> tuple[Array, tuple]:
         _, m, v = self._moments(theta, state, g)
         c1, c2 = 1 - self.betas[0] ** (t + 1), 1 - self.betas[1] ** (t + 1)
-        return theta - self.lr * (m / c1) / (xp.sqrt(v / c2) + self.eps), (m, v)
+        lr = _rate_at(self.lr, t)
+        if self.decoupled and self.weight_decay:
+            theta = theta * (1 - lr * self.weight_decay)
+        return theta - lr * (m / c1) / (xp.sqrt(v / c2) + self.eps), (m, v)
 
     def adjoint(
         self, xp: Any, theta: Array, state: tuple, g: Array, t: int, theta_bar: Array, bars: tuple
@@ -115,19 +152,37 @@ class Adam:
         c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
         root = xp.sqrt(v / c2)
         denominator = root + self.eps
-        m_bar = bars[0] - theta_bar * _column(xp, self.lr / c1 / denominator)
+        lr = _rate_at(self.lr, t)
+        m_bar = bars[0] - theta_bar * _column(xp, lr / c1 / denominator)
         # ∂θ_{t+1}/∂v' = η (m'/c₁) / (√(v'/c₂) + ε)² · 1 / (2 c₂ √(v'/c₂))
         positive = root > 0
         safe = xp.where(positive, root, xp.ones_like(root))
         slope = xp.where(
             positive,
-            self.lr * (m / c1) / (denominator**2 * 2 * c2 * safe),
+            lr * (m / c1) / (denominator**2 * 2 * c2 * safe),
             xp.zeros_like(root),
         )
         v_bar = bars[1] + theta_bar * _column(xp, slope)
         g_bar = (1 - b1) * m_bar + 2 * (1 - b2) * _column(xp, decayed) * v_bar
-        direct = theta_bar + self.weight_decay * g_bar if self.weight_decay else theta_bar
+        if not self.weight_decay:
+            direct = theta_bar
+        elif self.decoupled:  # θ_{t+1} = (1 − η μ) θ_t − …
+            direct = (1 - lr * self.weight_decay) * theta_bar
+        else:  # ĝ = g + μ θ
+            direct = theta_bar + self.weight_decay * g_bar
         return g_bar, direct, (b1 * m_bar, b2 * v_bar)
+
+
+@dataclass(frozen=True)
+class AdamW(Adam):
+    """Adam with decoupled weight decay μ (``torch.optim.AdamW``, amsgrad off).
+
+    θ' = (1 − η μ) θ_t, then Adam's step from θ' on the plain g_t:
+    θ_{t+1} = θ' − η (m'/c₁) / (√(v'/c₂) + ε). torch's default μ is 0.01.
+    """
+
+    weight_decay: float = 0.01
+    decoupled = True
 
 
 #: What :class:`~influence_core.unrolling.ReplayedTraining` takes.

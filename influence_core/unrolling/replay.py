@@ -82,7 +82,9 @@ class ReplayedTraining:
         model: the :class:`~influence_core.InfluenceModel`; its current θ is
             the run's initialisation θ₀ (copied now; the model is never changed).
         train_data: ``(X, y)`` arrays (NumPy or native): the run indexes samples.
-        optimizer: :class:`~influence_core.unrolling.SGD` or :class:`~influence_core.unrolling.Adam`.
+        optimizer: :class:`~influence_core.unrolling.SGD`, :class:`~influence_core.unrolling.Adam`
+            or :class:`~influence_core.unrolling.AdamW`, with a constant rate or a
+            schedule (one rate per step).
         epochs: passes over the training data.
         batch_size: samples per step (the last batch of an epoch may be smaller).
         seed: the batch order, drawn once from ``numpy.random.default_rng(seed)``
@@ -115,7 +117,9 @@ class ReplayedTraining:
         measurement: Any = None,
     ) -> None:
         if not isinstance(optimizer, (SGD, Adam)):
-            raise TypeError(f"optimizer must be an SGD or an Adam, got {type(optimizer).__name__}")
+            raise TypeError(
+                f"optimizer must be an SGD, Adam or AdamW, got {type(optimizer).__name__}"
+            )
         if not is_array_pair(train_data):
             raise TypeError(
                 "ReplayedTraining indexes samples: pass the training data as (X, y) arrays "
@@ -132,6 +136,12 @@ class ReplayedTraining:
             for start in range(0, self.n, batch_size)
         ]
         self.steps = len(self.order)
+        if isinstance(optimizer.lr, tuple) and len(optimizer.lr) < self.steps:
+            raise ValueError(
+                f"the learning-rate schedule has {len(optimizer.lr)} rates but the run takes "
+                f"{self.steps} steps ({epochs} epochs of {-(-self.n // batch_size)} batches): "
+                "give one rate per step"
+            )
         self.checkpoint_every = checkpoint_every or max(1, math.isqrt(self.steps - 1) + 1)
         self.initial = model.get_parameters()
         self.measurement = resolve_measurement(measurement)
