@@ -167,3 +167,25 @@ def test_a_replayed_run_s_metagradients_agree_across_the_installed_frameworks(op
             np.testing.assert_allclose(
                 got, expected, rtol=1e-8, atol=1e-12 * np.abs(expected).max()
             )
+
+
+def test_approximate_unrolling_agrees_across_the_installed_frameworks() -> None:
+    """SOURCE's segments (EK-FAC spectral functions, propagation) on the same weights."""
+    from influence_core import EKFACIHVP
+    from influence_core.unrolling import ApproximateUnrolling
+
+    if len(BACKENDS) < 2:
+        pytest.skip(f"needs two installed backends, found {BACKENDS}")
+    results = {}
+    for backend in BACKENDS:
+        case = build_case(backend, "convnet", "float64")
+        state = case.model.save_state()
+        calc = ApproximateUnrolling(
+            case.model, [state] * 3, [0.5, 0.2, 0.1], [3, 5, 10], solver=EKFACIHVP(damping=1e-2)
+        ).fit(case.data)
+        results[backend] = case.model.to_numpy(calc.influence((case.X[:4], case.y[:4])))
+    reference = results[BACKENDS[0]]
+    for backend in BACKENDS[1:]:
+        np.testing.assert_allclose(
+            results[backend], reference, rtol=1e-8, atol=1e-8 * np.abs(reference).max()
+        )
