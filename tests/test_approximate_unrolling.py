@@ -66,6 +66,10 @@ def test_three_segments_equal_the_formula_written_out(solver) -> None:
         wrong_order = wrong_order + (G @ accumulated @ u_wrong).T
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-10 * np.abs(expected).max())
     assert np.abs(wrong_order - expected).max() > 1e-3 * np.abs(expected).max()
+    # Self-influence: each training point's own loss as the test, the diagonal of the matrix.
+    whole = model.to_numpy(calc.influence(train))
+    own = model.to_numpy(calc.self_influence())
+    np.testing.assert_allclose(own, np.diag(whole), rtol=1e-9, atol=1e-10 * np.abs(whole).max())
 
 
 @pytest.mark.parametrize("solver", [EKFACIHVP, exact_ggn])

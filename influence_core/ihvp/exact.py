@@ -97,12 +97,13 @@ class ExactIHVP(InverseHessianVectorProduct):
 
     # -- matrix functions of the fitted curvature (approximate unrolling) ----------------
     def layer_matrices(self, grads: Array) -> list[Array]:
-        """Gradients (b, d) as the one (d, b) block the matrix functions act on."""
+        """Gradients (k, d) as the one block the matrix functions act on (k leading, as K-FAC's)."""
         self._check_fitted()
-        return [self.xp.matrix_transpose(grads)]
+        return [grads]
 
     def spectral(self, matrices: list[Array], function: Callable[[Array], Array]) -> list[Array]:
-        """Q φ(s) Qᵀ V for the eigenpairs (s, Q) of H + λI (from ``eigh`` of the fitted inverse)."""
+        """V ↦ Q φ(s) Qᵀ V for the eigenpairs (s, Q) of H + λI (``eigh`` of the fitted inverse),
+        for each (k, d) block V (rows are vectors)."""
         self._check_fitted()
         xp = self.xp
         if getattr(self, "_eigenpairs", None) is None or self._eigenpairs[0] is not self.inverse_:
@@ -110,15 +111,12 @@ class ExactIHVP(InverseHessianVectorProduct):
             self._eigenpairs = (self.inverse_, 1.0 / pairs.eigenvalues, pairs.eigenvectors)
         _, values, vectors = self._eigenpairs
         transposed = xp.matrix_transpose(vectors)
-        return [
-            xp.matmul(vectors, function(values)[:, None] * xp.matmul(transposed, m))
-            for m in matrices
-        ]
+        return [xp.matmul(xp.matmul(m, vectors) * function(values), transposed) for m in matrices]
 
     def flattened(self, matrices: list[Array]) -> Array:
-        """The (d, k) block itself: what :meth:`training_side` scores meet."""
+        """The (d, k) block: what :meth:`training_side` scores meet."""
         (block,) = matrices
-        return block
+        return self.xp.matrix_transpose(block)
 
     def _fitted_arrays(self) -> dict[str, Array]:
         return {"inverse_": self.inverse_}

@@ -39,7 +39,7 @@ from ..estimators.top_k import RunningTopK, TopK
 from ..ihvp.base import InverseHessianVectorProduct
 from ..ihvp.exact import ExactIHVP
 from ..ihvp.kfac import EKFACIHVP, KFACIHVP
-from ..measurements import resolve_measurement
+from ..measurements import LOSS, resolve_measurement
 from ..model import InfluenceModel
 from ..progress import progress
 
@@ -166,6 +166,38 @@ class ApproximateUnrolling:
             if j > 0:
                 vectors = solver.spectral(vectors, _decayed(xp, reach))
         return total
+
+    def self_influence(self, train_data: Any = None) -> Array:
+        """τ(z, z) for every training point, its own loss at θ_T as the test: shape (n_train,).
+
+        Each training batch is its own test block: its gradients at θ_T are
+        propagated through the segments (a (b, p, o) block per layer) and met
+        by its gradients at each checkpoint, so every checkpoint is loaded once
+        per batch (cheap for in-memory states; a file checkpoint is read each
+        time). Equal to the diagonal of ``influence(train, train)``.
+        """
+        self._check_fitted()
+        xp, model = self.model.xp, self.model
+        train = self.train_data_ if train_data is None else train_data
+        last = self.solvers_[-1]
+        parts = []
+        for batch in progress(model.batches(train, self.batch_size), desc="self-influence"):
+            vectors = last.layer_matrices(last.test_gradients(model, batch, LOSS))
+            total = None
+            for j in range(len(self.solvers_) - 1, -1, -1):
+                solver, reach = self.solvers_[j], self.learning_rates[j] * self.steps[j]
+                solved = solver.spectral(vectors, _accumulated(xp, reach))
+                with model.checkpoint_loaded(self.checkpoints[j]):
+                    own = solver.layer_matrices(solver.test_gradients(model, batch, LOSS))
+                part = sum(
+                    xp.sum(xp.reshape(g * v, (batch.size, -1)), axis=1)
+                    for g, v in zip(own, solved, strict=True)
+                )
+                total = part if total is None else total + part
+                if j > 0:
+                    vectors = solver.spectral(vectors, _decayed(xp, reach))
+            parts.append(total)
+        return join(xp, parts)
 
     def top_k(self, test_data: Any, train_data: Any = None, k: int = 5) -> TopK:
         """The k strongest proponents and opponents of each test point (the record every
