@@ -56,3 +56,13 @@ def seeded(n_train: int, n_test: int) -> tuple[Transformer, tuple, tuple]:
     ids = torch.randint(0, VOCAB, (n_train + n_test, T))
     y = torch.randint(0, 10, (n_train + n_test,))
     return net, (ids[n_test:], y[n_test:]), (ids[:n_test], y[:n_test])
+
+
+def from_setup(setup) -> Transformer:
+    """The model (eval mode) whose state a benchmark wrote as ``state.<name>`` arrays."""
+    model = Transformer().eval()
+    prefix = "state."
+    model.load_state_dict(
+        {k[len(prefix) :]: torch.from_numpy(setup[k]) for k in setup if k.startswith(prefix)}
+    )
+    return model

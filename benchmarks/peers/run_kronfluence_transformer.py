@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from run_kronfluence_spec import run_and_save  # the same task and calls: empirical Fisher
-from transformer_model import Transformer
+from transformer_model import from_setup
 
 BATCH, DAMPING = 32, 1e-3
 
@@ -32,11 +32,7 @@ BATCH, DAMPING = 32, 1e-3
 def main(setup_path: str, out_path: str) -> None:
     torch.set_num_threads(2)
     setup = np.load(setup_path)
-    model = Transformer().eval()
-    state = {
-        k[len("state.") :]: torch.from_numpy(setup[k]) for k in setup if k.startswith("state.")
-    }
-    model.load_state_dict(state)
+    model = from_setup(setup)
     train = torch.utils.data.TensorDataset(
         torch.from_numpy(setup["train_ids"]), torch.from_numpy(setup["train_y"])
     )

@@ -108,6 +108,11 @@ def main(spec_name: str, setup_path: str, out_path: str, matrices_path: str | No
         int(setup["batch_size"]),
         projector,
     )
+    save_result(out_path, scores, featurise, score)
+
+
+def save_result(out_path: str, scores: np.ndarray, featurise: float, score: float) -> None:
+    """The scores, the seconds of featurising and scoring, and this process's peak RSS (GB)."""
     np.savez(
         out_path,
         scores=scores,

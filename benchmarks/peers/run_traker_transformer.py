@@ -13,7 +13,6 @@ scores, the seconds of featurising and of scoring, and the peak RSS.
 
 from __future__ import annotations
 
-import resource
 import sys
 from pathlib import Path
 
@@ -22,18 +21,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from run_traker_spec import trak_scores  # the same TRAKer calls as the spec models
-from transformer_model import Transformer
+from run_traker_spec import save_result, trak_scores  # the same TRAKer calls as the specs
+from transformer_model import from_setup
 
 
 def main(setup_path: str, out_path: str) -> None:
     torch.set_num_threads(2)
     setup = np.load(setup_path)
-    model = Transformer().eval()
-    state = {
-        k[len("state.") :]: torch.from_numpy(setup[k]) for k in setup if k.startswith("state.")
-    }
-    model.load_state_dict(state)
+    model = from_setup(setup)
     scores, featurise, score = trak_scores(
         model,
         [model.state_dict()],
@@ -44,12 +39,7 @@ def main(setup_path: str, out_path: str) -> None:
         int(setup["k"]),
         int(setup["batch_size"]),
     )
-    np.savez(
-        out_path,
-        scores=scores,
-        seconds=np.array([featurise, score]),
-        rss_gb=np.array(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20),
-    )
+    save_result(out_path, scores, featurise, score)
 
 
 if __name__ == "__main__":
