@@ -112,3 +112,25 @@ def test_a_large_layer_takes_the_randomized_range_finder_near_the_optimum() -> N
     _, optimal = truncated(host, 3)
     # Within 0.5 % of the optimum here; without the power iterations it is 3 % off.
     assert np.all(actual <= optimal * 1.005 + 1e-12), actual / optimal
+
+
+def test_the_recorded_truncation_is_the_worst_over_every_test_batch() -> None:
+    """Seven test points in batches of three: the record is not the last batch's alone."""
+    case = build_case("torch", "convnet", "float64")
+    model, test = case.model, (case.X[:7], case.y[:7])
+    whole = FirstOrderInfluenceCalculator(model, EKFACIHVP(seed=1), batch_size=3).fit(case.data)
+    low = FirstOrderInfluenceCalculator(model, EKFACIHVP(seed=1, query_rank=1), batch_size=3).fit(
+        case.data
+    )
+    low.influence(test)
+    P = model.to_numpy(whole.prepare_test(test))
+    sizes = [block.rows * block.layer.outputs for block in whole.ihvp.blocks_]
+    expected = []
+    for block, r, start in zip(
+        whole.ihvp.blocks_, low.ihvp.query_ranks(), np.cumsum([0, *sizes]), strict=False
+    ):
+        layer = P[start : start + block.rows * block.layer.outputs].T.reshape(
+            7, block.rows, block.layer.outputs
+        )
+        expected.append(0.0 if r is None else float(truncated(layer, r)[1].max()))
+    np.testing.assert_allclose(low.ihvp.query_truncation_, expected, rtol=1e-9, atol=1e-12)

@@ -34,8 +34,8 @@ P_r = L R (on the host in float64: the exact truncated SVD for a small layer,
 a seeded randomized range finder with power iterations for a large one, see
 :func:`_low_rank`), r (p + o) numbers instead of p o, and a training sample
 scores as Σ_t (ã_t L)·(R g_t) without forming P. Its error is recorded exactly:
-‖P − P_r‖_F / ‖P‖_F, per layer (worst test point) in ``query_truncation_`` on
-every :meth:`test_side` (for the SVD, (Σ_{j>r} σ_j² / Σ_j σ_j²)^{1/2}, the
+‖P − P_r‖_F / ‖P‖_F, per layer in ``query_truncation_``: the worst over every
+test point solved since the fit, whatever the batches (for the SVD, (Σ_{j>r} σ_j² / Σ_j σ_j²)^{1/2}, the
 optimum); the score error of layer l is at most ‖G_train,l‖_F ‖P_l − P_r,l‖_F
 (Cauchy–Schwarz). A layer where r (p + o) ≥ p o keeps P whole. Self-influence
 does not use it. It saves scoring time on dense layers (T = 1); on a
@@ -182,6 +182,7 @@ class KFACIHVP(InverseHessianVectorProduct):
         return type(self)(**self.get_params())
 
     def _fit(self, model: InfluenceModel, data: Any) -> None:
+        self.query_truncation_: list[float] | None = None
         blocks = covering_layers(model)
         self.blocks_: list[LayerBlock] = blocks
         # Σ ã ãᵀ and Σ g gᵀ per layer: in this process, or summed over shards (influence_core.sums).
@@ -485,8 +486,13 @@ class KFACIHVP(InverseHessianVectorProduct):
                 size = int(block.shape[1])
                 out[row : row + size, column : column + k] = xp.matrix_transpose(block)
                 row += size
-        if self.query_rank is not None:
-            self.query_truncation_ = truncation
+        if self.query_rank is not None:  # the worst over every test batch solved since the fit
+            seen = getattr(self, "query_truncation_", None)
+            self.query_truncation_ = (
+                truncation
+                if seen is None
+                else [max(a, b) for a, b in zip(seen, truncation, strict=True)]
+            )
         if out is not None:
             return out
         return xp.matrix_transpose(xp.concat(pieces, axis=1))
