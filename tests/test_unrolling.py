@@ -10,6 +10,8 @@ mutant) must fail the same check.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import torch
@@ -398,3 +400,65 @@ def test_an_adamw_adjoint_that_forgets_the_decoupled_decay_fails_the_finite_diff
     monkeypatch.setattr(AdamW, "adjoint", forgetful)
     mutant = model.to_numpy(replay.metagradient_scores(test))[:, INDICES]
     assert np.abs(mutant - expected).max() > 1e-3 * np.abs(expected).max()
+
+
+@dataclass(frozen=True)
+class Nesterov:
+    """A user's own rule: SGD with Nesterov momentum (torch's nesterov=True), its adjoint by hand.
+
+    d = g + μθ;  m' = β m + d;  θ' = θ − η (d + β m').
+    """
+
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    broken: bool = False  # the mutant: the momentum path of the adjoint dropped
+
+    def init(self, xp, theta):
+        return (xp.zeros_like(theta),)
+
+    def step(self, xp, theta, state, g, t):
+        d = g + self.weight_decay * theta
+        m = self.momentum * state[0] + d
+        return theta - self.lr * (d + self.momentum * m), (m,)
+
+    def adjoint(self, xp, theta, state, g, t, theta_bar, bars):
+        u_bar = -self.lr * theta_bar
+        m_bar = (0 * bars[0] if self.broken else bars[0]) + self.momentum * u_bar
+        d_bar = u_bar + m_bar
+        return d_bar, theta_bar + self.weight_decay * d_bar, (self.momentum * m_bar,)
+
+
+def test_a_users_own_update_rule_is_differentiated_with_its_adjoint() -> None:
+    """A hand-written rule with its adjoint matches the finite differences; a broken one does not."""
+    replay, model = run(MLP, "torch", Nesterov(lr=0.3, weight_decay=1e-2))
+    _, test = data()
+    expected = finite_differences(replay, model, INDICES)
+    scores = model.to_numpy(replay.metagradient_scores(test))[:, INDICES]
+    np.testing.assert_allclose(scores, expected, rtol=1e-6, atol=1e-9)
+    assert replay.settings()["optimizer"]["kind"] == "Nesterov"
+    broken, model = run(MLP, "torch", Nesterov(lr=0.3, weight_decay=1e-2, broken=True))
+    mutant = model.to_numpy(broken.metagradient_scores(test))[:, INDICES]
+    assert np.abs(mutant - expected).max() > 1e-3 * np.abs(expected).max()
+
+
+def test_a_rule_without_an_adjoint_or_settings_is_refused_naming_what_it_lacks() -> None:
+    class NoAdjoint:
+        lr = 0.1
+
+        def init(self, xp, theta):
+            return ()
+
+        def step(self, xp, theta, state, g, t):
+            return theta - self.lr * g, ()
+
+    model = run(SOFTMAX, "torch")[1]
+    with pytest.raises(TypeError, match="lacks adjoint"):
+        ReplayedTraining(model, data()[0], NoAdjoint(), epochs=1, batch_size=10)
+
+    class NoSettings(NoAdjoint):
+        def adjoint(self, xp, theta, state, g, t, theta_bar, bars):
+            return -self.lr * theta_bar, theta_bar, ()
+
+    with pytest.raises(TypeError, match="get_params"):
+        ReplayedTraining(model, data()[0], NoSettings(), epochs=1, batch_size=10)

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, is_dataclass
+from typing import Any, Protocol
 
-__all__ = ["SGD", "Adam", "AdamW", "Optimizer"]
+__all__ = ["SGD", "Adam", "AdamW", "Optimizer", "check_optimizer", "optimizer_settings"]
 
 Array = Any
 
@@ -185,5 +185,48 @@ class AdamW(Adam):
     decoupled = True
 
 
-#: What :class:`~influence_core.unrolling.ReplayedTraining` takes.
-Optimizer = SGD | Adam
+class Optimizer(Protocol):
+    """What :class:`~influence_core.unrolling.ReplayedTraining` takes: SGD, Adam, AdamW, or a
+    user's own update rule written over the namespace with its adjoint (see the module).
+
+    ``lr`` is a number or one rate per step. A rule that is not a dataclass gives its settings
+    (JSON values, for the run's fingerprint) from ``get_params()``. Check a hand-written
+    adjoint against finite differences of the replayed run before trusting its scores
+    (``tests/test_unrolling.py`` shows how).
+    """
+
+    lr: Any
+
+    def init(self, xp: Any, theta: Array) -> tuple[Array, ...]: ...
+
+    def step(
+        self, xp: Any, theta: Array, state: tuple, g: Array, t: int
+    ) -> tuple[Array, tuple]: ...
+
+    def adjoint(
+        self, xp: Any, theta: Array, state: tuple, g: Array, t: int, theta_bar: Array, bars: tuple
+    ) -> tuple[Array, Array, tuple]: ...
+
+
+def optimizer_settings(optimizer: Any) -> dict[str, Any]:
+    """An optimizer's settings as JSON values: a dataclass's fields, or ``get_params()``."""
+    if is_dataclass(optimizer):
+        return {"kind": type(optimizer).__name__, **asdict(optimizer)}
+    getter = getattr(optimizer, "get_params", None)
+    if getter is None:
+        raise TypeError(
+            f"{type(optimizer).__name__} is neither a dataclass nor has get_params(): the run's "
+            "fingerprint needs its settings (make it a frozen dataclass, or add get_params())"
+        )
+    return {"kind": type(optimizer).__name__, **getter()}
+
+
+def check_optimizer(optimizer: Any) -> None:
+    """Refuse an object without ``init``, ``step`` and ``adjoint``, naming what is missing."""
+    missing = [m for m in ("init", "step", "adjoint") if not callable(getattr(optimizer, m, None))]
+    if missing or not hasattr(optimizer, "lr"):
+        raise TypeError(
+            f"optimizer must be an SGD, Adam or AdamW, or an update rule with lr, init, step and "
+            f"adjoint (influence_core.unrolling.Optimizer); {type(optimizer).__name__} lacks "
+            f"{', '.join(missing + ([] if hasattr(optimizer, 'lr') else ['lr']))}"
+        )

@@ -51,7 +51,6 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +64,7 @@ from ..io import METADATA, load_result, save_result
 from ..measurements import LOSS, Measurement, resolve_measurement
 from ..model import InfluenceModel
 from ..progress import progress
-from .optimizers import SGD, Adam, Optimizer
+from .optimizers import Optimizer, check_optimizer, optimizer_settings
 
 __all__ = ["ReplayedTraining"]
 
@@ -116,10 +115,8 @@ class ReplayedTraining:
         checkpoint_every: int | None = None,
         measurement: Any = None,
     ) -> None:
-        if not isinstance(optimizer, (SGD, Adam)):
-            raise TypeError(
-                f"optimizer must be an SGD, Adam or AdamW, got {type(optimizer).__name__}"
-            )
+        check_optimizer(optimizer)
+        optimizer_settings(optimizer)  # the fingerprint needs them: refused now, not at a save
         if not is_array_pair(train_data):
             raise TypeError(
                 "ReplayedTraining indexes samples: pass the training data as (X, y) arrays "
@@ -136,7 +133,7 @@ class ReplayedTraining:
             for start in range(0, self.n, batch_size)
         ]
         self.steps = len(self.order)
-        if isinstance(optimizer.lr, tuple) and len(optimizer.lr) < self.steps:
+        if isinstance(optimizer.lr, tuple | list) and len(optimizer.lr) < self.steps:
             raise ValueError(
                 f"the learning-rate schedule has {len(optimizer.lr)} rates but the run takes "
                 f"{self.steps} steps ({epochs} epochs of {-(-self.n // batch_size)} batches): "
@@ -235,7 +232,7 @@ class ReplayedTraining:
         w = self._weights(weights)
         order = np.concatenate(self.order).astype(np.int64)
         return {
-            "optimizer": {"kind": type(self.optimizer).__name__, **asdict(self.optimizer)},
+            "optimizer": optimizer_settings(self.optimizer),
             "steps": self.steps,
             "batch_sizes": sorted({int(b.size) for b in self.order}),
             "order_sha256": hashlib.sha256(order.tobytes()).hexdigest(),
