@@ -22,6 +22,9 @@ In Keras (``from influence_tensorflow.capture import TracInCallback``),
 ``model.fit(..., callbacks=[TracInCallback(capture)])``
 calls it after every batch with the optimizer's current learning rate.
 
+The same capture feeds approximate unrolling (SOURCE): ``capture.approximate_unrolling()``
+makes each kept checkpoint a segment of the steps since the one before.
+
 Cost: a host copy of the weights every ``every`` steps, and their memory
 (one copy of the weights per kept checkpoint).
 """
@@ -36,6 +39,7 @@ import numpy as np
 from .estimators.tracin import TracIn
 from .model import InfluenceModel
 from .tree import tree_map
+from .unrolling.segments import ApproximateUnrolling
 
 __all__ = ["CheckpointCapture"]
 
@@ -97,3 +101,21 @@ class CheckpointCapture:
                 f"{self.every}; call after_step(lr) after each optimizer step"
             )
         return TracIn(self.model, self.checkpoints, self.learning_rates, **options)
+
+    def approximate_unrolling(self, **options: Any) -> ApproximateUnrolling:
+        """SOURCE over the kept checkpoints (unfitted): each one a segment of the steps since
+        the previous, at its rate (:class:`~influence_core.unrolling.ApproximateUnrolling`).
+
+        ``options`` go to it (``solver``, ``measurement``, ``batch_size``). For momentum
+        SGD, divide the rates by (1 − β) first (SOURCE's effective rate); this records
+        the optimizer's own.
+        """
+        if not self.checkpoints:
+            raise ValueError(
+                f"no checkpoint kept yet: {self.steps} step(s) recorded, one is kept every "
+                f"{self.every}; call after_step(lr) after each optimizer step"
+            )
+        steps = [b - a for a, b in zip([0, *self.at_steps[:-1]], self.at_steps, strict=True)]
+        return ApproximateUnrolling(
+            self.model, self.checkpoints, self.learning_rates, steps, **options
+        )

@@ -50,6 +50,17 @@ def test_a_torch_loop_captures_what_tracin_saved_by_hand_reads() -> None:
     expected = model.to_numpy(TracIn(model, by_hand, rates).fit(train).influence(test))
     np.testing.assert_array_equal(captured, expected)
     assert np.abs(expected).max() > 0
+    # The same capture as SOURCE's segments: 4 steps each, at the kept rates.
+    from influence_core import EKFACIHVP
+    from influence_core.unrolling import ApproximateUnrolling
+
+    solver = EKFACIHVP(damping=1e-2)
+    unrolled = capture.approximate_unrolling(solver=solver)
+    assert unrolled.steps == [4, 4, 4] and unrolled.learning_rates == rates
+    captured = model.to_numpy(unrolled.fit(train).influence(test))
+    by_hand_unrolled = ApproximateUnrolling(model, by_hand, rates, [4, 4, 4], solver=solver)
+    expected = model.to_numpy(by_hand_unrolled.fit(train).influence(test))
+    np.testing.assert_array_equal(captured, expected)
 
 
 def test_a_keras_fit_captures_what_tracin_saved_by_hand_reads() -> None:
