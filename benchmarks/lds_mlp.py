@@ -148,6 +148,11 @@ def main() -> None:
     parser.add_argument("--subsets", type=int, default=64)
     parser.add_argument("--no-kronfluence", action="store_true")
     parser.add_argument(
+        "--ekfac-grid",
+        action="store_true",
+        help="only EK-FAC over a damping grid (true and empirical Fisher) on the retrainings",
+    )
+    parser.add_argument(
         "--seeds",
         type=int,
         default=1,
@@ -172,6 +177,15 @@ def main() -> None:
 
     def first_order(solver):
         return FirstOrderInfluenceCalculator(model, solver).fit(train_data).influence(test)
+
+    if args.ekfac_grid:
+        print("| EK-FAC | λ | LDS |\n|---|---:|---:|")
+        for fisher in ("true", "empirical"):
+            for damping in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2):
+                scores = model.to_numpy(first_order(EKFACIHVP(damping=damping, fisher=fisher)))
+                value, half = lds(scores, subsets, losses)
+                print(f"| {fisher} Fisher | {damping:g} | {value:.3f} ± {half:.3f} |", flush=True)
+        return
 
     methods = {
         "Grad-Dot (final weights)": lambda: (
