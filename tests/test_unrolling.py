@@ -462,3 +462,40 @@ def test_a_rule_without_an_adjoint_or_settings_is_refused_naming_what_it_lacks()
 
     with pytest.raises(TypeError, match="get_params"):
         ReplayedTraining(model, data()[0], NoSettings(), epochs=1, batch_size=10)
+
+
+def test_a_killed_reverse_pass_resumes_from_its_last_segment(tmp_path, monkeypatch) -> None:
+    """12 steps in 3 segments of 4: killed in the second segment, the rerun does 8 steps, not 12."""
+    from influence_core.errors import FingerprintMismatchError
+
+    replay, model = run(MLP, "torch")
+    _, test = data()
+    assert replay.checkpoint_every == 4 and replay.steps == 12
+    expected = model.to_numpy(replay.metagradient_scores(test))
+    real, calls = ReplayedTraining._through_the_gradient, []
+
+    def killed_after(limit):
+        def step(self, *args):
+            if len(calls) == limit:
+                raise KeyboardInterrupt("killed")
+            calls.append(1)
+            return real(self, *args)
+
+        return step
+
+    monkeypatch.setattr(ReplayedTraining, "_through_the_gradient", killed_after(6))
+    with pytest.raises(KeyboardInterrupt):
+        replay.metagradient_scores(test, save_to=tmp_path / "run")
+    assert (tmp_path / "run" / "reverse_pass" / "metadata.json").exists()
+    assert not (tmp_path / "run" / "metadata.json").exists()
+    # Another run is refused its progress.
+    other = ReplayedTraining(model, data()[0], SGD(lr=0.4), epochs=3, batch_size=10, seed=0)
+    with pytest.raises(FingerprintMismatchError, match="reverse pass of another run"):
+        other.metagradient_scores(test, save_to=tmp_path / "run")
+    calls.clear()
+    monkeypatch.setattr(ReplayedTraining, "_through_the_gradient", killed_after(10**9))
+    resumed = model.to_numpy(replay.metagradient_scores(test, save_to=tmp_path / "run"))
+    assert len(calls) == 8  # the first segment (4 steps) came from the saved progress
+    np.testing.assert_allclose(resumed, expected, rtol=1e-12, atol=1e-15)
+    assert (tmp_path / "run" / "metadata.json").exists()
+    assert not (tmp_path / "run" / "reverse_pass").exists()  # superseded by the result

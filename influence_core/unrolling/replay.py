@@ -50,6 +50,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,9 @@ __all__ = ["ReplayedTraining"]
 
 #: The ``method`` a saved result of metagradients records.
 METHOD = "replayed_training_metagradient"
+#: Where, under ``save_to``, a reverse pass keeps its progress (removed once the result is saved).
+PROGRESS = "reverse_pass"
+PROGRESS_METHOD = "replayed_training_reverse_pass"
 
 Array = Any
 
@@ -256,10 +260,15 @@ class ReplayedTraining:
         after checking they belong to this run: the same initial weights,
         training and test data (fingerprints) and :meth:`settings`; anything
         else raises :class:`~influence_core.errors.FingerprintMismatchError`.
+        While it runs, the reverse pass saves its adjoints and scores after
+        every segment (``save_to/reverse_pass``; d × q floats per state plus
+        the scores): a killed run resumes from the last finished segment,
+        after the same checks, and the progress is removed once the result is saved.
         """
         if save_to is not None and (Path(save_to) / METADATA).exists():
             return self._load_scores(Path(save_to), test_data, weights)
-        scores = self._metagradient_scores(test_data, weights, self.measurement)
+        progress_dir = None if save_to is None else Path(save_to) / PROGRESS
+        scores = self._metagradient_scores(test_data, weights, self.measurement, progress_dir)
         if save_to is not None:
             with self.model.parameters_set_to(self.initial):  # fingerprints of θ₀
                 save_result(
@@ -270,15 +279,23 @@ class ReplayedTraining:
                     parameters=self.settings(weights),
                     data={"train": self.data, "test": test_data},
                 )
+            shutil.rmtree(progress_dir, ignore_errors=True)  # the whole result supersedes it
         return scores
 
     def _load_scores(self, directory: Path, test_data: Any, weights: Any) -> Array:
+        saved = self._load_checked(directory, test_data, weights, METHOD, "metagradients")
+        return self.model.kernels.as_native(saved.arrays["scores"], floating=True)
+
+    def _load_checked(
+        self, directory: Path, test_data: Any, weights: Any, method: str, what: str
+    ) -> Any:
+        """A saved result of this run (θ₀, data and :meth:`settings` checked), or a refusal."""
         with self.model.parameters_set_to(self.initial):
             saved = load_result(
                 directory,
                 model=self.model,
                 data={"train": self.data, "test": test_data},
-                method=METHOD,
+                method=method,
             )
         expected = json.loads(json.dumps(self.settings(weights)))  # as JSON gives it back
         recorded = saved.metadata["parameters"]
@@ -286,13 +303,34 @@ class ReplayedTraining:
             differing = sorted(k for k in expected.keys() | recorded.keys()
                                if expected.get(k) != recorded.get(k))  # fmt: skip
             raise FingerprintMismatchError(
-                f"{directory} holds the metagradients of another run: {', '.join(differing)} "
+                f"{directory} holds the {what} of another run: {', '.join(differing)} "
                 "differ from this one's; use another directory or recompute"
             )
-        return self.model.kernels.as_native(saved.arrays["scores"], floating=True)
+        return saved
+
+    def _save_progress(
+        self, directory: Path, done: int, theta_bar: Array, bars: tuple, scores: np.ndarray,
+        test_data: Any, weights: Any,
+    ) -> None:  # fmt: skip
+        """The reverse pass after ``done`` segments: its adjoints and the scores so far."""
+        arrays = {"theta_bar": theta_bar, "scores": scores, "done": np.array(done)}
+        arrays.update({f"bar_{i}": bar for i, bar in enumerate(bars)})
+        with self.model.parameters_set_to(self.initial):
+            save_result(
+                directory,
+                arrays,
+                method=PROGRESS_METHOD,
+                model=self.model,
+                parameters=self.settings(weights),
+                data={"train": self.data, "test": test_data},
+            )
 
     def _metagradient_scores(
-        self, test_data: Any, weights: Any, measurement: Measurement = LOSS
+        self,
+        test_data: Any,
+        weights: Any,
+        measurement: Measurement = LOSS,
+        progress_dir: Path | None = None,
     ) -> Array:
         model, xp = self.model, self.model.xp
         w = self._weights(weights)
@@ -311,7 +349,19 @@ class ReplayedTraining:
         theta_bar = xp.permute_dims(test_grads, (1, 0))  # (d, q)
         bars = tuple(xp.zeros_like(theta_bar) for _ in kept_states[0][2])
         scores = np.zeros((int(test_grads.shape[0]), self.n))
-        for start, theta, state in progress(list(reversed(kept_states)), desc="reverse pass"):
+        done = 0
+        if progress_dir is not None and (progress_dir / METADATA).exists():  # a killed pass
+            saved = self._load_checked(
+                progress_dir, test_data, weights, PROGRESS_METHOD, "reverse pass"
+            )
+            native = model.kernels.as_native
+            done, scores = int(saved.arrays["done"]), np.array(saved.arrays["scores"])
+            theta_bar = native(saved.arrays["theta_bar"], floating=True)
+            bars = tuple(native(saved.arrays[f"bar_{i}"], floating=True) for i in range(len(bars)))
+        segments = list(reversed(kept_states))
+        for index, (start, theta, state) in enumerate(progress(segments, desc="reverse pass")):
+            if index < done:  # resumed: this segment's adjoints are in the saved progress
+                continue
             replayed = []  # (θ_t, state_t, g_t) of the segment, recomputed from its first state
             for t in range(start, min(start + self.checkpoint_every, self.steps)):
                 following = self._step(theta, state, t, w)
@@ -325,6 +375,10 @@ class ReplayedTraining:
                 rows, curvature = self._through_the_gradient(theta_t, t, w, g_bar)
                 theta_bar = direct + curvature
                 scores[:, self.order[t]] += rows
+            if progress_dir is not None and index + 1 < len(segments):
+                self._save_progress(
+                    progress_dir, index + 1, theta_bar, bars, scores, test_data, weights
+                )
         return xp.asarray(-scores, dtype=model.dtype)
 
     def top_k(
