@@ -123,3 +123,28 @@ def test_torch_and_tensorflow_agree_to_1e_8() -> None:
         ).fit(case.data)
         scores.append(model.to_numpy(calc.influence((case.X[:5], case.y[:5]))))
     np.testing.assert_allclose(scores[1], scores[0], rtol=1e-8, atol=1e-8 * np.abs(scores[0]).max())
+
+
+@pytest.mark.parametrize("kind", ["embedding", "elementwise", "parameter"])
+def test_every_layer_kind_takes_the_spectral_functions(kind: str) -> None:
+    """Embeddings, norms and bare parameters (their bases are I or diagonal): one long segment is
+    the influence function, and self-influence the diagonal of the scores on the training data."""
+    from influence_core import InfluenceModel
+    from influence_torch.reference_models import layer_kind_case
+
+    net, loss_fn, (inputs, targets) = layer_kind_case(kind)
+    model = InfluenceModel(net, loss_fn)
+    data = (inputs, targets)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    solver = EKFACIHVP(damping=1e-2)
+    unrolled = ApproximateUnrolling(model, [state], [1.0], [10**9], solver=solver).fit(data)
+    expected = model.to_numpy(
+        FirstOrderInfluenceCalculator(model, solver).fit(data).influence(data)
+    )
+    got = model.to_numpy(unrolled.influence(data))
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-11 * np.abs(expected).max())
+    short = ApproximateUnrolling(model, [state, state], [0.1, 0.1], [3, 3], solver=solver).fit(data)
+    whole = model.to_numpy(short.influence(data))
+    np.testing.assert_allclose(
+        model.to_numpy(short.self_influence()), np.diag(whole), rtol=1e-9, atol=1e-12
+    )

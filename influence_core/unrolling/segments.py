@@ -30,7 +30,6 @@ unrolling's replay of every step.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -126,7 +125,8 @@ class ApproximateUnrolling:
         self.solvers_: list[Any] = []
         for checkpoint in progress(self.checkpoints, desc="segment curvatures"):
             with self.model.checkpoint_loaded(checkpoint):
-                self.solvers_.append(copy.deepcopy(self.solver).fit(self.model, train_data))
+                fresh = type(self.solver)(**self.solver.get_params())  # unfitted, same settings
+                self.solvers_.append(fresh.fit(self.model, train_data))
         self.train_data_ = train_data
         return self
 
