@@ -101,3 +101,31 @@ def test_a_tied_language_model_head_is_named_with_the_fix() -> None:
         ValueError, match=r"transformer.wte.weight: a weight tied between .*lm_head"
     ):
         EKFACIHVP().fit(model, gpt2_data())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_approximate_unrolling_runs_on_all_parameters(name: str) -> None:
+    """SOURCE on BERT and GPT-2 (embeddings, LayerNorms, Conv1D): two segments at two weights,
+    the scores' diagonal on the training data is the self-influence, one long segment is IF."""
+    from influence_core.unrolling import ApproximateUnrolling
+
+    build, loss, data = CASES[name]
+    model = InfluenceModel(build(), loss)
+    train, test = data(8), data(3)
+    later = model.save_state()
+    generator = torch.Generator().manual_seed(0)
+    earlier = {
+        k: v + 0.02 * torch.randn(v.shape, generator=generator, dtype=v.dtype)
+        if v.is_floating_point()
+        else v
+        for k, v in later.items()
+    }
+    solver = EKFACIHVP(damping=1e-2, fisher="empirical")
+    source = ApproximateUnrolling(model, [earlier, later], [0.1, 0.1], [5, 5], solver=solver)
+    source.fit(train)
+    whole = source.influence(train)
+    assert bool(torch.isfinite(whole).all()) and whole.shape == (8, 8)
+    assert relative(source.self_influence(), torch.diagonal(whole)) < 1e-9
+    long = ApproximateUnrolling(model, [later], [1.0], [10**9], solver=solver).fit(train)
+    influence = FirstOrderInfluenceCalculator(model, solver).fit(train).influence(test)
+    assert relative(long.influence(test), influence) < 1e-9
