@@ -7,7 +7,8 @@ synthetic data (n_train = 2000), SGD with momentum, batches of 100, one test
 point; each T runs in a fresh process, which reports its peak RSS
 (``ru_maxrss``) after one training run and again after the metagradient, and
 both times. The states kept are (T/K + K) · 2d floats with K = ⌈√T⌉; keeping
-every state instead would be T · 2d (1.6 MB per step here).
+every state instead would be T · 2d (1.6 MB per step here). ``--branching k``
+runs REPLAY's k-ary scheme too (at most k states per level, ⌈log_k T⌉ levels).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def one(steps: int) -> dict:
+def one(steps: int, branching: int | None = None) -> dict:
     import torch
 
     sys.path.insert(0, str(HERE))
@@ -45,6 +46,7 @@ def one(steps: int) -> dict:
         SGD(lr=0.05, momentum=0.9, weight_decay=1e-3),
         epochs=steps // 20,
         batch_size=100,
+        branching=branching,
     )
     assert run.steps == steps, "T must be a multiple of 20"
     run.train()  # warms the kernels up: the second run is timed
@@ -59,6 +61,8 @@ def one(steps: int) -> dict:
     return {
         "steps": steps,
         "checkpoint_every": run.checkpoint_every,
+        "branching": branching,
+        "levels": run.replay_levels_,
         "training_seconds": training,
         "metagradient_seconds": metagradient,
         "peak_rss_after_training_gb": after_training,
@@ -69,25 +73,36 @@ def one(steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[40, 200, 800])
-    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--branching",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="0: the √T scheme; k ≥ 2: REPLAY's k-ary scheme (each is a row)",
+    )
+    parser.add_argument("--one", type=int, nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.one)))
+        print(json.dumps(one(args.one[0], args.one[1] or None)))
         return
     print(
-        "| T | K | training run (s) | metagradient (s) | ratio | peak RSS after training | peak RSS |"
+        "| T | scheme | levels | training run (s) | metagradient (s) | ratio "
+        "| peak RSS after training | peak RSS |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for steps in args.steps:
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for steps, branching in ((t, b) for t in args.steps for b in args.branching):
         out = subprocess.run(
-            [sys.executable, __file__, "--one", str(steps)], capture_output=True, text=True
+            [sys.executable, __file__, "--one", str(steps), str(branching)],
+            capture_output=True,
+            text=True,
         )
         if out.returncode:
             print(out.stderr[-2000:])
             raise SystemExit(out.returncode)
         r = json.loads(out.stdout.strip().splitlines()[-1])
+        scheme = f"k = {branching}" if branching else f"√T: K = {r['checkpoint_every']}"
         print(
-            f"| {steps} | {r['checkpoint_every']} | {r['training_seconds']:.1f} "
+            f"| {steps} | {scheme} | {r['levels']} | {r['training_seconds']:.1f} "
             f"| {r['metagradient_seconds']:.1f} "
             f"| {r['metagradient_seconds'] / r['training_seconds']:.1f}x "
             f"| {r['peak_rss_after_training_gb']:.2f} GB | {r['peak_rss_gb']:.2f} GB |",

@@ -10,6 +10,7 @@ mutant) must fail the same check.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -492,6 +493,10 @@ def test_a_killed_reverse_pass_resumes_from_its_last_segment(tmp_path, monkeypat
     other = ReplayedTraining(model, data()[0], SGD(lr=0.4), epochs=3, batch_size=10, seed=0)
     with pytest.raises(FingerprintMismatchError, match="reverse pass of another run"):
         other.metagradient_scores(test, save_to=tmp_path / "run")
+    # The same run in other segments (the k-ary scheme) cannot take this progress either.
+    k_ary = ReplayedTraining(model, data()[0], OPTIMIZER, epochs=3, batch_size=10, branching=2)
+    with pytest.raises(FingerprintMismatchError, match="same checkpoint_every and branching"):
+        k_ary.metagradient_scores(test, save_to=tmp_path / "run")
     calls.clear()
     monkeypatch.setattr(ReplayedTraining, "_through_the_gradient", killed_after(10**9))
     resumed = model.to_numpy(replay.metagradient_scores(test, save_to=tmp_path / "run"))
@@ -499,3 +504,27 @@ def test_a_killed_reverse_pass_resumes_from_its_last_segment(tmp_path, monkeypat
     np.testing.assert_allclose(resumed, expected, rtol=1e-12, atol=1e-15)
     assert (tmp_path / "run" / "metadata.json").exists()
     assert not (tmp_path / "run" / "reverse_pass").exists()  # superseded by the result
+
+
+@pytest.mark.parametrize("branching", [2, 3])
+@pytest.mark.parametrize("optimizer", [OPTIMIZER, ADAM], ids=["sgd", "adam"])
+def test_the_k_ary_replay_gives_the_same_metagradients_in_log_levels(branching, optimizer) -> None:
+    """REPLAY's k-ary scheme: at most k states per level, ⌈log_k T⌉ levels, the same numbers."""
+    replay, model = run(MLP, "torch", optimizer)
+    _, test = data()
+    expected = model.to_numpy(replay.metagradient_scores(test))
+    assert replay.replay_levels_ == 1  # the √T scheme: kept states, each segment replayed once
+    k_ary = ReplayedTraining(
+        model, data()[0], optimizer, epochs=3, batch_size=10, seed=0, branching=branching
+    )
+    calls = []
+    real = ReplayedTraining._step
+    k_ary._step = lambda *a: calls.append(1) or real(k_ary, *a)
+    got = model.to_numpy(k_ary.metagradient_scores(test))
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15)
+    levels = math.ceil(math.log(replay.steps, branching))
+    assert 2 <= k_ary.replay_levels_ <= levels
+    # every level replays the run once, the first is the forward run: T · (levels + 1) at most
+    assert replay.steps < len(calls) <= replay.steps * (levels + 1)
+    with pytest.raises(ValueError, match="branching must be ≥ 2"):
+        ReplayedTraining(model, data()[0], optimizer, epochs=1, batch_size=10, branching=1)

@@ -94,6 +94,10 @@ class ReplayedTraining:
             (a new permutation every epoch); every replay uses the same order.
         checkpoint_every: K, states kept every K steps in the reverse pass
             (default ⌈√T⌉).
+        branching: k ≥ 2 for REPLAY's k-ary scheme instead: at most k states
+            kept per level over ⌈log_k T⌉ levels, each level replaying its
+            segment once (T · levels recomputed steps); ``None`` (default):
+            the two-level √T scheme.
         measurement: what a test point's score explains, as for every
             calculator: ``"loss"`` (default), ``"logit"``, ``"probability"``,
             ``"margin"``, a :class:`~influence_core.Measurement` or a native
@@ -117,6 +121,7 @@ class ReplayedTraining:
         batch_size: int,
         seed: int = 0,
         checkpoint_every: int | None = None,
+        branching: int | None = None,
         measurement: Any = None,
     ) -> None:
         check_optimizer(optimizer)
@@ -143,6 +148,11 @@ class ReplayedTraining:
                 f"{self.steps} steps ({epochs} epochs of {-(-self.n // batch_size)} batches): "
                 "give one rate per step"
             )
+        if branching is not None and int(branching) < 2:
+            raise ValueError(f"branching must be ≥ 2 (a k-ary replay), got {branching}")
+        self.branching = None if branching is None else int(branching)
+        if self.branching is not None:  # the top level keeps k states, and each piece recurses
+            checkpoint_every = checkpoint_every or -(-self.steps // self.branching)
         self.checkpoint_every = checkpoint_every or max(1, math.isqrt(self.steps - 1) + 1)
         self.initial = model.get_parameters()
         self.measurement = resolve_measurement(measurement)
@@ -313,7 +323,12 @@ class ReplayedTraining:
         test_data: Any, weights: Any,
     ) -> None:  # fmt: skip
         """The reverse pass after ``done`` segments: its adjoints and the scores so far."""
-        arrays = {"theta_bar": theta_bar, "scores": scores, "done": np.array(done)}
+        arrays = {
+            "theta_bar": theta_bar,
+            "scores": scores,
+            "done": np.array(done),
+            "scheme": np.array([self.checkpoint_every, self.branching or 0]),
+        }
         arrays.update({f"bar_{i}": bar for i, bar in enumerate(bars)})
         with self.model.parameters_set_to(self.initial):
             save_result(
@@ -354,20 +369,54 @@ class ReplayedTraining:
             saved = self._load_checked(
                 progress_dir, test_data, weights, PROGRESS_METHOD, "reverse pass"
             )
+            scheme = [self.checkpoint_every, self.branching or 0]
+            if saved.arrays["scheme"].tolist() != scheme:
+                raise FingerprintMismatchError(
+                    f"{progress_dir} holds a reverse pass in segments of "
+                    f"{int(saved.arrays['scheme'][0])} steps (branching "
+                    f"{int(saved.arrays['scheme'][1]) or None}), this run's are {scheme[0]} "
+                    f"({self.branching}): rerun with the same checkpoint_every and branching"
+                )
             native = model.kernels.as_native
             done, scores = int(saved.arrays["done"]), np.array(saved.arrays["scores"])
             theta_bar = native(saved.arrays["theta_bar"], floating=True)
             bars = tuple(native(saved.arrays[f"bar_{i}"], floating=True) for i in range(len(bars)))
         segments = list(reversed(kept_states))
+        #: The deepest level of replay the last reverse pass reached (1: the kept states alone).
+        self.replay_levels_ = 0
         for index, (start, theta, state) in enumerate(progress(segments, desc="reverse pass")):
             if index < done:  # resumed: this segment's adjoints are in the saved progress
                 continue
+            stop = min(start + self.checkpoint_every, self.steps)
+            theta_bar, bars = self._reverse(
+                start, stop, theta, state, w, theta_bar, bars, scores, 1
+            )
+            if progress_dir is not None and index + 1 < len(segments):
+                self._save_progress(
+                    progress_dir, index + 1, theta_bar, bars, scores, test_data, weights
+                )
+        return xp.asarray(-scores, dtype=model.dtype)
+
+    def _reverse(
+        self, start: int, stop: int, theta: Array, state: tuple, w: np.ndarray,
+        theta_bar: Array, bars: tuple, scores: np.ndarray, level: int,
+    ) -> tuple[Array, tuple]:  # fmt: skip
+        """The reverse steps stop − 1 … start from the state at ``start``; scores added in place.
+
+        A segment of at most ``branching`` steps (or any, without ``branching``)
+        is replayed once, its states kept, and reversed. A longer one is
+        replayed once keeping ``branching`` boundary states, and each piece
+        is reversed the same way, last first (REPLAY's k-ary scheme).
+        """
+        xp, k = self.model.xp, self.branching
+        self.replay_levels_ = max(self.replay_levels_, level)
+        if k is None or stop - start <= k:
             replayed = []  # (θ_t, state_t, g_t) of the segment, recomputed from its first state
-            for t in range(start, min(start + self.checkpoint_every, self.steps)):
+            for t in range(start, stop):
                 following = self._step(theta, state, t, w)
                 replayed.append((theta, state, following[2]))
                 theta, state = following[0], following[1]
-            for t in reversed(range(start, start + len(replayed))):
+            for t in reversed(range(start, stop)):
                 theta_t, state_t, g_t = replayed[t - start]
                 g_bar, direct, bars = self.optimizer.adjoint(
                     xp, theta_t, state_t, g_t, t, theta_bar, bars
@@ -375,11 +424,19 @@ class ReplayedTraining:
                 rows, curvature = self._through_the_gradient(theta_t, t, w, g_bar)
                 theta_bar = direct + curvature
                 scores[:, self.order[t]] += rows
-            if progress_dir is not None and index + 1 < len(segments):
-                self._save_progress(
-                    progress_dir, index + 1, theta_bar, bars, scores, test_data, weights
-                )
-        return xp.asarray(-scores, dtype=model.dtype)
+            return theta_bar, bars
+        piece = -(-(stop - start) // k)
+        boundaries = []  # (t, θ_t, state_t) at start, start + piece, …: at most k states
+        for t in range(start, stop):
+            if (t - start) % piece == 0:
+                boundaries.append((t, theta, state))
+            theta, state, _ = self._step(theta, state, t, w)
+        for first, theta_first, state_first in reversed(boundaries):
+            last = min(first + piece, stop)
+            theta_bar, bars = self._reverse(
+                first, last, theta_first, state_first, w, theta_bar, bars, scores, level + 1
+            )
+        return theta_bar, bars
 
     def top_k(
         self, test_data: Any, k: int = 5, weights: Any = None, *, save_to: str | Path | None = None
