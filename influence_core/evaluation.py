@@ -52,6 +52,7 @@ and data through the results layer.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,12 +63,13 @@ from scipy.stats import pearsonr, rankdata, spearmanr
 
 from .errors import (
     CostLimitError,
+    FingerprintMismatchError,
     LissaDivergenceError,
     NonFiniteGradientError,
     NotPositiveDefiniteError,
 )
 from .estimators.base import InfluenceCalculator
-from .io import host, save_result
+from .io import METADATA, host, load_result, save_result
 from .progress import progress
 
 __all__ = [
@@ -104,15 +106,63 @@ def loss_like_values(calculator: InfluenceCalculator, test_data: Any) -> np.ndar
     return np.concatenate(parts).astype(np.float64)
 
 
+#: The ``method`` of a directory of retrainings in progress (``retrainings_dir``).
+RETRAININGS = "retrainings"
+
+
 def _retrained_values(
-    calculator: InfluenceCalculator, retrain: Retrain, test_data: Any, subsets: Sequence[np.ndarray]
+    calculator: InfluenceCalculator,
+    retrain: Retrain,
+    test_data: Any,
+    subsets: Sequence[np.ndarray],
+    directory: str | Path | None = None,
 ) -> np.ndarray:
-    """Loss-like test values after retraining on each subset: shape (len(subsets), n_test)."""
-    rows = []
-    for subset in progress(subsets, desc="retraining", total=len(subsets)):
+    """Loss-like test values after retraining on each subset: shape (len(subsets), n_test).
+
+    With ``directory``, the values are saved after every retraining
+    (:mod:`influence_core.io`, fingerprinted: the trained model, the test
+    data, the measurement and the subsets), and a rerun resumes after the
+    last one saved; values saved for other subsets, weights or data are refused.
+    """
+    rows: list[np.ndarray] = []
+    parameters = {
+        "calculator": type(calculator).__name__,
+        "measurement": calculator.measurement.name,
+        "subsets_sha256": hashlib.sha256(
+            np.ascontiguousarray(np.stack([np.asarray(s, np.int64) for s in subsets])).tobytes()
+        ).hexdigest(),
+    }
+    if directory is not None and (Path(directory) / METADATA).exists():
+        saved = load_result(
+            directory,
+            model=calculator.model,
+            data={"test": test_data},
+            batch_size=calculator.batch_size,
+            method=RETRAININGS,
+        )
+        recorded = {k: saved.metadata["parameters"].get(k) for k in parameters}
+        if recorded != parameters:
+            differing = ", ".join(k for k in parameters if recorded[k] != parameters[k])
+            raise FingerprintMismatchError(
+                f"{directory} holds retrainings of other settings ({differing} differ); "
+                "use another directory for these"
+            )
+        rows = list(saved.arrays["values"])
+    todo = list(enumerate(subsets))[len(rows) :]
+    for j, subset in progress(todo, desc="retraining", total=len(todo)):
         weights = retrain(np.asarray(subset))
         with calculator.model.checkpoint_loaded(weights):
             rows.append(loss_like_values(calculator, test_data))
+        if directory is not None:
+            save_result(
+                directory,
+                {"values": np.stack(rows)},
+                method=RETRAININGS,
+                model=calculator.model,
+                parameters={**parameters, "done": j + 1},
+                data={"test": test_data},
+                batch_size=calculator.batch_size,
+            )
     return np.stack(rows)
 
 
@@ -251,6 +301,7 @@ def linear_datamodeling_score(
     fraction: float = 0.5,
     seed: int = 0,
     train_data: Any = None,
+    retrainings_dir: str | Path | None = None,
 ) -> LDSResult:
     """The LDS of a fitted calculator's scores (see the module docstring).
 
@@ -265,6 +316,9 @@ def linear_datamodeling_score(
         fraction: each drawn subset's share of the training set.
         seed: seeds the subsets.
         train_data: the training data to score (default: the calculator's).
+        retrainings_dir: a directory where each retraining's test values are saved
+            as it finishes; a rerun with the same subsets, model and test data resumes
+            after the last one (the retrainings are the expensive part).
     """
     if isinstance(retrain, LDSResult):
         drawn, actual = retrain.subsets, retrain.actual
@@ -299,7 +353,7 @@ def linear_datamodeling_score(
             )
     drawn = np.sort(drawn, axis=1)
     predicted = -_folded_scores(calculator, test_data, train, _member_weights(drawn))
-    actual = _retrained_values(calculator, retrain, test_data, list(drawn))
+    actual = _retrained_values(calculator, retrain, test_data, list(drawn), retrainings_dir)
     provenance = {
         "calculator": calculator,
         "parameters": {"fraction": fraction, "seed": seed, "subsets": len(drawn)},
@@ -597,6 +651,7 @@ def select(
     subsets: int = 20,
     fraction: float = 0.5,
     seed: int = 0,
+    retrainings_dir: str | Path | None = None,
 ) -> Selection:
     """Fit and score every candidate configuration on one set of retrainings; the best LDS wins.
 
@@ -619,7 +674,8 @@ def select(
             earlier :class:`LDSResult` (``Selection.reference``) to reuse.
         train_data: what the candidates are fitted on and subsets index.
         test_data: the test points.
-        subsets, fraction, seed: the retrainings, as for :func:`linear_datamodeling_score`.
+        subsets, fraction, seed, retrainings_dir: the retrainings, as for
+            :func:`linear_datamodeling_score` (a killed selection resumes its retrainings).
     """
     import time
 
@@ -643,7 +699,7 @@ def select(
         rng = np.random.default_rng(seed)
         size = max(1, round(fraction * n))
         drawn = np.stack([np.sort(rng.permutation(n)[:size]) for _ in range(subsets)])
-        actual = _retrained_values(first, retrain, test_data, list(drawn))
+        actual = _retrained_values(first, retrain, test_data, list(drawn), retrainings_dir)
         reference = LDSResult.from_retrained(drawn, actual)
     retraining = time.perf_counter() - began
     rows = []

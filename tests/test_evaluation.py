@@ -267,3 +267,52 @@ def test_select_scores_a_damping_grid_on_one_set_of_retrainings(setting) -> None
             train,
             test,
         )
+
+
+def test_killed_retrainings_resume_from_their_directory(setting, tmp_path) -> None:
+    """LDS and select keep each retraining's values as it finishes; a rerun retrains the rest."""
+    from influence_core.errors import FingerprintMismatchError
+
+    p, _, calc, retrain, _ = setting
+    test = (p["X_test"], p["y_test"])  # its 3 test points
+    expected = linear_datamodeling_score(calc, retrain, test, subsets=6, fraction=0.9, seed=7)
+    calls = []
+
+    def killed_after(limit):
+        def retraining(indices):
+            if len(calls) == limit:
+                raise KeyboardInterrupt("killed")
+            calls.append(1)
+            return retrain(indices)
+
+        return retraining
+
+    where = tmp_path / "retrainings"
+    with pytest.raises(KeyboardInterrupt):
+        linear_datamodeling_score(
+            calc, killed_after(4), test, subsets=6, fraction=0.9, seed=7, retrainings_dir=where
+        )
+    calls.clear()
+    resumed = linear_datamodeling_score(
+        calc, killed_after(99), test, subsets=6, fraction=0.9, seed=7, retrainings_dir=where
+    )
+    assert len(calls) == 2  # 4 of the 6 retrainings were saved before the kill
+    np.testing.assert_allclose(resumed.actual, expected.actual, rtol=1e-12)
+    assert resumed.score == pytest.approx(expected.score, abs=1e-12)
+    # Other subsets (another seed), or other test points, are refused the saved values.
+    with pytest.raises(FingerprintMismatchError, match="subsets_sha256"):
+        linear_datamodeling_score(
+            calc, retrain, test, subsets=6, fraction=0.9, seed=8, retrainings_dir=where
+        )
+    with pytest.raises(FingerprintMismatchError, match="'test' data"):
+        linear_datamodeling_score(
+            calc, retrain, (p["X_test"][:2], p["y_test"][:2]), subsets=6, fraction=0.9,
+            seed=7, retrainings_dir=where,
+        )  # fmt: skip
+    # select reads the same directory: no retraining at all for the same subsets.
+    calls.clear()
+    chosen = select(
+        {"exact": calc}, killed_after(0), (p["X"], p["y"]), test,
+        subsets=6, fraction=0.9, seed=7, retrainings_dir=where,
+    )  # fmt: skip
+    np.testing.assert_allclose(chosen.reference.actual, expected.actual, rtol=1e-12)
