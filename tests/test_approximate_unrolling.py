@@ -66,6 +66,11 @@ def test_three_segments_equal_the_formula_written_out(solver) -> None:
         wrong_order = wrong_order + (G @ accumulated @ u_wrong).T
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-10 * np.abs(expected).max())
     assert np.abs(wrong_order - expected).max() > 1e-3 * np.abs(expected).max()
+    # The streamed path (prepared blocks, checkpoints loaded per chunk: what top-k, chunked
+    # runs and the LDS read) gives the same scores, in chunks smaller than the data.
+    calc.chunk_size = 4
+    streamed = model.to_numpy(calc.influence_from_prepared(calc.prepare_test(test)))
+    np.testing.assert_allclose(streamed, got, rtol=1e-12, atol=1e-12 * np.abs(got).max())
     # Self-influence: each training point's own loss as the test, the diagonal of the matrix.
     whole = model.to_numpy(calc.influence(train))
     own = model.to_numpy(calc.self_influence())
@@ -107,7 +112,7 @@ def test_bad_segments_are_refused_with_what_to_give() -> None:
         ApproximateUnrolling(model, [state], [0.1], [3], solver=ConjugateGradientIHVP())
     with pytest.raises(ValueError, match="give no query_rank"):
         ApproximateUnrolling(model, [state], [0.1], [3], solver=EKFACIHVP(query_rank=2))
-    with pytest.raises(RuntimeError, match="call fit"):
+    with pytest.raises(RuntimeError, match="not fitted yet"):
         ApproximateUnrolling(model, [state], [0.1], [3]).influence(case.data)
 
 
@@ -148,3 +153,29 @@ def test_every_layer_kind_takes_the_spectral_functions(kind: str) -> None:
     np.testing.assert_allclose(
         model.to_numpy(short.self_influence()), np.diag(whole), rtol=1e-9, atol=1e-12
     )
+
+
+def test_it_is_a_calculator_the_evaluation_and_the_chunked_runs_take(tmp_path) -> None:
+    """LDS through the calculator equals LDS of its score matrix; a chunked run equals influence."""
+    from influence_core.evaluation import linear_datamodeling_score
+    from influence_core.runs import run_influence
+
+    case = build_case("torch", "convnet", "float64")
+    model, test = case.model, (case.X[:4], case.y[:4])
+    state = {k: v.clone() for k, v in model.kernels.module.state_dict().items()}
+    calc = ApproximateUnrolling(
+        model, [state, state], [0.3, 0.2], [4, 6], solver=EKFACIHVP(damping=1e-2), chunk_size=5
+    ).fit(case.data)
+    scores = model.to_numpy(calc.influence(test))
+    rng = np.random.default_rng(0)
+
+    def retrain(indices):  # any retraining: here noisy copies of the weights
+        return {
+            k: v + 1e-3 * torch.from_numpy(rng.standard_normal(v.shape)) for k, v in state.items()
+        }
+
+    through = linear_datamodeling_score(calc, retrain, test, subsets=5, fraction=0.7, seed=2)
+    from_scores = linear_datamodeling_score(scores, through)
+    assert through.score == pytest.approx(from_scores.score, abs=1e-12)
+    chunked = run_influence(calc, tmp_path / "run", test, chunk_size=5)
+    np.testing.assert_allclose(model.to_numpy(chunked), scores, rtol=1e-12, atol=1e-14)

@@ -30,15 +30,16 @@ unrolling's replay of every step.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..arrays import join
-from ..estimators.top_k import RunningTopK, TopK
+from ..data import chunks
+from ..estimators.base import InfluenceCalculator
 from ..ihvp.base import InverseHessianVectorProduct
 from ..ihvp.exact import ExactIHVP
 from ..ihvp.kfac import EKFACIHVP, KFACIHVP
-from ..measurements import LOSS, resolve_measurement
+from ..measurements import LOSS
 from ..model import InfluenceModel
 from ..progress import progress
 
@@ -47,8 +48,14 @@ __all__ = ["ApproximateUnrolling"]
 Array = Any
 
 
-class ApproximateUnrolling:
+class ApproximateUnrolling(InfluenceCalculator):
     """SOURCE scores over L training segments, each with its own curvature (see the module).
+
+    A calculator like the others: ``influence``, ``self_influence``, ``top_k``
+    (streamed), chunked resumable runs (:mod:`influence_core.runs`) and the
+    evaluation module's LDS and ``select`` take it. Its prepared test side is
+    one solved block per segment (L · d · n_test numbers); :meth:`influence`
+    itself goes segment by segment and holds one.
 
     Args:
         model: the model at its final weights θ_T (where the test gradients are taken).
@@ -62,6 +69,8 @@ class ApproximateUnrolling:
             curvature takes (default ``EKFACIHVP()``).
         measurement: the test-side measurement (default: the loss).
         batch_size: batch size for ``(X, y)`` arrays.
+        chunk_size: training samples per chunk when scores are streamed (each
+            checkpoint is loaded once per chunk).
     """
 
     def __init__(
@@ -74,7 +83,9 @@ class ApproximateUnrolling:
         solver: InverseHessianVectorProduct | None = None,
         measurement: Any = None,
         batch_size: int | None = None,
+        chunk_size: int = 4096,
     ) -> None:
+        super().__init__(model, measurement=measurement, batch_size=batch_size)
         checkpoints, rates, steps = list(checkpoints), list(learning_rates), list(steps)
         if not checkpoints:
             raise ValueError("give at least one segment: checkpoints, learning_rates and steps")
@@ -98,17 +109,17 @@ class ApproximateUnrolling:
             raise ValueError(
                 "approximate unrolling scores whole layer matrices: give no query_rank"
             )
-        self.model = model
+        if int(chunk_size) < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.checkpoints = checkpoints
         self.learning_rates = [float(r) for r in rates]
         self.steps = [int(k) for k in steps]
         self.solver = solver
-        self.measurement = resolve_measurement(measurement)
-        self.batch_size = batch_size
+        self.chunk_size = int(chunk_size)
 
     def get_params(self) -> dict[str, Any]:
         return {
-            "method": "approximate_unrolling",
+            **super().get_params(),
             "segments": len(self.checkpoints),
             "checkpoints": [
                 c if isinstance(c, str) else f"<in memory #{i}>"
@@ -117,28 +128,19 @@ class ApproximateUnrolling:
             "learning_rates": self.learning_rates,
             "steps": self.steps,
             "solver": {"class": type(self.solver).__name__, **self.solver.get_params()},
-            "measurement": self.measurement.describe(),
         }
 
-    def fit(self, train_data: Any) -> ApproximateUnrolling:
+    def _fit(self, train_data: Any) -> None:
         """Fit each segment's curvature at its checkpoint on ``train_data``."""
         self.solvers_: list[Any] = []
         for checkpoint in progress(self.checkpoints, desc="segment curvatures"):
             with self.model.checkpoint_loaded(checkpoint):
                 fresh = type(self.solver)(**self.solver.get_params())  # unfitted, same settings
                 self.solvers_.append(fresh.fit(self.model, train_data))
-        self.train_data_ = train_data
-        return self
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "solvers_"):
-            raise RuntimeError("call fit(train_data) before scoring")
-
-    def influence(self, test_data: Any, train_data: Any = None) -> Array:
-        """τ(z, z_test) for every test and training point: shape (n_test, n_train), native."""
-        self._check_fitted()
+    def _segments(self, test_data: Any) -> Iterator[tuple[int, Any, Array]]:
+        """(l, solver_l, its solved test block (m, n_test)) for l = L … 1, latest first."""
         xp, model = self.model.xp, self.model
-        train = self.train_data_ if train_data is None else train_data
         last = self.solvers_[-1]
         grads = join(
             xp,
@@ -148,23 +150,49 @@ class ApproximateUnrolling:
             ],
         )
         vectors = last.layer_matrices(grads)  # ∇f(θ_T) per layer, then S_L ⋯ S_{l+1} ∇f(θ_T)
-        total = None
-        segments = range(len(self.solvers_) - 1, -1, -1)
-        for j in progress(segments, desc="segments, latest first"):
+        for j in range(len(self.solvers_) - 1, -1, -1):
             solver, reach = self.solvers_[j], self.learning_rates[j] * self.steps[j]
-            solved = solver.flattened(solver.spectral(vectors, _accumulated(xp, reach)))
+            yield j, solver, solver.flattened(solver.spectral(vectors, _accumulated(xp, reach)))
+            if j > 0:
+                vectors = solver.spectral(vectors, _decayed(xp, reach))
+
+    def prepare_test(self, test_data: Any) -> list[Array]:
+        """Each segment's solved test block, oldest first: a list of L (m, n_test)."""
+        self._check_fitted()
+        return [solved for _, _, solved in self._segments(test_data)][::-1]
+
+    def _scores_from_prepared(self, prepared: Any, train_data: Any) -> Iterator[tuple[int, Array]]:
+        """Scores per training chunk; every checkpoint is loaded once per chunk."""
+        model = self.model
+        for chunk in chunks(model.batches(train_data, self.batch_size), self.chunk_size):
+            total = None
+            for checkpoint, solver, solved in zip(
+                self.checkpoints, self.solvers_, prepared, strict=True
+            ):
+                with model.checkpoint_loaded(checkpoint):
+                    scores = self._stack(
+                        (solver.training_side(model, b).scores(solved) for b in chunk), axis=1
+                    )
+                total = scores if total is None else total + scores
+            yield chunk[0].start, total
+
+    def influence(self, test_data: Any, train_data: Any = None) -> Array:
+        """τ(z, z_test) for every test and training point: shape (n_test, n_train), native."""
+        self._check_fitted()
+        model = self.model
+        train = self.training_data(train_data)
+        total = None
+        segments = progress(self._segments(test_data), desc="segments, latest first")
+        for j, solver, solved in segments:  # one segment's solved block at a time
             with model.checkpoint_loaded(self.checkpoints[j]):
-                scores = join(
-                    xp,
-                    [
+                scores = self._stack(
+                    (
                         solver.training_side(model, batch).scores(solved)
                         for batch in model.batches(train, self.batch_size)
-                    ],
+                    ),
                     axis=1,
                 )
             total = scores if total is None else total + scores
-            if j > 0:
-                vectors = solver.spectral(vectors, _decayed(xp, reach))
         return total
 
     def self_influence(self, train_data: Any = None) -> Array:
@@ -178,7 +206,7 @@ class ApproximateUnrolling:
         """
         self._check_fitted()
         xp, model = self.model.xp, self.model
-        train = self.train_data_ if train_data is None else train_data
+        train = self.training_data(train_data)
         last = self.solvers_[-1]
         parts = []
         for batch in progress(model.batches(train, self.batch_size), desc="self-influence"):
@@ -198,18 +226,6 @@ class ApproximateUnrolling:
                     vectors = solver.spectral(vectors, _decayed(xp, reach))
             parts.append(total)
         return join(xp, parts)
-
-    def top_k(self, test_data: Any, train_data: Any = None, k: int = 5) -> TopK:
-        """The k strongest proponents and opponents of each test point (the record every
-        calculator returns). The segments' scores add up over the whole training set, so the
-        (n_test, n_train) scores exist while they are summed."""
-        scores, xp = self.influence(test_data, train_data), self.model.xp
-        n = int(scores.shape[1])
-        proponents = RunningTopK(xp, min(k, n), largest=True)
-        opponents = RunningTopK(xp, min(k, n), largest=False)
-        proponents.update(scores, 0)
-        opponents.update(scores, 0)
-        return TopK(proponents.indices, proponents.values, opponents.indices, opponents.values)
 
 
 def _accumulated(xp: Any, reach: float):
