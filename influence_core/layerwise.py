@@ -240,6 +240,18 @@ def per_sample_grads_from_layers(
     return gradients_from_statistics(model, blocks, stats)
 
 
+def embedding_gradients(
+    model: InfluenceModel, block: LayerBlock, stats: dict[str, tuple[Array, Array]]
+) -> Array:
+    """An embedding's per-sample table gradients (b, vocabulary, width), its rows summed per
+    (sample, token) and placed with one ``segment_sum`` (no (b, T, vocabulary) one-hot)."""
+    indices, g = stats[block.layer.name]
+    b, rows, width = int(g.shape[0]), block.layer.inputs, block.layer.outputs
+    samples, tokens, summed = embedding_rows(model, indices, g)
+    placed = model.kernels.segment_sum(summed, samples * rows + tokens, b * rows)
+    return model.xp.reshape(placed, (b, rows, width))
+
+
 def gradients_from_statistics(
     model: InfluenceModel, blocks: Sequence[LayerBlock], stats: dict[str, tuple[Array, Array]]
 ) -> Array:
@@ -252,11 +264,9 @@ def gradients_from_statistics(
     pieces = []
     for block in blocks:
         if block.kind == "embedding":
-            indices, g = stats[block.layer.name]
-            b, rows, width = int(g.shape[0]), block.layer.inputs, block.layer.outputs
-            samples, tokens, summed = embedding_rows(model, indices, g)
-            placed = model.kernels.segment_sum(summed, samples * rows + tokens, b * rows)
-            pieces.append((block.kernel_offset, xp.reshape(placed, (b, rows * width))))
+            table = embedding_gradients(model, block, stats)
+            b = int(table.shape[0])
+            pieces.append((block.kernel_offset, xp.reshape(table, (b, -1))))
             continue
         (matrix,) = layer_gradient_matrices(xp, [block], stats)
         b, p_in, p_out = int(matrix.shape[0]), block.layer.inputs, block.layer.outputs

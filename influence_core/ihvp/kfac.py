@@ -66,6 +66,7 @@ from ..layerwise import (
     LayerBlock,
     coverage,
     covering_layers,
+    embedding_gradients,
     embedding_rows,
     gradients_from_statistics,
     layer_gradient_matrices,
@@ -355,6 +356,20 @@ class KFACIHVP(InverseHessianVectorProduct):
         self._check_fitted()
         rotated = self._rotated(matrices)
         return self._back([r * function(s) for r, s in zip(rotated, self._scales(), strict=True)])
+
+    def layer_matrix(self, model: InfluenceModel, j: int, stats: dict[str, Any]) -> Array:
+        """Layer j's per-sample gradient matrices (b, p_in [+1], p_out) from a batch's statistics
+        (an embedding's rows placed by ``segment_sum``, never a one-hot product): one layer at
+        a time, never the batch's (b, d)."""
+        block = self.blocks_[j]
+        if block.kind == "embedding":
+            return embedding_gradients(model, block, stats)
+        return layer_gradient_matrices(self.xp, [block], stats)[0]
+
+    def layer_spectral(self, j: int, matrix: Array, function: Callable[[Array], Array]) -> Array:
+        """:meth:`spectral` of layer j alone: Q φ(Λ + λ) Qᵀ on its (k, p, o) matrices."""
+        xp, qa, qs = self.xp, self.eigenvectors_a_[j], self.eigenvectors_s_[j]
+        return _out_of_bases(xp, _into_bases(xp, matrix, qa, qs) * function(self._scale(j)), qa, qs)
 
     def flattened(self, matrices: list[Array]) -> Array:
         """Each layer's (k, p, o) matrices flattened layer after layer, (m, k): what

@@ -199,17 +199,24 @@ class ApproximateUnrolling(InfluenceCalculator):
         """τ(z, z) for every training point, its own loss at θ_T as the test: shape (n_train,).
 
         Each training batch is its own test block: its gradients at θ_T are
-        propagated through the segments (a (b, p, o) block per layer) and met
-        by its gradients at each checkpoint, so every checkpoint is loaded once
-        per batch (cheap for in-memory states; a file checkpoint is read each
-        time). Equal to the diagonal of ``influence(train, train)``.
+        propagated through the segments and met by its gradients at each
+        checkpoint, so every checkpoint is loaded once per batch (cheap for
+        in-memory states; a file checkpoint is read each time). With K-FAC or
+        EK-FAC this runs layer by layer from the batch's statistics (one
+        layer's (b, p, o) block at a time, never (b, d)). Equal to the
+        diagonal of ``influence(train, train)``.
         """
         self._check_fitted()
         xp, model = self.model.xp, self.model
         train = self.training_data(train_data)
         last = self.solvers_[-1]
         parts = []
-        for batch in progress(model.batches(train, self.batch_size), desc="self-influence"):
+        batches = progress(model.batches(train, self.batch_size), desc="self-influence")
+        if isinstance(last, KFACIHVP):  # layer by layer from statistics: no (b, d) block
+            for batch in batches:
+                parts.append(self._layered_self_influence(batch))
+            return join(xp, parts)
+        for batch in batches:  # the exact solver (small d): whole gradients
             vectors = last.layer_matrices(last.test_gradients(model, batch, LOSS))
             total = None
             for j in range(len(self.solvers_) - 1, -1, -1):
@@ -226,6 +233,29 @@ class ApproximateUnrolling(InfluenceCalculator):
                     vectors = solver.spectral(vectors, _decayed(xp, reach))
             parts.append(total)
         return join(xp, parts)
+
+    def _layered_self_influence(self, batch: Any) -> Array:
+        """One batch's τ(z, z), layer by layer: the batch's statistics at θ_T and at every
+        checkpoint are taken once (b·T·(p + o) numbers per layer), then each layer's (b, p, o)
+        gradients are formed, propagated and met in turn, so one layer's block exists at a time."""
+        xp, model = self.model.xp, self.model
+        at_end = model.layer_statistics(batch, LOSS)
+        at_checkpoints = []
+        for checkpoint in self.checkpoints:
+            with model.checkpoint_loaded(checkpoint):
+                at_checkpoints.append(model.layer_statistics(batch, LOSS))
+        last, total = self.solvers_[-1], None
+        for i in range(len(last.blocks_)):
+            vector = last.layer_matrix(model, i, at_end)
+            for j in range(len(self.solvers_) - 1, -1, -1):
+                solver, reach = self.solvers_[j], self.learning_rates[j] * self.steps[j]
+                solved = solver.layer_spectral(i, vector, _accumulated(xp, reach))
+                own = solver.layer_matrix(model, i, at_checkpoints[j])
+                part = xp.sum(xp.reshape(own * solved, (batch.size, -1)), axis=1)
+                total = part if total is None else total + part
+                if j > 0:
+                    vector = solver.layer_spectral(i, vector, _decayed(xp, reach))
+        return total
 
 
 def _accumulated(xp: Any, reach: float):
