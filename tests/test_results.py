@@ -125,13 +125,18 @@ def test_a_killed_run_resumes_without_recomputing(tmp_path: Path) -> None:
     script = [sys.executable, str(HERE / "resumable_run.py"), str(out)]
     process = subprocess.Popen([*script, "torch", "0.4"], env=env)
     deadline = time.monotonic() + 120
-    while len(list((out / "chunks").glob("chunk_*.npz"))) < 3:
+    # A chunk is finished once its record (chunk_N.json) is written after its arrays: a kill
+    # between the two leaves an .npz the rerun must recompute, so only recorded ones count.
+    while len(list((out / "chunks").glob("chunk_*.json"))) < 3:
         assert process.poll() is None, "the run ended before it could be interrupted"
         assert time.monotonic() < deadline, "no chunks written in time"
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    done = {p.name: p.stat().st_mtime_ns for p in (out / "chunks").glob("chunk_*.npz")}
+    done = {
+        p.with_suffix(".npz").name: p.with_suffix(".npz").stat().st_mtime_ns
+        for p in (out / "chunks").glob("chunk_*.json")
+    }
     assert 3 <= len(done) < 10
     assert not (out / "metadata.json").exists()
 
