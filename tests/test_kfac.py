@@ -295,6 +295,10 @@ def test_nan_in_the_layer_statistics_names_the_samples() -> None:
     with pytest.raises(NonFiniteGradientError) as error:
         calc.self_influence((broken, y))
     assert error.value.sample_indices == (13,)
+    # Pairwise scores: a training side's statistics are not scanned; its per-layer products are.
+    with pytest.raises(NonFiniteGradientError) as error:
+        calc.influence((X[:3], y[:3]), (broken, y))
+    assert error.value.sample_indices == (13,)
 
 
 def test_the_true_fisher_refuses_floating_targets() -> None:

@@ -532,12 +532,16 @@ class KFACIHVP(InverseHessianVectorProduct):
         return gradients_from_statistics(model, covering_layers(model), stats)
 
     def training_side(self, model: InfluenceModel, batch: Any) -> TrainingSide:
-        """A training batch from its layer-wise statistics (at its own labels): no (b, d) gradients."""
+        """A training batch from its layer-wise statistics (at its own labels): no (b, d) gradients.
+
+        Its statistics are not scanned for NaN/inf here: every product it gives
+        is checked per layer and names the samples (``_check``), and NaN/inf in
+        a statistic reaches that product. Scanning the statistics as well read
+        every patch of every convolution once more per batch (about 0.2x a
+        plain pass of the conv net in ``benchmarks/bench_layerwise.py``).
+        """
         self._check_fitted()
-        stats = model.layer_statistics(batch)
-        if model.check_finite:
-            _check_statistics(model, batch, stats)
-        return _LayerwiseTrainingSide(self, model, batch, stats)
+        return _LayerwiseTrainingSide(self, model, batch, model.layer_statistics(batch))
 
 
 class _LayerwiseTrainingSide(TrainingSide):
@@ -571,7 +575,7 @@ class _LayerwiseTrainingSide(TrainingSide):
                 P = solved[start : start + p * o, :]
                 start += p * o
                 part = self._whole_scores(block, P, n)
-            self._check(part, block)  # finite statistics can still overflow in the products
+            self._check(part, block)  # NaN/inf in the statistics, or overflow in the products
             total = part if total is None else total + part
         return xp.matrix_transpose(total)
 

@@ -266,22 +266,30 @@ def recorded_layers(
 def _patches(module: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """(b, positions, kh·kw·in): the input's patches, each in canonical (kh, kw, in) order.
 
-    The (padded) input is first made channels-last (a copy of the input
-    alone), so that ``Tensor.unfold`` over its two spatial axes is a view
-    (b, H', W', in, span_h, span_w) whose channels are contiguous; the taps of
-    a dilated kernel are every d-th entry of its span. The patches are then
-    one copy in canonical order that reads runs of channels (reading them
-    across a channel-major input was 1.3-2.5x slower; ``F.unfold`` gives them
-    channel-major, and reordering them would copy them a second time).
+    The input is first copied once into a zero-bordered channels-last buffer
+    (b, H + 2ph, W + 2pw, in): padding and the change of layout in one copy,
+    where ``F.pad`` and then ``permute().contiguous()`` made two. ``Tensor.unfold``
+    over its two spatial axes is then a view (b, H', W', in, span_h, span_w)
+    whose channels are contiguous; the taps of a dilated kernel are every d-th
+    entry of its span. The patches are one more copy, in canonical order,
+    that reads runs of channels (reading them across a channel-major input
+    was 1.3-2.5x slower; ``F.unfold`` gives them channel-major, and reordering
+    them would copy them a second time).
     """
     kh, kw = module.kernel_size
     (ph, pw), (sh, sw), (dh, dw) = module.padding, module.stride, module.dilation
-    if ph or pw:
-        x = torch.nn.functional.pad(x, (pw, pw, ph, ph))
-    x = x.permute(0, 2, 3, 1).contiguous()  # (b, H, W, in)
-    windows = x.unfold(1, (kh - 1) * dh + 1, sh).unfold(2, (kw - 1) * dw + 1, sw)
+    b, channels, height, width = x.shape
+    padded = x.new_empty((b, height + 2 * ph, width + 2 * pw, channels))
+    if ph:
+        padded[:, :ph].zero_()
+        padded[:, height + ph :].zero_()
+    if pw:
+        padded[:, :, :pw].zero_()
+        padded[:, :, width + pw :].zero_()
+    padded[:, ph : height + ph, pw : width + pw].copy_(x.permute(0, 2, 3, 1))
+    windows = padded.unfold(1, (kh - 1) * dh + 1, sh).unfold(2, (kw - 1) * dw + 1, sw)
     windows = windows[..., ::dh, ::dw]  # (b, H', W', in, kh, kw)
-    b, rows, cols, channels = windows.shape[:4]
+    rows, cols = windows.shape[1:3]
     return windows.permute(0, 1, 2, 4, 5, 3).reshape(b, rows * cols, kh * kw * channels)
 
 
