@@ -591,11 +591,8 @@ class _LayerwiseTrainingSide(TrainingSide):
     def _whole_scores(self, block: LayerBlock, P: Array, n: int) -> Array:
         xp = self.xp
         a, g = self.stats[block.layer.name]
-        if block.kind == "embedding":  # vec(G)ᵀ vec(P) = Σ_t P[a_t]·g_t: rows of P gathered
-            b, t, width = int(g.shape[0]), int(g.shape[1]), block.layer.outputs
-            rows = xp.take(xp.reshape(P, (block.rows, width * n)), xp.reshape(a, (-1,)), axis=0)
-            picked = xp.reshape(rows, (b * t, width, n)) * xp.reshape(g, (b * t, width, 1))
-            return xp.sum(xp.reshape(xp.sum(picked, axis=1), (b, t, n)), axis=1)
+        if block.kind == "embedding":
+            return self._embedding_scores(block, P, n)
         if block.kronecker and int(a.shape[1]) == 1:
             b, p_out = int(a.shape[0]), block.layer.outputs
             projected = xp.reshape(
@@ -612,6 +609,27 @@ class _LayerwiseTrainingSide(TrainingSide):
             return scores + xp.matmul(xp.sum(g, axis=1), P[size:, :])
         (matrix,) = layer_gradient_matrices(xp, [block], self.stats)
         return xp.matmul(xp.reshape(matrix, (int(matrix.shape[0]), -1)), P)
+
+    def _embedding_scores(self, block: LayerBlock, P: Array, n: int) -> Array:
+        """vec(G_i)ᵀ P for an embedding, G_i = Σ_t e_{a_it} g_itᵀ: shape (b, n).
+
+        A table with no more rows than a sample has positions (a positional
+        table) forms its dense per-sample gradients (b, rows · width), no larger
+        than g, and meets P in one product. A larger one (a vocabulary) never
+        does: each (sample, token) pair's summed row r_u meets the rows of P
+        for its token, Σ_u r_uᵀ P[token_u] (one batched product), summed per
+        sample. A token repeated within a sample is gathered once.
+        """
+        xp, model = self.xp, self.model
+        indices, g = self.stats[block.layer.name]
+        b, rows, width = int(g.shape[0]), block.rows, block.layer.outputs
+        if rows <= int(g.shape[1]):
+            dense = embedding_gradients(model, block, self.stats)
+            return xp.matmul(xp.reshape(dense, (b, rows * width)), P)
+        samples, tokens, summed = embedding_rows(model, indices, g)
+        picked = xp.take(xp.reshape(P, (rows, width * n)), tokens, axis=0)
+        per_pair = xp.matmul(summed[:, None, :], xp.reshape(picked, (-1, width, n)))
+        return model.kernels.segment_sum(per_pair[:, 0, :], samples, b)
 
     def _low_rank_scores(
         self, block: LayerBlock, left: Array, right: Array, rank: int, n: int
