@@ -821,10 +821,10 @@ def _rank_one_factors(
     return u * u, v * v
 
 
-def _rotated_matrix_squares(
+def _rotated_matrices(
     xp: Any, block: LayerBlock, stats: dict[str, tuple[Array, Array]], qa: Array, qs: Array
 ) -> Array:
-    """(Q_Aᵀ G_i Q_S)² per sample, (b, p, o), for a layer with T > 1 positions.
+    """R_i = Q_Aᵀ G_i Q_S per sample, (b, p, o), for a layer with T > 1 positions.
 
     Q_Aᵀ G Q_S = Σ_t (Q_Aᵀ ã_t)(Q_Sᵀ g_t)ᵀ: rotating the statistics first costs
     T (p² + o²) + T p o per sample, rotating the formed G costs T p o + p² o + p o²;
@@ -841,7 +841,7 @@ def _rotated_matrix_squares(
     else:
         (matrix,) = layer_gradient_matrices(xp, [block], stats)
         rotated = xp.matmul(xp.matmul(xp.matrix_transpose(qa), matrix), qs)
-    return rotated * rotated
+    return rotated
 
 
 def _rotated_squares(
@@ -872,8 +872,11 @@ def _rotated_squares(
     if factors is not None:
         u2, v2 = factors
         return xp.sum(xp.matmul(u2, weights) * v2, axis=1)
-    squares = _rotated_matrix_squares(xp, block, stats, qa, qs)
-    return xp.sum(xp.reshape(squares * weights, (int(squares.shape[0]), -1)), axis=1)
+    # Σ_jk R²_jk W_jk = ‖R ⊙ √W‖²: one scaled copy, then one dot product per sample
+    # (R², R² W and their sum were three passes over the (b, p, o) block).
+    scaled = _rotated_matrices(xp, block, stats, qa, qs) * xp.sqrt(weights)
+    flat = xp.reshape(scaled, (int(scaled.shape[0]), 1, -1))
+    return xp.matmul(flat, xp.matrix_transpose(flat))[:, 0, 0]
 
 
 def _summed_rotated_squares(
@@ -897,7 +900,8 @@ def _summed_rotated_squares(
     if factors is not None:
         u2, v2 = factors
         return xp.matmul(xp.matrix_transpose(u2), v2)
-    return xp.sum(_rotated_matrix_squares(xp, block, stats, qa, qs), axis=0)
+    rotated = _rotated_matrices(xp, block, stats, qa, qs)
+    return xp.sum(rotated * rotated, axis=0)
 
 
 def _into_bases(xp: Any, matrices: Array, qa: Array | None, qs: Array | None) -> Array:
