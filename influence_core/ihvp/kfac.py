@@ -872,9 +872,11 @@ def _rotated_squares(
     if factors is not None:
         u2, v2 = factors
         return xp.sum(xp.matmul(u2, weights) * v2, axis=1)
-    # Σ_jk R²_jk W_jk = ‖R ⊙ √W‖²: one scaled copy, then one dot product per sample
-    # (R², R² W and their sum were three passes over the (b, p, o) block).
-    scaled = _rotated_matrices(xp, block, stats, qa, qs) * xp.sqrt(weights)
+    # Σ_jk R²_jk W_jk = ‖R ⊙ √W‖²: R scaled in place (a fresh product; an immutable
+    # namespace rebinds it), then one dot product per sample. R², R² W and their sum
+    # were three passes over the (b, p, o) block and two fresh ones of its size.
+    scaled = _rotated_matrices(xp, block, stats, qa, qs)
+    scaled *= xp.sqrt(weights)
     flat = xp.reshape(scaled, (int(scaled.shape[0]), 1, -1))
     return xp.matmul(flat, xp.matrix_transpose(flat))[:, 0, 0]
 
