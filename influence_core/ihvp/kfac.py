@@ -738,7 +738,7 @@ def _factor_sums(model: InfluenceModel, data: Any, *, solver: KFACIHVP) -> dict[
             a, g = stats[block.layer.name]
             if not block.kronecker:  # the diagonal block's E[G²], exactly
                 (matrix,) = layer_gradient_matrices(xp, [block], stats)
-                _add(sums, f"squares.{j}", xp.vecdot(matrix, matrix, axis=0))
+                _add(sums, f"squares.{j}", xp.sum(matrix * matrix, axis=0))
                 continue
             rows = int(a.shape[0]) * int(a.shape[1])
             g = xp.reshape(g, (rows, block.layer.outputs))
@@ -903,7 +903,8 @@ def _summed_rotated_squares(
         u2, v2 = factors
         return xp.matmul(xp.matrix_transpose(u2), v2)
     rotated = _rotated_matrices(xp, block, stats, qa, qs)
-    return xp.vecdot(rotated, rotated, axis=0)  # no (b, p, o) R² (2.4x faster in torch)
+    rotated *= rotated  # in place: a fresh product (an immutable namespace rebinds it)
+    return xp.sum(rotated, axis=0)
 
 
 def _into_bases(xp: Any, matrices: Array, qa: Array | None, qs: Array | None) -> Array:
@@ -948,7 +949,8 @@ def _eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     jitter = 0.0
     for attempt in range(6):
         try:
-            values, vectors = np.linalg.eigh(matrix + jitter * np.eye(len(matrix)))
+            shifted = matrix if jitter == 0.0 else matrix + jitter * np.eye(len(matrix))
+            values, vectors = np.linalg.eigh(shifted)
             if np.all(np.isfinite(values)):
                 return np.maximum(values - jitter, 0.0), vectors, jitter
         except np.linalg.LinAlgError:
