@@ -14,13 +14,14 @@ from .base import DEFAULT_DAMPING, InverseHessianVectorProduct
 from .conjugate_gradient import ConjugateGradientIHVP
 from .exact import MAX_EXACT_PARAMETERS, ExactIHVP
 from .kfac import EKFACIHVP, FACTORED_DAMPING, KFACIHVP
-from .lissa import LissaIHVP, largest_eigenvalue
+from .lissa import LISSA_DAMPING, LissaIHVP, largest_eigenvalue
 
 __all__ = [
     "DEFAULT_DAMPING",
     "EKFACIHVP",
     "FACTORED_DAMPING",
     "KFACIHVP",
+    "LISSA_DAMPING",
     "MAX_EXACT_PARAMETERS",
     "ArnoldiIHVP",
     "ConjugateGradientIHVP",

@@ -39,8 +39,8 @@ __all__ = [
     "known_size",
 ]
 
-#: Default damping λ added to the curvature of the mean loss: H + λI (exact, CG, LiSSA,
-#: Arnoldi). Chosen on the panel of ``benchmarks/defaults_panel.py`` (docs/choosing.md): at
+#: Default damping λ added to the curvature of the mean loss: H + λI (exact, CG,
+#: Arnoldi; LiSSA has its own, :data:`~influence_core.ihvp.LISSA_DAMPING`). Chosen on the panel of ``benchmarks/defaults_panel.py`` (docs/choosing.md): at
 #: 1e-2 CG is within the 95 % interval of its best damping on all four panel models and
 #: completes on each; at the former 1e-3 it lost 0.11 LDS on softmax regression and
 #: refused the 0.1M-parameter MLP (negative curvature). For a model trained with an L2
