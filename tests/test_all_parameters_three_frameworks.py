@@ -227,12 +227,23 @@ def test_the_torch_keras_and_nnx_blocks_agree_to_1e_8() -> None:
             scores.setdefault(f"{solver.__name__} self", []).append(
                 model.to_numpy(calculator.self_influence())
             )
+            for label, part in zip(
+                ("one pass", "one pass self"),
+                calculator.influence_and_self_influence(test),
+                strict=True,
+            ):
+                scores.setdefault(f"{solver.__name__} {label}", []).append(model.to_numpy(part))
         tracin = TracIn(model, [model.save_state()], 0.1, layerwise=True).fit(train)
         scores.setdefault("TracIn", []).append(model.to_numpy(tracin.influence(test)))
     for name, (keras_scores, torch_scores, nnx_scores) in scores.items():
         for other in (keras_scores, nnx_scores):
             gap = np.abs(other - torch_scores).max() / np.abs(torch_scores).max()
             assert gap < 1e-8, (name, gap)
+    for name in ("KFACIHVP", "EKFACIHVP"):  # the one pass (in the eigenbases) = the two apart
+        for part, apart in (("one pass", name), ("one pass self", f"{name} self")):
+            for joint, separate in zip(scores[f"{name} {part}"], scores[apart], strict=True):
+                gap = np.abs(joint - separate).max() / np.abs(separate).max()
+                assert gap < 1e-10, (name, part, gap)
 
 
 def keras_cnn() -> keras.Model:

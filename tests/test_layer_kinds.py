@@ -180,6 +180,10 @@ def test_every_scoring_path_from_statistics_equals_flat_gradients(build: str) ->
     assert relative(by_layer, fitted.ihvp.test_side(g_test)) < 1e-12
     self_expected = torch.einsum("id,di->i", g_train, fitted.ihvp.solve(g_train.T))
     assert relative(fitted.self_influence(), self_expected) < 1e-10
+    # One pass: dense and conv layers scored in their eigenbases (joint_test_side).
+    both = fitted.influence_and_self_influence(test)
+    assert relative(both[0], expected) < 1e-10
+    assert relative(both[1], self_expected) < 1e-10
     state = model.kernels.save_state()
     layerwise = TracIn(model, [state], 0.1, layerwise=True).fit(train).influence(test)
     flat = TracIn(model, [state], 0.1, layerwise=False).fit(train).influence(test)

@@ -89,23 +89,31 @@ class FirstOrderInfluenceCalculator(InfluenceCalculator):
         self.ihvp.restore_state(self.model, arrays)
 
     # -- building blocks ----------------------------------------------------------
-    def solve_test_gradients(self, test_data: Any) -> Array:
+    def solve_test_gradients(self, test_data: Any, *, joint: bool = False) -> Array:
         """The solver's test side of ``test_data``: S = (H + λI)⁻¹ G_testᵀ, shape (d, n_test).
 
         (For Arnoldi, the projections p(z_test) as columns, shape (k, n_test).)
         The expensive half of :meth:`influence` for iterative solvers. Keep it to
         score many training sets (or shards) with :meth:`influence_from_prepared`.
+        ``joint=True``: the block for scores and self-influence from one pass
+        (:meth:`~influence_core.ihvp.TrainingSide.scores_and_quadratic_forms`).
         """
         self._check_fitted()
         batches = self.model.batches(test_data, self.batch_size)
         n = known_size(self.model, test_data, self.batch_size)  # exact, or an upper bound
         out = None if n is None else self.ihvp.allocated_test_side(n)
+        asked = {"joint": True} if joint else {}  # a solver without the keyword still serves
         if out is None:
-            solved = (self.ihvp.solved_test_side(self.model, b, self.measurement) for b in batches)
+            solved = (
+                self.ihvp.solved_test_side(self.model, b, self.measurement, **asked)
+                for b in batches
+            )
             return self._stack(solved, 1)
         column = 0  # each batch written in place: the block exists once, never as pieces too
         for batch in batches:
-            self.ihvp.solved_test_side_into(self.model, batch, self.measurement, out, column)
+            self.ihvp.solved_test_side_into(
+                self.model, batch, self.measurement, out, column, **asked
+            )
             column += batch.size
         return out if column == int(out.shape[1]) else out[:, :column]
 
@@ -179,11 +187,19 @@ class FirstOrderInfluenceCalculator(InfluenceCalculator):
         """:meth:`influence` and :meth:`self_influence` from one pass over the training data.
 
         Each training batch's gradients (and, for RelatIF, their norms) serve
-        both its block of scores and its self-influences.
+        both its block of scores and its self-influences. Without RelatIF the
+        solver may share more: K-FAC and EK-FAC score in each layer's eigenbasis,
+        where the rotation of a sample's gradient that its self-influence needs
+        also meets the test side, solved with ``joint=True``
+        (:meth:`~influence_core.ihvp.TrainingSide.scores_and_quadratic_forms`).
         """
         train = self.training_data(train_data)
         self.check_cost("self-influence", train)
-        solved = self.prepare_test(test_data)
+        if self.normalize:
+            solved = self.prepare_test(test_data)
+        else:
+            self._check_fitted()
+            solved = self.solve_test_gradients(test_data, joint=True)
         blocks, parts = [], []
         stream = progress(
             self._training_sides(train),
@@ -191,9 +207,14 @@ class FirstOrderInfluenceCalculator(InfluenceCalculator):
             total=self._batch_total(train),
         )
         for _, side in stream:
-            norms = self._norms(side)
-            blocks.append(self._scores_of(solved, side, norms))
-            parts.append(self._self_of(side, norms))
+            if self.normalize:
+                norms = side.solved_norms()
+                blocks.append(self._scores_of(solved, side, norms))
+                parts.append(self._self_of(side, norms))
+            else:
+                scores, forms = side.scores_and_quadratic_forms(solved)
+                blocks.append(scores)
+                parts.append(forms)
         return self._stack(blocks, axis=1), self._stack(parts)
 
     def influence_vector(self, data: Any) -> Array:

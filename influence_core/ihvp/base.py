@@ -81,6 +81,17 @@ class TrainingSide(ABC):
     def solved_norms(self) -> Array:
         """‖(H + λI)⁻¹ gᵢ‖ for each sample: shape (b,)."""
 
+    def scores_and_quadratic_forms(self, joint: Array) -> tuple[Array, Array]:
+        """:meth:`scores` (n_test, b) and :meth:`quadratic_forms` (b,) in one call.
+
+        ``joint`` is the solved test block from
+        :meth:`InverseHessianVectorProduct.solved_test_side` with ``joint=True``.
+        By default that is the usual block and this is the two calls; a solver
+        whose scores and self-influence share work (a rotation into its
+        eigenbasis) overrides both.
+        """
+        return self.scores(joint), self.quadratic_forms()
+
 
 class GradientTrainingSide(TrainingSide):
     """The default: the batch's per-sample gradients G (b, d), through the solver's own methods."""
@@ -401,11 +412,16 @@ class InverseHessianVectorProduct(ABC):
         """
         return model.batch_per_sample_grads(batch, measurement)
 
-    def solved_test_side(self, model: InfluenceModel, batch: Any, measurement: Any) -> Array:
+    def solved_test_side(
+        self, model: InfluenceModel, batch: Any, measurement: Any, *, joint: bool = False
+    ) -> Array:
         """:meth:`test_side` of one test batch's :meth:`test_gradients`: what the calculators keep.
 
         A solver that can solve without the batch's (b, d) gradients (layer by
         layer, from statistics) overrides this to keep its peak memory down.
+        ``joint=True`` asks for the block as :meth:`TrainingSide.scores_and_quadratic_forms`
+        takes it: by default the same block; K-FAC and EK-FAC leave each layer
+        in its eigenbasis.
         """
         return self.test_side(self.test_gradients(model, batch, measurement))
 
@@ -423,10 +439,18 @@ class InverseHessianVectorProduct(ABC):
         return None
 
     def solved_test_side_into(
-        self, model: InfluenceModel, batch: Any, measurement: Any, out: Array, column: int
+        self,
+        model: InfluenceModel,
+        batch: Any,
+        measurement: Any,
+        out: Array,
+        column: int,
+        *,
+        joint: bool = False,
     ) -> None:
         """Write :meth:`solved_test_side` of ``batch`` into ``out[:, column : column + b]``."""
-        out[:, column : column + batch.size] = self.solved_test_side(model, batch, measurement)
+        solved = self.solved_test_side(model, batch, measurement, joint=joint)
+        out[:, column : column + batch.size] = solved
 
     def training_side(self, model: InfluenceModel, batch: Any) -> TrainingSide:
         """One training :class:`~influence_core.data.Batch` as this solver scores it.

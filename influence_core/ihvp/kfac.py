@@ -408,7 +408,9 @@ class KFACIHVP(InverseHessianVectorProduct):
         matrices = self._each_matrix(canonical)
         return self._flattened(self._solve_matrix(j, m) for j, m in enumerate(matrices))
 
-    def solved_test_side(self, model: InfluenceModel, batch: Any, measurement: Any) -> Array:
+    def solved_test_side(
+        self, model: InfluenceModel, batch: Any, measurement: Any, *, joint: bool = False
+    ) -> Array:
         """:meth:`test_side` of a test batch, straight from its layer statistics.
 
         Each layer's gradient matrices are built, solved and flattened in turn:
@@ -416,13 +418,19 @@ class KFACIHVP(InverseHessianVectorProduct):
         embedding is solved on its nonzero rows (one per (sample, token) pair,
         at most b·T) and placed once, so the peak is the solved block and one
         layer's temporaries.
+
+        ``joint=True`` leaves each whole dense and convolution layer in its
+        eigenbasis, P̃ = (Q_Aᵀ G Q_S) ⊘ (Λ + λ) = Q_Aᵀ P Q_S (the rotation back
+        is skipped): what :meth:`_LayerwiseTrainingSide.scores_and_quadratic_forms`
+        meets with a training sample's R_i = Q_Aᵀ G_i Q_S, the rotation its
+        self-influence needs anyway. Other blocks are as without it.
         """
         self._check_fitted()
         stats = model.layer_statistics(batch, measurement)
         if model.check_finite:
             _check_statistics(model, batch, stats)
         return self._flattened(
-            self._solve_layer(model, j, block, stats) for j, block in enumerate(self.blocks_)
+            self._solve_layer(model, j, block, stats, joint) for j, block in enumerate(self.blocks_)
         )
 
     def allocated_test_side(self, n: int) -> Array | None:
@@ -444,15 +452,39 @@ class KFACIHVP(InverseHessianVectorProduct):
         return self.xp.empty((rows, n), dtype=like.dtype, device=array_device(like))
 
     def solved_test_side_into(
-        self, model: InfluenceModel, batch: Any, measurement: Any, out: Array, column: int
+        self,
+        model: InfluenceModel,
+        batch: Any,
+        measurement: Any,
+        out: Array,
+        column: int,
+        *,
+        joint: bool = False,
     ) -> None:
         """:meth:`solved_test_side`, each layer written into ``out`` as it is solved."""
         self._check_fitted()
         stats = model.layer_statistics(batch, measurement)
         if model.check_finite:
             _check_statistics(model, batch, stats)
-        solved = (self._solve_layer(model, j, block, stats) for j, block in enumerate(self.blocks_))
+        solved = (
+            self._solve_layer(model, j, block, stats, joint) for j, block in enumerate(self.blocks_)
+        )
         self._flattened(solved, out=out, column=column)
+
+    def _joined(self, j: int) -> bool:
+        """Whether the joint pass scores layer j in its eigenbasis.
+
+        A whole (not low-rank) dense or convolution layer, with two bases (an
+        embedding's Q_A is I), and training sides that are the layer-wise ones
+        (a subclass scoring through per-sample gradients keeps the usual block).
+        """
+        block = self.blocks_[j]
+        return (
+            type(self).training_side is KFACIHVP.training_side
+            and self.query_ranks()[j] is None
+            and block.kind in ("dense", "conv2d")
+            and self.eigenvectors_a_[j] is not None
+        )
 
     def _solve_matrix(self, j: int, matrix: Array) -> Array:
         """(F̂_j + λI)⁻¹ for layer j's (k, p, o) matrices: Q_A ((Q_Aᵀ M Q_S) ⊘ (Λ + λ)) Q_Sᵀ."""
@@ -460,11 +492,20 @@ class KFACIHVP(InverseHessianVectorProduct):
         return _out_of_bases(xp, _into_bases(xp, matrix, qa, qs) / self._scale(j), qa, qs)
 
     def _solve_layer(
-        self, model: InfluenceModel, j: int, block: LayerBlock, stats: dict[str, Any]
+        self,
+        model: InfluenceModel,
+        j: int,
+        block: LayerBlock,
+        stats: dict[str, Any],
+        joint: bool = False,
     ) -> Array:
-        """Layer j's solved test matrices (k, p, o) from the batch's statistics."""
+        """Layer j's solved test matrices (k, p, o) from the batch's statistics (``joint``: P̃)."""
         if block.kind != "embedding":
-            return self._solve_matrix(j, layer_gradient_matrices(self.xp, [block], stats)[0])
+            matrix = layer_gradient_matrices(self.xp, [block], stats)[0]
+            if joint and self._joined(j):
+                qa, qs = self.eigenvectors_a_[j], self.eigenvectors_s_[j]
+                return _into_bases(self.xp, matrix, qa, qs) / self._scale(j)
+            return self._solve_matrix(j, matrix)
         xp, qs = self.xp, self.eigenvectors_s_[j]  # Q_A = I: each token's row is solved alone
         indices, g = stats[block.layer.name]
         b, rows, width = int(g.shape[0]), block.rows, block.layer.outputs
@@ -565,19 +606,75 @@ class _LayerwiseTrainingSide(TrainingSide):
         xp, total, start = self.xp, None, 0
         n = int(solved.shape[1])
         for block, rank in zip(self.solver.blocks_, self.solver.query_ranks(), strict=True):
-            p, o = block.rows, block.layer.outputs
-            if rank is not None:
-                left = solved[start : start + p * rank, :]
-                right = solved[start + p * rank : start + rank * (p + o), :]
-                start += rank * (p + o)
-                part = self._low_rank_scores(block, left, right, rank, n)
-            else:
-                P = solved[start : start + p * o, :]
-                start += p * o
-                part = self._whole_scores(block, P, n)
+            size = _layer_size(block, rank)
+            part = self._layer_scores(block, rank, solved[start : start + size, :], n)
+            start += size
             self._check(part, block)  # NaN/inf in the statistics, or overflow in the products
             total = part if total is None else total + part
         return xp.matrix_transpose(total)
+
+    def scores_and_quadratic_forms(self, joint: Array) -> tuple[Array, Array]:
+        """Σ_l ⟨R_il, P̃_l⟩ and Σ_l ‖R_il ⊙ (Λ_l + λ)^(-1/2)‖², R_il = Q_Aᵀ G_il Q_S, from one rotation.
+
+        ``joint`` is :meth:`KFACIHVP.solved_test_side` with ``joint=True``, where a
+        dense or convolution layer's rows hold P̃ = Q_Aᵀ P Q_S, and ⟨R_i, P̃⟩ = ⟨G_i, P⟩
+        (the bases are orthogonal). Over positions (T > 1) R_i (b, p, o) is
+        formed once, meets P̃ in one product (b p o n), and is then scaled in
+        place for the self-influence; :meth:`scores` and :meth:`quadratic_forms`
+        apart form G_i = Σ_t ãᵀg as well (T p o per sample). Applied once per
+        sample (T = 1), R_i = u vᵀ with u = Q_Aᵀ ã and v = Q_Sᵀ g: the scores are
+        (u P̃) · v and the self-influence Σ (u² W) v², W = 1 ⊘ (Λ + λ). Every
+        other block is scored as :meth:`scores` and :meth:`quadratic_forms` do.
+        """
+        solver, xp = self.solver, self.xp
+        n, start, scores, forms = int(joint.shape[1]), 0, None, None
+        for j, (block, rank) in enumerate(zip(solver.blocks_, solver.query_ranks(), strict=True)):
+            size = _layer_size(block, rank)
+            rows = joint[start : start + size, :]
+            start += size
+            weights = 1.0 / solver._scale(j)
+            if solver._joined(j):
+                score, form = self._joint_layer(j, block, rows, weights)
+            else:
+                score = self._layer_scores(block, rank, rows, n)
+                qa, qs = solver.eigenvectors_a_[j], solver.eigenvectors_s_[j]
+                form = _rotated_squares(self.model, block, self.stats, qa, qs, weights)
+            self._check(score, block)
+            self._check(xp.reshape(form, (-1, 1)), block)
+            scores = score if scores is None else scores + score
+            forms = form if forms is None else forms + form
+        return xp.matrix_transpose(scores), forms
+
+    def _joint_layer(
+        self, j: int, block: LayerBlock, rotated_test: Array, weights: Array
+    ) -> tuple[Array, Array]:
+        """A dense or convolution layer's (scores (b, n), self-influence (b,)) in its eigenbasis."""
+        xp, solver = self.xp, self.solver
+        qa, qs = solver.eigenvectors_a_[j], solver.eigenvectors_s_[j]
+        n = int(rotated_test.shape[1])
+        pair = _rank_one_rotations(xp, block, self.stats, qa, qs)
+        if pair is not None:
+            u, v = pair
+            b, o = int(u.shape[0]), block.layer.outputs
+            test = xp.reshape(rotated_test, (block.rows, o * n))
+            projected = xp.reshape(xp.matmul(u, test), (b, o, n))
+            return (
+                xp.sum(projected * v[:, :, None], axis=1),
+                xp.sum(xp.matmul(u * u, weights) * (v * v), axis=1),
+            )
+        rotated = _rotated_matrices(xp, block, self.stats, qa, qs)
+        b = int(rotated.shape[0])
+        score = xp.matmul(xp.reshape(rotated, (b, -1)), rotated_test)
+        rotated *= xp.sqrt(weights)  # in place, after the product (an immutable namespace rebinds)
+        flat = xp.reshape(rotated, (b, 1, -1))
+        return score, xp.matmul(flat, xp.matrix_transpose(flat))[:, 0, 0]
+
+    def _layer_scores(self, block: LayerBlock, rank: int | None, rows: Array, n: int) -> Array:
+        """One layer's scores (b, n) against its rows of the solved test block."""
+        if rank is None:
+            return self._whole_scores(block, rows, n)
+        p = block.rows
+        return self._low_rank_scores(block, rows[: p * rank, :], rows[p * rank :, :], rank, n)
 
     def _inputs(self, block: LayerBlock) -> Array:
         """ã, the layer's inputs with the bias's constant 1 appended: (b, T, p)."""
@@ -802,13 +899,19 @@ def _check_statistics(
                 )
 
 
-def _rank_one_factors(
+def _layer_size(block: LayerBlock, rank: int | None) -> int:
+    """A layer's rows in the solved test block: p o whole, r (p + o) at query rank r."""
+    p, o = block.rows, block.layer.outputs
+    return p * o if rank is None else rank * (p + o)
+
+
+def _rank_one_rotations(
     xp: Any, block: LayerBlock, stats: dict[str, tuple[Array, Array]], qa: Array, qs: Array
 ) -> tuple[Array, Array] | None:
-    """(u², v²) with u = Q_Aᵀ ã, v = Q_Sᵀ g, for a layer applied once per sample (T = 1); else None.
+    """(u, v) = (Q_Aᵀ ã, Q_Sᵀ g) for a layer applied once per sample (T = 1); else None.
 
-    Its gradient is then the rank-one G = ã gᵀ, so R = Q_Aᵀ G Q_S = u vᵀ and
-    R² = u² (v²)ᵀ: nothing of shape (b, p, o) is needed.
+    Its gradient is then the rank-one G = ã gᵀ, so R = Q_Aᵀ G Q_S = u vᵀ:
+    nothing of shape (b, p, o) is needed.
     """
     a, g = stats[block.layer.name]
     if block.kind not in ("dense", "conv2d") or int(a.shape[1]) != 1:
@@ -817,7 +920,17 @@ def _rank_one_factors(
     a = a[:, 0, :]
     if block.bias_offset is not None:
         a = xp.concat([a, xp.ones((b, 1), dtype=a.dtype)], axis=1)
-    u, v = xp.matmul(a, qa), xp.matmul(g[:, 0, :], qs)
+    return xp.matmul(a, qa), xp.matmul(g[:, 0, :], qs)
+
+
+def _rank_one_factors(
+    xp: Any, block: LayerBlock, stats: dict[str, tuple[Array, Array]], qa: Array, qs: Array
+) -> tuple[Array, Array] | None:
+    """(u², v²) of :func:`_rank_one_rotations` (R² = u² (v²)ᵀ), or None when T > 1."""
+    pair = _rank_one_rotations(xp, block, stats, qa, qs)
+    if pair is None:
+        return None
+    u, v = pair
     return u * u, v * v
 
 
