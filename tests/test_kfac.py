@@ -377,3 +377,22 @@ def test_host_decompositions_keep_to_the_framework_s_thread_count(monkeypatch) -
         torch.set_num_threads(threads)
     assert seen and set(seen) == {1}, seen
     assert outside == 4  # restored after the fit
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch", "tensorflow"])
+def test_the_gram_in_strips_equals_the_whole_product(framework: str) -> None:
+    """K-FAC's factors aᵀa from upper strips and their mirrors = one product, at and around the split."""
+    import influence_core
+    from influence_core.ihvp.kfac import _GRAM_SPLIT_WIDTH, _gram
+
+    rng = np.random.default_rng(3)
+    native = {
+        "numpy": lambda x: x,
+        "torch": torch.from_numpy,
+        "tensorflow": lambda x: __import__("tensorflow").constant(x),
+    }[framework]
+    for width in (_GRAM_SPLIT_WIDTH - 1, _GRAM_SPLIT_WIDTH, _GRAM_SPLIT_WIDTH + 3, 1025):
+        a = rng.normal(size=(40, width))
+        xp = influence_core.array_namespace(native(a))
+        got = np.asarray(_gram(xp, native(a)))
+        np.testing.assert_allclose(got, a.T @ a, rtol=1e-12, atol=1e-10)
