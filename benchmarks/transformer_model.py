@@ -15,37 +15,49 @@ VOCAB, WIDTH, T, BLOCKS, HEADS = 8000, 256, 64, 4, 4
 
 
 class Block(torch.nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, width: int = WIDTH, length: int = T, heads: int = HEADS) -> None:
         super().__init__()
-        self.norm1, self.norm2 = torch.nn.LayerNorm(WIDTH), torch.nn.LayerNorm(WIDTH)
-        self.q, self.k, self.v, self.o = (torch.nn.Linear(WIDTH, WIDTH) for _ in range(4))
-        self.up, self.down = torch.nn.Linear(WIDTH, 4 * WIDTH), torch.nn.Linear(4 * WIDTH, WIDTH)
+        self.width, self.length, self.n_heads = width, length, heads
+        self.norm1, self.norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(width, width) for _ in range(4))
+        self.up, self.down = torch.nn.Linear(width, 4 * width), torch.nn.Linear(4 * width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
+        b, width, length, heads_ = x.shape[0], self.width, self.length, self.n_heads
         h = self.norm1(x)
 
         def heads(layer: torch.nn.Linear) -> torch.Tensor:
-            return layer(h).reshape(b, T, HEADS, WIDTH // HEADS).transpose(1, 2)
+            return layer(h).reshape(b, length, heads_, width // heads_).transpose(1, 2)
 
         attended = torch.softmax(
-            heads(self.q) @ heads(self.k).transpose(2, 3) / (WIDTH // HEADS) ** 0.5, dim=-1
+            heads(self.q) @ heads(self.k).transpose(2, 3) / (width // heads_) ** 0.5, dim=-1
         ) @ heads(self.v)
-        x = x + self.o(attended.transpose(1, 2).reshape(b, T, WIDTH))
+        x = x + self.o(attended.transpose(1, 2).reshape(b, length, width))
         return x + self.down(torch.nn.functional.gelu(self.up(self.norm2(x))))
 
 
 class Transformer(torch.nn.Module):
-    def __init__(self) -> None:
+    """The benchmarks' model at its default sizes; smaller ones (the defaults panel's) by argument."""
+
+    def __init__(
+        self,
+        vocab: int = VOCAB,
+        width: int = WIDTH,
+        length: int = T,
+        blocks: int = BLOCKS,
+        heads: int = HEADS,
+        classes: int = 10,
+    ) -> None:
         super().__init__()
-        self.tokens = torch.nn.Embedding(VOCAB, WIDTH)
-        self.positions = torch.nn.Embedding(T, WIDTH)
-        self.blocks = torch.nn.Sequential(*(Block() for _ in range(BLOCKS)))
-        self.norm = torch.nn.LayerNorm(WIDTH)
-        self.head = torch.nn.Linear(WIDTH, 10)
+        self.length = length
+        self.tokens = torch.nn.Embedding(vocab, width)
+        self.positions = torch.nn.Embedding(length, width)
+        self.blocks = torch.nn.Sequential(*(Block(width, length, heads) for _ in range(blocks)))
+        self.norm = torch.nn.LayerNorm(width)
+        self.head = torch.nn.Linear(width, classes)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.tokens(ids) + self.positions(torch.arange(T)[None])
+        x = self.tokens(ids) + self.positions(torch.arange(self.length)[None])
         return self.head(self.norm(self.blocks(x)).mean(dim=1))
 
 

@@ -71,7 +71,7 @@ def test_conjugate_gradient_on_a_non_convex_model_suggests_more_damping_and_the_
     None
 ):
     model = InfluenceModel(mlp(), CE)
-    solver = ConjugateGradientIHVP(damping=2.0e-4).fit(model, (X, Y))
+    solver = ConjugateGradientIHVP(damping=2.0e-4, curvature="hessian").fit(model, (X, Y))
     with pytest.raises(NotPositiveDefiniteError, match="curvature='ggn'") as info:
         solver.solve(np.eye(model.num_parameters)[:, :3])
     assert suggested_damping(info.value) > 2.0e-4

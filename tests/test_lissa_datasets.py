@@ -89,7 +89,9 @@ def test_batch_size_is_honoured_for_a_dataloader() -> None:
 
     kernels.mean_loss_hvp = recording
     try:
-        solver = LissaIHVP(damping=MU, batch_size=50, scale=3.0, depth=20, tol=None)
+        solver = LissaIHVP(
+            damping=MU, batch_size=50, scale=3.0, depth=20, tol=None, curvature="hessian"
+        )
         FirstOrderInfluenceCalculator(w["model"], solver).fit(w["loader"]).influence(w["test"])
     finally:
         del kernels.mean_loss_hvp

@@ -10,18 +10,20 @@ Class names follow the Influenciae paper's table.
 """
 
 from .arnoldi import ArnoldiIHVP
-from .base import DEFAULT_DAMPING, InverseHessianVectorProduct
+from .base import DEFAULT_DAMPING, ITERATIVE_CURVATURE, InverseHessianVectorProduct
 from .conjugate_gradient import ConjugateGradientIHVP
 from .exact import MAX_EXACT_PARAMETERS, ExactIHVP
 from .kfac import EKFACIHVP, FACTORED_DAMPING, KFACIHVP
-from .lissa import LISSA_DAMPING, LissaIHVP, largest_eigenvalue
+from .lissa import LISSA_DAMPING, LISSA_MIN_SCALE, LissaIHVP, largest_eigenvalue
 
 __all__ = [
     "DEFAULT_DAMPING",
     "EKFACIHVP",
     "FACTORED_DAMPING",
+    "ITERATIVE_CURVATURE",
     "KFACIHVP",
     "LISSA_DAMPING",
+    "LISSA_MIN_SCALE",
     "MAX_EXACT_PARAMETERS",
     "ArnoldiIHVP",
     "ConjugateGradientIHVP",

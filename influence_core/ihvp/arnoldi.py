@@ -9,7 +9,7 @@ import numpy as np
 from ..errors import CostLimitError
 from ..model import InfluenceModel
 from ..progress import progress
-from .base import DEFAULT_DAMPING, Array, InverseHessianVectorProduct
+from .base import DEFAULT_DAMPING, ITERATIVE_CURVATURE, Array, InverseHessianVectorProduct
 
 __all__ = ["ArnoldiIHVP"]
 
@@ -42,7 +42,8 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         iterations: Arnoldi steps (default 2k, at most d).
         seed: seed of the start vector (and of restarts).
         memory_budget: bytes the basis and eigenvectors may take (``None``: no check).
-        curvature: ``"hessian"`` or ``"ggn"`` (the Gauss–Newton matrix; see
+        curvature: ``"ggn"`` (the default, :data:`~influence_core.ihvp.ITERATIVE_CURVATURE`:
+            the Gauss–Newton matrix) or ``"hessian"`` (see
             :class:`~influence_core.ihvp.InverseHessianVectorProduct`).
     """
 
@@ -51,7 +52,7 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         *,
         damping: float = DEFAULT_DAMPING,
         batch_size: int | None = None,
-        curvature: str = "hessian",
+        curvature: str = ITERATIVE_CURVATURE,
         rank: int = 50,
         iterations: int | None = None,
         seed: int = 0,

@@ -32,6 +32,7 @@ from ..sums import ShardedData
 
 __all__ = [
     "DEFAULT_DAMPING",
+    "ITERATIVE_CURVATURE",
     "PER_POINT_LIMIT",
     "GradientTrainingSide",
     "InverseHessianVectorProduct",
@@ -47,6 +48,14 @@ __all__ = [
 #: penalty (μ/2)‖θ‖² on the mean loss, ``damping=μ`` is the Hessian of the training
 #: objective; :func:`influence_core.evaluation.select` compares dampings on your model.
 DEFAULT_DAMPING = 1e-2
+
+#: Default curvature of the iterative solvers (CG, LiSSA, Arnoldi): the Gauss–Newton
+#: matrix, positive semi-definite for a convex loss, so a non-convex network never stops
+#: them. On the panel's transformer (``benchmarks/defaults_panel.py``) the damped Hessian
+#: is not positive definite at λ ≤ 1e-2 (CG refused, LiSSA diverged at any scale); on the
+#: other four panel models the two curvatures are within each other's 95 % intervals
+#: (docs/choosing.md). :class:`~influence_core.ihvp.ExactIHVP` keeps the Hessian.
+ITERATIVE_CURVATURE = "ggn"
 
 #: Default cap of an iterative solver on the estimated work of solving per training
 #: point (self-influence, RelatIF): d × n_points × per-sample HVPs per solved block,

@@ -10,7 +10,14 @@ import numpy as np
 
 from ..errors import ConvergenceWarning, NotPositiveDefiniteError, format_above
 from ..progress import progress_counter
-from .base import DEFAULT_DAMPING, PER_POINT_LIMIT, Array, InverseHessianVectorProduct, known_size
+from .base import (
+    DEFAULT_DAMPING,
+    ITERATIVE_CURVATURE,
+    PER_POINT_LIMIT,
+    Array,
+    InverseHessianVectorProduct,
+    known_size,
+)
 
 __all__ = ["ConjugateGradientIHVP"]
 
@@ -36,7 +43,8 @@ class ConjugateGradientIHVP(InverseHessianVectorProduct):
         batch_size: batch size for ``(X, y)`` arrays.
         tol: the relative residual every column must reach.
         maxiter: the most iterations (data passes) per solve.
-        curvature: ``"hessian"`` or ``"ggn"`` (the Gauss–Newton matrix; see
+        curvature: ``"ggn"`` (the default, :data:`~influence_core.ihvp.ITERATIVE_CURVATURE`:
+            the Gauss–Newton matrix) or ``"hessian"`` (see
             :class:`~influence_core.ihvp.InverseHessianVectorProduct`).
         per_point_limit: the most estimated multiply-adds (d × training points ×
             ``maxiter`` × fitted samples) that self-influence or RelatIF may take,
@@ -49,7 +57,7 @@ class ConjugateGradientIHVP(InverseHessianVectorProduct):
         *,
         damping: float = DEFAULT_DAMPING,
         batch_size: int | None = None,
-        curvature: str = "hessian",
+        curvature: str = ITERATIVE_CURVATURE,
         tol: float = 1e-10,
         maxiter: int = 100,
         per_point_limit: float | None = PER_POINT_LIMIT,

@@ -14,13 +14,14 @@ from ..errors import ConvergenceWarning, LissaDivergenceError, format_above
 from ..progress import progress
 from ..tree import tree_map
 from .base import (
+    ITERATIVE_CURVATURE,
     PER_POINT_LIMIT,
     Array,
     InverseHessianVectorProduct,
     known_size,
 )
 
-__all__ = ["LISSA_DAMPING", "LissaIHVP", "largest_eigenvalue"]
+__all__ = ["LISSA_DAMPING", "LISSA_MIN_SCALE", "LissaIHVP", "largest_eigenvalue"]
 
 #: LiSSA's default damping λ, its own: 3e-3, where exact, CG and Arnoldi take
 #: :data:`~influence_core.ihvp.DEFAULT_DAMPING` (1e-2). At its default depth and scale
@@ -32,6 +33,10 @@ __all__ = ["LISSA_DAMPING", "LissaIHVP", "largest_eigenvalue"]
 #: 1e-3 missed softmax regression by 0.001-0.002. 3e-3 was chosen on seed 2 and is within
 #: on every panel model on seed 3 (docs/choosing.md).
 LISSA_DAMPING = 3e-3
+
+#: The least scale s that ``scale=None`` chooses (LiSSA's fixed default until the panel's
+#: transformer, whose largest damped eigenvalue, about 12, is above it).
+LISSA_MIN_SCALE = 10.0
 
 
 def largest_eigenvalue(
@@ -84,13 +89,20 @@ class LissaIHVP(InverseHessianVectorProduct):
     Args:
         damping: λ (default :data:`LISSA_DAMPING`, 3e-3: chosen by LDS on a panel).
         batch_size: samples per mini-batch (each step's HVP).
-        scale: s, above every mini-batch's largest damped eigenvalue.
+        scale: s, above every mini-batch's largest damped eigenvalue (the
+            recursion diverges once one exceeds 2s). ``None`` (the default):
+            max(:data:`LISSA_MIN_SCALE`, 1.5 × the largest λ_max(H_B + λI) over
+            5 mini-batches by power iteration, 100 mini-batch HVPs), measured
+            at the first solve and kept in ``scale_``. A fixed 10 diverged on the panel's
+            transformer (whole-data λ_max ≈ 12, more on a mini-batch); on the
+            digits models (λ_max 0.15-0.32) the rule gives 10, as before.
         depth: J, recursion steps per repetition.
         repetitions: independent runs averaged.
         seed: seeds the mini-batch order of arrays.
         tol: the largest relative residual accepted without a warning.
         check_samples: training points the residual check uses at most.
-        curvature: ``"hessian"`` or ``"ggn"`` (the Gauss–Newton matrix; see
+        curvature: ``"ggn"`` (the default, :data:`~influence_core.ihvp.ITERATIVE_CURVATURE`:
+            the Gauss–Newton matrix) or ``"hessian"`` (see
             :class:`~influence_core.ihvp.InverseHessianVectorProduct`).
         per_point_limit: the most estimated multiply-adds (d × training points ×
             per-sample HVPs of one solve) that self-influence or RelatIF may
@@ -103,24 +115,24 @@ class LissaIHVP(InverseHessianVectorProduct):
         *,
         damping: float = LISSA_DAMPING,
         batch_size: int | None = 64,
-        scale: float = 10.0,
+        scale: float | None = None,
         depth: int = 1000,
         repetitions: int = 1,
         seed: int = 0,
         tol: float | None = 0.1,
         check_samples: int = 4096,
-        curvature: str = "hessian",
+        curvature: str = ITERATIVE_CURVATURE,
         per_point_limit: float | None = PER_POINT_LIMIT,
     ) -> None:
         super().__init__(damping=damping, batch_size=batch_size, curvature=curvature)
-        if not (math.isfinite(float(scale)) and scale > 0):
-            raise ValueError(f"LiSSA needs a finite scale > 0, got scale={scale}")
+        if scale is not None and not (math.isfinite(float(scale)) and scale > 0):
+            raise ValueError(f"LiSSA needs a finite scale > 0 (or None), got scale={scale}")
         for name, value in (("depth", depth), ("repetitions", repetitions)):
             if int(value) != value or value < 1:
                 raise ValueError(f"LiSSA needs an integer {name} ≥ 1, got {name}={value}")
         if tol is not None and not (math.isfinite(float(tol)) and tol > 0):
             raise ValueError(f"tol must be a finite number > 0 (or None), got {tol}")
-        self.scale = float(scale)
+        self.scale = None if scale is None else float(scale)
         self.depth = int(depth)
         self.repetitions = int(repetitions)
         self.seed = int(seed)
@@ -143,6 +155,16 @@ class LissaIHVP(InverseHessianVectorProduct):
                 else {"per_point_limit": self.per_point_limit}
             ),
         }
+
+    def _fit(self, model: Any, data: Any) -> None:
+        # A chosen scale is measured at the first solve: fitting LiSSA reads no data.
+        self.scale_: float | None = self.scale
+
+    def _chosen_scale(self) -> float:
+        """``scale``, or with ``None`` max(LISSA_MIN_SCALE, 1.5 × the largest mini-batch λ_max)."""
+        if self.scale is not None:
+            return self.scale
+        return max(LISSA_MIN_SCALE, 1.5 * self._batch_eigenvalue())
 
     def samples_per_solve(self) -> int | None:
         """repetitions × depth mini-batches, plus the residual check's pass."""
@@ -217,7 +239,10 @@ class LissaIHVP(InverseHessianVectorProduct):
         xp = self.xp
         v_norm = float(xp.max(xp.sqrt(xp.sum(vectors * vectors, axis=0))))
         # ‖s (H + λI)⁻¹ v‖ ≤ s‖v‖/λ: far beyond it (or without damping, huge) means divergence.
-        bound = 10.0 * self.scale * v_norm / (self.damping if self.damping > 0 else 1e-12) + 1.0
+        if getattr(self, "scale_", None) is None:  # scale=None: chosen at the first solve
+            self.scale_ = self._chosen_scale()
+        scale = self.scale_
+        bound = 10.0 * scale * v_norm / (self.damping if self.damping > 0 else 1e-12) + 1.0
         total = None
         for repetition in range(self.repetitions):
             rng = np.random.default_rng([self.seed, repetition])
@@ -230,18 +255,18 @@ class LissaIHVP(InverseHessianVectorProduct):
                 # The kernel directly: the divergence check below also catches NaN/inf.
                 hx = self.model_.batch_curvature_vp(inputs, targets, x, self.curvature)
                 hx = hx + self.damping * x
-                x = vectors + x - hx / self.scale
+                x = vectors + x - hx / scale
                 if step % 10 == 9 or step == self.depth - 1:
                     norm = float(xp.max(xp.sqrt(xp.sum(x * x, axis=0))))
                     if not math.isfinite(norm) or norm > bound:
                         raise LissaDivergenceError(
-                            self.scale,
+                            scale,
                             largest_eigenvalue(self),
                             step + 1,
                             largest_batch_eigenvalue=self._batch_eigenvalue(),
                         )
             total = x if total is None else total + x
-        solution = total / (self.scale * self.repetitions)
+        solution = total / (scale * self.repetitions)
         if self.tol is not None:
             self._check_residual(vectors, solution)
         return solution
@@ -265,7 +290,7 @@ class LissaIHVP(InverseHessianVectorProduct):
             warnings.warn(
                 f"LiSSA's answer is off: its relative residual ‖(H + λI)x − v‖/‖v‖ is "
                 f"{format_above(worst, self.tol)} > tol={self.tol!r}. Raise depth (now {self.depth}) or repetitions, "
-                f"lower the scale towards the largest eigenvalue (now scale={self.scale:g}), or "
+                f"lower the scale towards the largest eigenvalue (now scale={self.scale_:g}), or "
                 "use ConjugateGradientIHVP or ExactIHVP",
                 ConvergenceWarning,
                 stacklevel=4,
