@@ -46,3 +46,17 @@ def test_a_gentle_loss_keeps_the_former_scale() -> None:
     same = LissaIHVP(scale=LISSA_MIN_SCALE, depth=50, tol=None).fit(model, data)
     np.testing.assert_array_equal(same.solve(v).numpy(), solver.solve(v).numpy())
     assert solver.scale_ == LISSA_MIN_SCALE and LissaIHVP(scale=3.0).fit(model, data).scale_ == 3
+
+
+def test_a_chosen_scale_that_misses_a_mini_batch_is_raised_and_the_solve_restarted(
+    monkeypatch,
+) -> None:
+    """An estimate too low (here forced to 1, so the scale is 10 where λ_max is 25) costs a retry."""
+    model, data = steep_case(20.0)
+    monkeypatch.setattr(LissaIHVP, "_batch_eigenvalue", lambda self: 1.0)
+    solver = LissaIHVP(damping=0.5, depth=3000, tol=None).fit(model, data)
+    v = torch.randn(model.num_parameters, 2, dtype=torch.float64)
+    got = solver.solve(v)
+    assert solver.scale_ == 4 * LISSA_MIN_SCALE  # 10 diverged, 40 did not
+    expected = ExactIHVP(damping=0.5).fit(model, data).solve(v)
+    assert float((got - expected).norm() / expected.norm()) < 0.05

@@ -38,6 +38,9 @@ LISSA_DAMPING = 3e-3
 #: transformer, whose largest damped eigenvalue, about 12, is above it).
 LISSA_MIN_SCALE = 10.0
 
+#: How often a chosen scale (``scale=None``) is raised 4x after the recursion diverged.
+_SCALE_RETRIES = 2
+
 
 def largest_eigenvalue(
     solver: InverseHessianVectorProduct, iterations: int = 20, seed: int = 0
@@ -93,7 +96,9 @@ class LissaIHVP(InverseHessianVectorProduct):
             recursion diverges once one exceeds 2s). ``None`` (the default):
             max(:data:`LISSA_MIN_SCALE`, 1.5 × the largest λ_max(H_B + λI) over
             5 mini-batches by power iteration, 100 mini-batch HVPs), measured
-            at the first solve and kept in ``scale_``. A fixed 10 diverged on the panel's
+            at the first solve and kept in ``scale_``; if the recursion still
+            diverges (a mini-batch the estimate did not sample), the scale is
+            raised 4x and the solve restarted, at most twice. A fixed 10 diverged on the panel's
             transformer (whole-data λ_max ≈ 12, more on a mini-batch); on the
             digits models (λ_max 0.15-0.32) the rule gives 10, as before.
         depth: J, recursion steps per repetition.
@@ -236,12 +241,30 @@ class LissaIHVP(InverseHessianVectorProduct):
         return largest
 
     def _solve_block(self, vectors: Array) -> Array:
+        if getattr(self, "scale_", None) is None:  # scale=None: chosen at the first solve
+            self.scale_ = self._chosen_scale()
+        for attempt in range(_SCALE_RETRIES + 1):
+            solution, step = self._recursion(vectors, self.scale_)
+            if solution is not None:
+                break
+            if self.scale is not None or attempt == _SCALE_RETRIES:  # a fixed scale, or spent
+                raise LissaDivergenceError(
+                    self.scale_,
+                    largest_eigenvalue(self),
+                    step,
+                    largest_batch_eigenvalue=self._batch_eigenvalue(),
+                )
+            # A chosen scale missed a mini-batch the power iteration did not sample: 4x, again.
+            self.scale_ = 4.0 * self.scale_
+        if self.tol is not None:
+            self._check_residual(vectors, solution)
+        return solution
+
+    def _recursion(self, vectors: Array, scale: float) -> tuple[Array | None, int]:
+        """(x_J / s averaged over the repetitions, J), or (None, the step it diverged at)."""
         xp = self.xp
         v_norm = float(xp.max(xp.sqrt(xp.sum(vectors * vectors, axis=0))))
         # ‖s (H + λI)⁻¹ v‖ ≤ s‖v‖/λ: far beyond it (or without damping, huge) means divergence.
-        if getattr(self, "scale_", None) is None:  # scale=None: chosen at the first solve
-            self.scale_ = self._chosen_scale()
-        scale = self.scale_
         bound = 10.0 * scale * v_norm / (self.damping if self.damping > 0 else 1e-12) + 1.0
         total = None
         for repetition in range(self.repetitions):
@@ -259,17 +282,9 @@ class LissaIHVP(InverseHessianVectorProduct):
                 if step % 10 == 9 or step == self.depth - 1:
                     norm = float(xp.max(xp.sqrt(xp.sum(x * x, axis=0))))
                     if not math.isfinite(norm) or norm > bound:
-                        raise LissaDivergenceError(
-                            scale,
-                            largest_eigenvalue(self),
-                            step + 1,
-                            largest_batch_eigenvalue=self._batch_eigenvalue(),
-                        )
+                        return None, step + 1
             total = x if total is None else total + x
-        solution = total / (scale * self.repetitions)
-        if self.tol is not None:
-            self._check_residual(vectors, solution)
-        return solution
+        return total / (scale * self.repetitions), self.depth
 
     def _check_residual(self, vectors: Array, solution: Array) -> None:
         xp = self.xp
