@@ -131,7 +131,8 @@ class InverseHessianVectorProduct(ABC):
     Args:
         damping: λ ≥ 0.
         batch_size: batch size for ``(X, y)`` arrays (default: the model's).
-        curvature: ``"hessian"`` (H, the default) or ``"ggn"``, the generalised
+        curvature: ``"hessian"`` (H, the default here and for ExactIHVP; CG,
+            LiSSA and Arnoldi default to :data:`ITERATIVE_CURVATURE`) or ``"ggn"``, the generalised
             Gauss–Newton matrix G = (1/n) Σ Jᵀ(∂²ℓ/∂Φ²)J, positive semi-definite
             for a convex loss, so a non-convex network never stops the solve on
             negative curvature (the backend's ``mean_loss_ggn_vp``).
