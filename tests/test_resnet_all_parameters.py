@@ -108,7 +108,11 @@ def test_resnet18_is_covered_whole_and_scored_by_every_layer_wise_estimator() ->
         scores = calculator.influence(test)
         expected = calculator.ihvp.solve(g_train[:3].T).T @ g_train.T
         assert float((scores - expected).abs().max() / expected.abs().max()) < 1e-9
-        assert bool(torch.isfinite(calculator.self_influence()).all())
+        own = calculator.self_influence()
+        assert bool(torch.isfinite(own).all())
+        both = calculator.influence_and_self_influence(test)  # one pass, in the eigenbases
+        assert float((both[0] - expected).abs().max() / expected.abs().max()) < 1e-9
+        assert float((both[1] - own).abs().max() / own.abs().max()) < 1e-9
         assert calculator.top_k(test, k=3).proponents.shape == (3, 3)
     tracin = TracIn(model, [model.save_state()], 0.1, layerwise=True).fit(train)
     np.testing.assert_allclose(tracin.influence(test), 0.1 * g_train[:3] @ g_train.T, rtol=1e-9)

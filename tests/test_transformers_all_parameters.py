@@ -82,6 +82,8 @@ def test_ekfac_kfac_trak_and_tracin_score_all_parameters(name: str) -> None:
         assert relative(scores, expected) < 1e-9, solver.__name__
         own = torch.einsum("id,di->i", g_train, calculator.ihvp.solve(g_train.T))
         assert relative(calculator.self_influence(), own) < 1e-9
+        both = calculator.influence_and_self_influence(test)  # one pass, in the eigenbases
+        assert relative(both[0], expected) < 1e-9 and relative(both[1], own) < 1e-9
         top = calculator.top_k(test, k=3)
         np.testing.assert_array_equal(
             np.asarray(top.proponents), np.argsort(-scores.numpy(), axis=1, kind="stable")[:, :3]
