@@ -10,7 +10,13 @@ from typing import Any
 import numpy as np
 
 from ..data import Batch, is_array_pair, leading_dim, rebatched, take_samples
-from ..errors import ConvergenceWarning, LissaDivergenceError, format_above
+from ..errors import (
+    HESSIAN_ALTERNATIVES,
+    ConvergenceWarning,
+    LissaDivergenceError,
+    NotPositiveDefiniteError,
+    format_above,
+)
 from ..progress import progress
 from ..tree import tree_map
 from .base import (
@@ -79,10 +85,13 @@ class LissaIHVP(InverseHessianVectorProduct):
     mini-batch's damped Hessian, which is checked: the iterates are bounded by
     s‖v‖/λ, and leaving that bound (or becoming non-finite) raises
     :class:`~influence_core.errors.LissaDivergenceError` with power-iteration
-    estimates of λ_max (whole data and mini-batches) and a scale that works.
+    estimates of λ_max (whole data and mini-batches) and a scale that works,
+    or, when the iterate grew along negative curvature (its Rayleigh quotient
+    on the whole data is ≤ 0, which no scale mends),
+    :class:`~influence_core.errors.NotPositiveDefiniteError` at once.
 
     **The solver checks its own answer.** After each solve it measures the
-    relative residual ‖(H + λI)x − v‖ / ‖v‖ of every column with one HVP pass
+    relative residual ‖(C + λI)x − v‖ / ‖v‖ (C its ``curvature``) of every column with one pass
     over up to ``check_samples`` training points (all of them when the data is
     that small; a seeded subset of arrays, or the first samples of a dataset,
     otherwise), keeps it in ``residuals_``, and warns with
@@ -244,9 +253,10 @@ class LissaIHVP(InverseHessianVectorProduct):
         if getattr(self, "scale_", None) is None:  # scale=None: chosen at the first solve
             self.scale_ = self._chosen_scale()
         for attempt in range(_SCALE_RETRIES + 1):
-            solution, step = self._recursion(vectors, self.scale_)
+            solution, step, diverged = self._recursion(vectors, self.scale_)
             if solution is not None:
                 break
+            self._refuse_negative_curvature(diverged)  # no scale mends it: raise at once
             if self.scale is not None or attempt == _SCALE_RETRIES:  # a fixed scale, or spent
                 raise LissaDivergenceError(
                     self.scale_,
@@ -260,8 +270,40 @@ class LissaIHVP(InverseHessianVectorProduct):
             self._check_residual(vectors, solution)
         return solution
 
-    def _recursion(self, vectors: Array, scale: float) -> tuple[Array | None, int]:
-        """(x_J / s averaged over the repetitions, J), or (None, the step it diverged at)."""
+    def _refuse_negative_curvature(self, diverged: Array) -> None:
+        """Raise NotPositiveDefiniteError if the recursion grew along negative curvature.
+
+        The recursion's iterate grows along an eigenvector of I − (H_B + λI)/s whose
+        eigenvalue leaves [−1, 1]: above the scale (a larger scale mends it) or below
+        zero (none does). Its Rayleigh quotient q = xᵀ(H + λI)x / xᵀx over the whole
+        data tells the two apart, and q ≤ 0 proves H + λI is not positive definite.
+        """
+        xp = self.xp
+        norms = xp.sqrt(xp.sum(diverged * diverged, axis=0))
+        if not bool(xp.all(xp.isfinite(norms))):
+            return  # overflowed: no direction to read; the divergence error says the rest
+        column = int(xp.argmax(norms))
+        x = diverged[:, column : column + 1] / norms[column]
+        quotient = float(xp.sum(x * self.damped_hvp(x)))
+        if quotient <= 0:
+            ggn = self.curvature == "ggn"
+            raise NotPositiveDefiniteError(
+                quotient - self.damping,
+                self.damping,
+                how="Rayleigh quotient along the direction LiSSA's recursion diverged in",
+                matrix="Gauss-Newton matrix G" if ggn else "Hessian H",
+                advice=(
+                    "the loss is not convex in the model's outputs, so use a factored solver "
+                    "(EKFACIHVP, KFACIHVP)"
+                    if ggn
+                    else HESSIAN_ALTERNATIVES
+                )
+                + "; no LiSSA scale mends negative curvature",
+            )
+
+    def _recursion(self, vectors: Array, scale: float) -> tuple[Array | None, int, Array | None]:
+        """(x_J / s averaged over the repetitions, J, None), or (None, the step it diverged
+        at, the diverged iterate)."""
         xp = self.xp
         v_norm = float(xp.max(xp.sqrt(xp.sum(vectors * vectors, axis=0))))
         # ‖s (H + λI)⁻¹ v‖ ≤ s‖v‖/λ: far beyond it (or without damping, huge) means divergence.
@@ -282,28 +324,28 @@ class LissaIHVP(InverseHessianVectorProduct):
                 if step % 10 == 9 or step == self.depth - 1:
                     norm = float(xp.max(xp.sqrt(xp.sum(x * x, axis=0))))
                     if not math.isfinite(norm) or norm > bound:
-                        return None, step + 1
+                        return None, step + 1, x
             total = x if total is None else total + x
-        return total / (scale * self.repetitions), self.depth
+        return total / (scale * self.repetitions), self.depth, None
 
     def _check_residual(self, vectors: Array, solution: Array) -> None:
         xp = self.xp
         check = self._check_data()
         residual = (
-            self.model_.hvp(check, solution, batch_size=self.batch_size)
+            self.model_.curvature_vp(check, solution, self.curvature, self.batch_size)
             + self.damping * solution
             - vectors
         )
         norms = xp.sqrt(xp.sum(vectors * vectors, axis=0))
         norms = xp.where(norms > 0, norms, xp.ones_like(norms))
-        #: Relative residual ‖(H + λI)x − v‖/‖v‖ of each column of the last solve.
+        #: Relative residual ‖(C + λI)x − v‖/‖v‖ (C: H or G) of each column of the last solve.
         self.residuals_ = np.asarray(
             self.model_.to_numpy(xp.sqrt(xp.sum(residual * residual, axis=0)) / norms), dtype=float
         )
         worst = float(self.residuals_.max())
         if worst > self.tol:
             warnings.warn(
-                f"LiSSA's answer is off: its relative residual ‖(H + λI)x − v‖/‖v‖ is "
+                f"LiSSA's answer is off: its relative residual ‖(C + λI)x − v‖/‖v‖ is "
                 f"{format_above(worst, self.tol)} > tol={self.tol!r}. Raise depth (now {self.depth}) or repetitions, "
                 f"lower the scale towards the largest eigenvalue (now scale={self.scale_:g}), or "
                 "use ConjugateGradientIHVP or ExactIHVP",
