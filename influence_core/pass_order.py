@@ -37,7 +37,7 @@ from .data import Batch, OffsetData, is_array_pair
 from .errors import DataConsumedError, DataOrderError, EndlessDataError
 from .tree import tree_leaves
 
-__all__ = ["DEFAULT_MAX_SAMPLES", "PassOrder", "refuse_endless"]
+__all__ = ["DEFAULT_MAX_SAMPLES", "PassOrder", "is_one_shot", "refuse_endless"]
 
 #: The most samples one pass over data of unknown length may yield before it is
 #: taken to be endless (``InfluenceModel(max_samples=)``): ten times the largest
@@ -95,8 +95,9 @@ def _same(recorded: Fingerprint, seen: Fingerprint) -> bool:
     )
 
 
-def _is_one_shot(data: Any) -> bool:
+def is_one_shot(data: Any) -> bool:
     """An iterator that is its own iterator (a generator, ``iter(...)``): it can be read once."""
+    data = data.data if isinstance(data, OffsetData) else data
     try:
         return hasattr(data, "__next__") and iter(data) is data
     except TypeError:
@@ -144,7 +145,7 @@ class PassOrder:
         if is_array_pair(inner):  # arrays cannot change order
             yield from batches
             return
-        one_shot = _is_one_shot(inner)
+        one_shot = is_one_shot(inner)
         if one_shot and id(inner) in self._consumed and self._consumed[id(inner)] is inner:
             raise DataConsumedError(type(inner).__name__)
         if one_shot:  # from its first batch on, a second pass would start part-way through

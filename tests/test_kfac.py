@@ -301,6 +301,31 @@ def test_nan_in_the_layer_statistics_names_the_samples() -> None:
     assert error.value.sample_indices == (13,)
 
 
+def test_finite_statistics_whose_factor_sums_overflow_are_told_apart_from_nan_data() -> None:
+    """The fit checks each pass's sums, not every batch: sums that overflow name no sample."""
+    net = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        net.weight.zero_()  # finite outputs and gradients; the inputs' squares overflow float32
+    model = InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"), batch_size=8)
+    X, y = torch.full((16, 4), 1e20), torch.randint(0, 3, (16,))
+    with pytest.raises(FloatingPointError, match=r"overflowed in torch.float32 .* use float64"):
+        KFACIHVP().fit(model, (X, y))
+
+
+def test_nan_in_data_read_once_is_named_as_it_is_read() -> None:
+    """A generator cannot be read again to name the samples: it is scanned batch by batch."""
+    from influence_core import NonFiniteGradientError
+
+    net = torch.nn.Linear(4, 3)
+    model = InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"), batch_size=8)
+    X, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    X[5, 1] = float("nan")
+    once = ((X[i : i + 8], y[i : i + 8]) for i in range(0, 16, 8))
+    with pytest.raises(NonFiniteGradientError) as error:
+        KFACIHVP().fit(model, once)
+    assert error.value.sample_indices == (5,)
+
+
 def test_the_true_fisher_refuses_floating_targets() -> None:
     model, train = exact_case()  # squared loss, floating targets
     with pytest.raises(ValueError, match="for other targets use fisher='empirical'"):
@@ -383,7 +408,7 @@ def test_host_decompositions_keep_to_the_framework_s_thread_count(monkeypatch) -
 def test_the_gram_in_strips_equals_the_whole_product(framework: str) -> None:
     """K-FAC's factors aᵀa from upper strips and their mirrors = one product, at and around the split."""
     import influence_core
-    from influence_core.ihvp.kfac import _GRAM_SPLIT_WIDTH, _gram
+    from influence_core.ihvp.kfac import _GRAM_SPLIT_WIDTH, _factor, _gram_strips
 
     rng = np.random.default_rng(3)
     native = {
@@ -394,5 +419,11 @@ def test_the_gram_in_strips_equals_the_whole_product(framework: str) -> None:
     for width in (_GRAM_SPLIT_WIDTH - 1, _GRAM_SPLIT_WIDTH, _GRAM_SPLIT_WIDTH + 3, 1025):
         a = rng.normal(size=(40, width))
         xp = influence_core.array_namespace(native(a))
-        got = np.asarray(_gram(xp, native(a)))
+        sums = {f"a.0.{i}": strip for i, strip in enumerate(_gram_strips(xp, native(a)))}
+        got = _factor(sums, "a.0", np.asarray)
         np.testing.assert_allclose(got, a.T @ a, rtol=1e-12, atol=1e-10)
+        # With a bias: the [ã, 1] factor, its row and column joined on the host.
+        sums.update({"a.0.sum": xp.sum(native(a), axis=0), "positions.0": 40})
+        with_ones = np.concatenate([a, np.ones((40, 1))], axis=1)
+        got = _factor(sums, "a.0", np.asarray)
+        np.testing.assert_allclose(got, with_ones.T @ with_ones, rtol=1e-12, atol=1e-10)

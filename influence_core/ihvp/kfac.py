@@ -72,6 +72,7 @@ from ..layerwise import (
     layer_gradient_matrices,
 )
 from ..model import InfluenceModel
+from ..pass_order import is_one_shot
 from ..progress import progress
 from ..sums import dataset_sum
 from .base import Array, InverseHessianVectorProduct, TrainingSide
@@ -170,11 +171,16 @@ class KFACIHVP(InverseHessianVectorProduct):
         sampled = np.minimum((np.cumsum(p, axis=1) < u).sum(axis=1), p.shape[1] - 1)
         return model.kernels.as_native(sampled.astype(np.int64))
 
-    def _statistics(self, model: InfluenceModel, batch: Batch) -> dict[str, tuple[Array, Array]]:
-        """One batch's layer statistics at the Fisher's labels; NaN/inf names the samples."""
+    def _statistics(
+        self, model: InfluenceModel, batch: Batch, *, checked: bool = True
+    ) -> dict[str, tuple[Array, Array]]:
+        """One batch's layer statistics at the Fisher's labels; NaN/inf names the samples.
+
+        ``checked=False`` leaves the scan to the pass's sums (:func:`_check_sums`).
+        """
         targets = self._targets(model, batch)
         stats = model.layer_statistics(batch, targets=targets)
-        if model.check_finite:
+        if checked and model.check_finite:
             _check_statistics(model, batch, stats)
         return stats
 
@@ -829,8 +835,9 @@ def _factor_sums(model: InfluenceModel, data: Any, *, solver: KFACIHVP) -> dict[
     sums: dict[str, Any] = {"n": 0}
     batches = model.batches(data, solver.batch_size, whole=True)  # statistics: no (b, d)
     total = model.num_batches(data, solver.batch_size)
+    scanned = is_one_shot(data)  # read once: scanned as it goes, to name the samples
     for batch in progress(batches, desc="K-FAC factors", total=total):
-        stats = solver._statistics(model, batch)
+        stats = solver._statistics(model, batch, checked=scanned)  # else its sums are checked
         for j, block in enumerate(blocks):
             a, g = stats[block.layer.name]
             if not block.kronecker:  # the diagonal block's E[G²], exactly
@@ -842,15 +849,20 @@ def _factor_sums(model: InfluenceModel, data: Any, *, solver: KFACIHVP) -> dict[
             if block.kind == "embedding":  # A = E[e eᵀ] is diagonal: the token counts
                 ones = xp.ones((rows, 1), dtype=g.dtype)
                 aa = model.kernels.segment_sum(ones, xp.reshape(a, (rows,)), block.layer.inputs)
+                _add(sums, f"a.{j}", aa)
             else:
+                # aᵀa as its upper strips, and with a bias Σ_t ã_t: the bias column [ã, 1]
+                # is joined on the host (_factor), not copied into every batch's inputs.
                 a = xp.reshape(a, (rows, block.layer.inputs))
+                for i, strip in enumerate(_gram_strips(xp, a)):
+                    _add(sums, f"a.{j}.{i}", strip)
                 if block.bias_offset is not None:
-                    a = xp.concat([a, xp.ones((rows, 1), dtype=a.dtype)], axis=1)
-                aa = _gram(xp, a)
-            _add(sums, f"a.{j}", aa)
-            _add(sums, f"s.{j}", _gram(xp, g))
+                    _add(sums, f"a.{j}.sum", xp.sum(a, axis=0))
+            for i, strip in enumerate(_gram_strips(xp, g)):
+                _add(sums, f"s.{j}.{i}", strip)
             sums[f"positions.{j}"] = sums.get(f"positions.{j}", 0) + rows
         sums["n"] += batch.size
+    _check_sums(model, data, solver, sums, "K-FAC's factors", scanned=scanned)
     return sums
 
 
@@ -868,50 +880,114 @@ def _eigenvalue_sums(
     batches = model.batches(data, solver.batch_size, whole=True)  # statistics: no (b, d)
     total = model.num_batches(data, solver.batch_size)
     for batch in progress(batches, desc="EK-FAC eigenvalues", total=total):
-        stats = solver._statistics(model, batch)
+        stats = solver._statistics(model, batch, checked=False)  # the sums are checked
         for j, block in enumerate(blocks):
             if block.kronecker:
                 square = _summed_rotated_squares(
                     model, block, stats, eigenvectors_a[j], eigenvectors_s[j]
                 )
                 _add(sums, f"squares.{j}", square)
+    _check_sums(model, data, solver, sums, "EK-FAC's eigenvalues", scanned=False)
     return sums
 
 
-#: A factor at least this wide has its Gram matrix formed in strips (:func:`_gram`).
+def _check_sums(
+    model: InfluenceModel,
+    data: Any,
+    solver: KFACIHVP,
+    sums: dict[str, Any],
+    what: str,
+    *,
+    scanned: bool,
+) -> None:
+    """NaN/inf in a pass's statistics, found in its sums; the samples named by a second scan.
+
+    NaN or infinity in any sample's inputs or output gradients reaches the
+    sums of that pass (a Gram's diagonal holds Σ a², an eigenvalue sum Σ R²),
+    so one check of each layer's sums per pass replaces a scan of every batch's
+    statistics (on the 5.2M transformer that scan read each layer's inputs
+    and output gradients once more, per batch). Only when a sum is not finite
+    is the data read again, batch by batch, to name the samples
+    (:func:`_check_statistics`); finite statistics whose sums are not
+    overflowed them. Data that can be read only once (a generator) was
+    ``scanned`` batch by batch as it went, as before.
+    """
+    if not model.check_finite:
+        return
+    bad = sorted(
+        {
+            int(key.split(".")[1])
+            for key, value in sums.items()
+            if key != "n" and not key.startswith("positions.") and not model._all_finite(value)
+        }
+    )
+    if not bad:
+        return
+    blocks = covering_layers(model)
+    names = [blocks[j].layer.name or "(the model itself)" for j in bad]
+    if not scanned:
+        for batch in model.batches(data, solver.batch_size, whole=True):
+            _check_statistics(model, batch, solver._statistics(model, batch, checked=False))
+    raise FloatingPointError(
+        f"{what} of layer(s) {names} overflowed in {model.dtype} although every sample's "
+        "inputs and output gradients are finite: use float64, or scale the inputs down"
+    )
+
+
+#: A factor at least this wide has its Gram matrix formed in strips (:func:`_gram_strips`).
 _GRAM_SPLIT_WIDTH, _GRAM_STRIPS = 512, 4
 
 
-def _gram(xp: Any, a: Array) -> Array:
-    """aᵀa for a (rows, p): symmetric, so only its upper strips are multiplied.
+def _gram_strips(xp: Any, a: Array) -> list[Array]:
+    """aᵀa for a (rows, p) as its upper strips: [a_iᵀ a[:, e_i:]] (aᵀa itself below 512).
 
-    Strip i is a_iᵀ a[:, e_i:] (the columns from its own on); the blocks below
-    the diagonal are their transposes. With 4 strips that is 10/16 of the
-    multiply-adds of one product, and a 2048 × 1025 block took 7.7 ms against
-    10.6 ms (torch, 2 threads): K-FAC's first pass on the 5.2M transformer
-    spends most of its products on 1024-wide factors. Narrower ones (below
-    512) are one product.
+    aᵀa is symmetric, so strip i is a_iᵀ a[:, e_i:] (the columns from its own
+    on) and the blocks below the diagonal are never formed: with 4 strips,
+    10/16 of the multiply-adds of one product (a 2048 × 1025 block: 7.7
+    against 10.6 ms, torch, 2 threads; K-FAC's first pass on the 5.2M
+    transformer spends most of its products on 1024-wide factors). The
+    strips are summed as they are over the data and mirrored once, on the
+    host (:func:`_factor`): mirroring every batch's copied p² entries.
     """
     p = int(a.shape[1])
     if p < _GRAM_SPLIT_WIDTH:
-        return xp.matmul(xp.matrix_transpose(a), a)
+        return [xp.matmul(xp.matrix_transpose(a), a)]
     edges = [p * i // _GRAM_STRIPS for i in range(_GRAM_STRIPS + 1)]
-    strips = [
+    return [
         xp.matmul(xp.matrix_transpose(a[:, edges[i] : edges[i + 1]]), a[:, edges[i] :])
         for i in range(_GRAM_STRIPS)
     ]
-    rows = []
-    for i in range(_GRAM_STRIPS):  # row strip i: the mirrored blocks of strips j < i, then its own
-        mirrored = [
-            xp.matrix_transpose(strips[j][:, edges[i] - edges[j] : edges[i + 1] - edges[j]])
-            for j in range(i)
-        ]
-        rows.append(xp.concat([*mirrored, strips[i]], axis=1))
-    return xp.concat(rows, axis=0)
+
+
+def _factor(sums: dict[str, Any], key: str, host: Any) -> np.ndarray:
+    """The summed factor ``key`` (float64, host) from its strips, with its bias row and column.
+
+    Strips i = 0, 1, ... are the upper blocks [e_i:e_(i+1), e_i:] (:func:`_gram_strips`);
+    with ``key.sum`` (Σ_t ã_t over the positions) the bias's [ã, 1] row and
+    column are joined: [[Σ ã ãᵀ, Σ ã], [Σ ãᵀ, positions]].
+    """
+    strips = []
+    while f"{key}.{len(strips)}" in sums:
+        strips.append(np.asarray(host(sums[f"{key}.{len(strips)}"]), np.float64))
+    p = strips[0].shape[1]
+    upper, start = np.zeros((p, p)), 0
+    for strip in strips:
+        upper[start : start + strip.shape[0], start:] = strip
+        start += strip.shape[0]
+    matrix = np.triu(upper) + np.triu(upper, 1).T
+    if f"{key}.sum" not in sums:
+        return matrix
+    total = np.asarray(host(sums[f"{key}.sum"]), np.float64)
+    positions = float(sums[f"positions.{key.split('.')[1]}"])
+    return np.block([[matrix, total[:, None]], [total[None, :], np.full((1, 1), positions)]])
 
 
 def _add(sums: dict[str, Any], key: str, value: Any) -> None:
-    sums[key] = value if key not in sums else sums[key] + value
+    """sums[key] += value: in place where the namespace allows (every value is fresh)."""
+    if key in sums:
+        sums[key] += value  # an immutable namespace rebinds it
+    else:
+        sums[key] = value
 
 
 def _check_statistics(
@@ -979,10 +1055,12 @@ def _rotated_matrices(
     a, g = stats[block.layer.name]
     T, p, o = int(a.shape[1]), block.rows, block.layer.outputs
     if T * (p * p + o * o) < p * p * o + p * o * o:
-        if block.bias_offset is not None:
-            ones = xp.ones((int(a.shape[0]), T, 1), dtype=a.dtype)
-            a = xp.concat([a, ones], axis=2)
-        rotated = xp.matmul(xp.matrix_transpose(xp.matmul(a, qa)), xp.matmul(g, qs))
+        if block.bias_offset is None:
+            ua = xp.matmul(a, qa)
+        else:  # [ã, 1] Q_A = ã Q_A[:-1] + Q_A[-1]: no copy of the inputs with a ones column
+            ua = xp.matmul(a, qa[:-1, :])
+            ua += qa[-1, :]  # in place (an immutable namespace rebinds it)
+        rotated = xp.matmul(xp.matrix_transpose(ua), xp.matmul(g, qs))
     else:
         (matrix,) = layer_gradient_matrices(xp, [block], stats)
         rotated = xp.matmul(xp.matmul(xp.matrix_transpose(qa), matrix), qs)
@@ -1078,12 +1156,12 @@ class EKFACIHVP(KFACIHVP):
 
 def _decompose(block: LayerBlock, sums: dict[str, Any], j: int, n: int, host: Any) -> tuple:
     """(λ_A, Q_A, jitter, λ_S, Q_S, jitter) of layer j's factors (Q_A ``None`` for an embedding)."""
-    a = np.asarray(host(sums[f"a.{j}"]), np.float64) / int(sums[f"positions.{j}"])
+    positions = int(sums[f"positions.{j}"])
     if block.kind == "embedding":  # A = diag(token frequencies): its basis is I
-        la, qa, jitter_a = a[:, 0], None, 0.0
+        la, qa, jitter_a = np.asarray(host(sums[f"a.{j}"]), np.float64)[:, 0] / positions, None, 0.0
     else:
-        la, qa, jitter_a = _eigh(a)
-    ls, qs, jitter_s = _eigh(np.asarray(host(sums[f"s.{j}"]), np.float64) / n)
+        la, qa, jitter_a = _eigh(_factor(sums, f"a.{j}", host) / positions)
+    ls, qs, jitter_s = _eigh(_factor(sums, f"s.{j}", host) / n)
     return la, qa, jitter_a, ls, qs, jitter_s
 
 
