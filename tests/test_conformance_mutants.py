@@ -437,6 +437,14 @@ class LastSegmentDropped(TorchKernels):
         return super().segment_sum(values * (segments != count - 1)[:, None], segments, count)
 
 
+class ProductIntoTheWrongBuffer(TorchKernels):
+    """Writes the product into a fresh array and returns ``out`` as it was (a lost result)."""
+
+    def matmul_into(self, x1, x2, out):
+        torch.matmul(x1, x2)
+        return out
+
+
 def kind_checks_on(mutant: type[TorchKernels]):
     class OnMutant(BackendConformance):
         backend = "torch"
@@ -473,6 +481,14 @@ def test_the_segment_sum_check_catches_a_lost_segment() -> None:
     with pytest.raises(AssertionError, match=r"segment_sum against numpy\.add\.at"):
         kind_checks_on(LastSegmentDropped).test_segment_sum_adds_rows_into_their_segments()
     kind_checks_on(TorchKernels).test_segment_sum_adds_rows_into_their_segments()
+
+
+def test_the_matmul_into_check_catches_a_lost_product() -> None:
+    with pytest.raises(AssertionError, match=r"matmul_into against numpy\.matmul"):
+        kind_checks_on(
+            ProductIntoTheWrongBuffer
+        ).test_matmul_into_writes_the_product_into_the_buffer_given()
+    kind_checks_on(TorchKernels).test_matmul_into_writes_the_product_into_the_buffer_given()
 
 
 # -- issue 28: the metagradient reads HVPs along the whole trajectory -----------------------

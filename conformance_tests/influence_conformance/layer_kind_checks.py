@@ -9,7 +9,8 @@ or its test class overrides :meth:`LayerKindChecks.layer_kind_case`. For each ki
 the per-sample gradients, which the rest of the suite checks against NumPy
 through the backend's flat per-sample gradients. A backend that provides no
 model for a kind is skipped visibly, saying so. ``segment_sum``, which the
-embedding blocks use, is checked against ``numpy.add.at`` for every backend.
+embedding blocks use, is checked against ``numpy.add.at`` for every backend,
+and the optional ``matmul_into`` against ``numpy.matmul`` where a backend has it.
 """
 
 from __future__ import annotations
@@ -103,3 +104,32 @@ class LayerKindChecks:
         native = model.kernels.as_native
         got = model.kernels.segment_sum(native(values, floating=True), native(segments), 9)
         assert_close(got, expected, 1e-12, "segment_sum against numpy.add.at")
+
+    def test_matmul_into_writes_the_product_into_the_buffer_given(self) -> None:
+        """The optional ``matmul_into`` (the solvers' reused buffer), where the backend has it.
+
+        Its product, from a transposed view as the solvers pass it, equals NumPy's
+        and is what a :class:`~influence_core.workspace.Workspace` returns. A
+        backend without it is skipped, saying so.
+        """
+        from influence_core.plugin import UnsupportedByBackendError
+        from influence_core.workspace import Workspace
+
+        model = self.segment_sum_model()
+        rng = np.random.default_rng(1)
+        a, b = rng.standard_normal((3, 6, 4)), rng.standard_normal((3, 6, 5))
+        native = model.kernels.as_native
+        x1 = model.xp.matrix_transpose(native(a, floating=True))  # (3, 4, 6), a view
+        x2 = native(b, floating=True)
+        expected = a.transpose(0, 2, 1) @ b
+        out = model.xp.zeros((3, 4, 5), dtype=x2.dtype)
+        try:
+            got = model.kernels.matmul_into(x1, x2, out)
+        except UnsupportedByBackendError:
+            pytest.skip(f"the {self.backend} backend has no matmul_into (optional)")
+        assert_close(got, expected, 1e-12, "matmul_into against numpy.matmul")
+        workspace = Workspace(model)
+        for _ in range(2):  # the second into the buffer the first left
+            assert_close(
+                workspace.matmul(x1, x2), expected, 1e-12, "a Workspace product (matmul_into)"
+            )

@@ -443,6 +443,18 @@ class ModelKernels(ABC):
         """
         raise self._unsupported("layer_statistics (needed by K-FAC and EK-FAC)")
 
+    def matmul_into(self, x1: Array, x2: Array, out: Array) -> Array:
+        """x1 @ x2 written into ``out`` (the product's shape and dtype), and returned.
+
+        For backends whose arrays are writeable (torch: ``torch.matmul(..., out=)``).
+        The layer-wise solvers form a (b, p, o) block per layer and batch; written
+        into one buffer reused over a pass (:class:`~influence_core.workspace.Workspace`)
+        it does not take fresh pages from the operating system every batch. The
+        default raises :class:`UnsupportedByBackendError`, and the core then
+        uses ``xp.matmul``.
+        """
+        raise self._unsupported("matmul_into")
+
     def segment_sum(self, values: Array, segments: Array, count: int) -> Array:
         """Row r of the result is Σ of the rows i of ``values`` with ``segments[i] = r``.
 

@@ -485,6 +485,9 @@ class TorchKernels(ModelKernels):
             self._layers = find_layers(self.module, self._names)
         return self._layers
 
+    def matmul_into(self, x1: torch.Tensor, x2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x1, x2, out=out)
+
     def segment_sum(self, values: torch.Tensor, segments: Any, count: int) -> torch.Tensor:
         segments = torch.as_tensor(segments, device=values.device)
         out = torch.zeros((count, values.shape[1]), dtype=values.dtype, device=values.device)
