@@ -193,6 +193,23 @@ def test_every_scoring_path_from_statistics_equals_flat_gradients(build: str) ->
     assert relative(features @ features.T, g_train @ g_train.T) < 1e-12
 
 
+def test_a_vocabulary_scored_in_chunks_of_gathered_rows_equals_flat_gradients(
+    monkeypatch,
+) -> None:
+    """The vocabulary's pairwise scores gather the solved rows of its tokens in chunks
+    (of 8 MiB on real models); here 3 (sample, token) pairs a chunk, so a chunk's edge
+    falls inside a sample."""
+    from influence_core.ihvp import kfac
+
+    model, train = token_model(), token_data()
+    test = tuple(part[:3] for part in train)
+    fitted = FirstOrderInfluenceCalculator(model, EKFACIHVP(damping=1e-2)).fit(train)
+    solved = fitted.ihvp.solve(model.per_sample_grads(test).T)
+    expected = solved.T @ model.per_sample_grads(train).T
+    monkeypatch.setattr(kfac, "_GATHER_ENTRIES", WIDTH * 3 * 3)  # width × n_test × 3 pairs
+    assert relative(fitted.influence(test), expected) < 1e-10
+
+
 def test_the_layer_wise_test_side_never_forms_the_batch_gradients(monkeypatch) -> None:
     model, train = token_model(), token_data()
     fitted = FirstOrderInfluenceCalculator(model, EKFACIHVP(damping=1e-2)).fit(train)

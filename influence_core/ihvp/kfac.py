@@ -743,9 +743,24 @@ class _LayerwiseTrainingSide(TrainingSide):
             dense = embedding_gradients(model, block, self.stats)
             return xp.matmul(xp.reshape(dense, (b, rows * width)), P)
         samples, tokens, summed = embedding_rows(model, indices, g)
-        picked = xp.take(xp.reshape(P, (rows, width * n)), tokens, axis=0)
-        per_pair = xp.matmul(summed[:, None, :], xp.reshape(picked, (-1, width, n)))
-        return model.kernels.segment_sum(per_pair[:, 0, :], samples, b)
+        table = xp.reshape(P, (rows, width * n))
+        # The gathered rows in chunks of at most _GATHER_ENTRIES: at b = 32, T = 64,
+        # width 256 and 50 test points one gather was 105 MB, new pages every batch.
+        pairs = int(tokens.shape[0])
+        step = max(1, _GATHER_ENTRIES // max(width * n, 1))
+        per_pair = xp.concat(
+            [
+                xp.matmul(
+                    summed[start : start + step, None, :],
+                    xp.reshape(
+                        xp.take(table, tokens[start : start + step], axis=0), (-1, width, n)
+                    ),
+                )[:, 0, :]
+                for start in range(0, pairs, step)
+            ],
+            axis=0,
+        )
+        return model.kernels.segment_sum(per_pair, samples, b)
 
     def _low_rank_scores(
         self, block: LayerBlock, left: Array, right: Array, rank: int, n: int
@@ -792,6 +807,10 @@ class _LayerwiseTrainingSide(TrainingSide):
         return self.xp.sqrt(self._weighted(2))
 
 
+#: The most entries of the solved block an embedding's pairwise scores gather at once
+#: (2²¹ floats, 8 MiB in float32: below the C allocator's mmap threshold, so the
+#: chunks reuse memory instead of taking new pages; see :mod:`influence_core.workspace`).
+_GATHER_ENTRIES = 1 << 21
 #: Test matrices converted to the host at once in :func:`_low_rank` (bounds its memory).
 _LOW_RANK_CHUNK = 8
 #: Oversampling and power iterations of the randomized range finder (Halko et al. 2011).
