@@ -48,9 +48,14 @@ class Workspace:
             return xp.matmul(x1, x2)
         shape = (*(int(s) for s in x1.shape[:-1]), int(x2.shape[-1]))
         size = math.prod(shape)
-        buffer = self._buffer
-        if buffer is None or int(buffer.shape[0]) < size or buffer.dtype != x1.dtype:
-            buffer = xp.empty((size,), dtype=x1.dtype, device=array_device(x1))
+        buffer, device = self._buffer, array_device(x1)
+        if (
+            buffer is None
+            or int(buffer.shape[0]) < size
+            or buffer.dtype != x1.dtype
+            or array_device(buffer) != device
+        ):
+            buffer = xp.empty((size,), dtype=x1.dtype, device=device)
         try:
             product = self.model.kernels.matmul_into(x1, x2, xp.reshape(buffer[:size], shape))
         except UnsupportedByBackendError:
