@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformer_model import seeded
+from transformer_model import Transformer, seeded
 
 from influence_core import (
     EKFACIHVP,
@@ -253,7 +253,8 @@ def main() -> None:
             _print_row(f"ours, {subset}", r)
         if args.kronfluence:
             r = kronfluence(args.n_train, work)
-            r["d"] = rows.get("ours, dense", {}).get("d", 0)
+            linears = [m for m in Transformer().modules() if isinstance(m, torch.nn.Linear)]
+            r["d"] = sum(p.numel() for m in linears for p in m.parameters())
             rows["kronfluence, dense"] = r
             _print_row("kronfluence, dense (its nn.Linear subset)", r)
             print()
