@@ -44,7 +44,7 @@ class Workspace:
         xp = self.model.xp
         if self._writes is None:
             self._writes = is_writeable_array(x1)
-        if not self._writes:
+        if not self._writes or len(x1.shape) < len(x2.shape):  # x2's leading axes: broadcast
             return xp.matmul(x1, x2)
         shape = (*(int(s) for s in x1.shape[:-1]), int(x2.shape[-1]))
         size = math.prod(shape)

@@ -312,6 +312,27 @@ def test_finite_statistics_whose_factor_sums_overflow_are_told_apart_from_nan_da
         KFACIHVP().fit(model, (X, y))
 
 
+def test_nan_in_a_shuffled_loader_is_named_by_its_dataset_index() -> None:
+    """The fit checks its sums, then reads the data again to name the sample: a shuffling
+    DataLoader gives another order on that pass, and the index is still the dataset's."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from influence_core import NonFiniteGradientError
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+    ).double()
+    model = InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"), batch_size=8)
+    X, y = torch.randn(40, 4, dtype=torch.float64), torch.randint(0, 3, (40,))
+    X[13, 2] = float("nan")
+    loader = DataLoader(TensorDataset(X, y), batch_size=8, shuffle=True)
+    for solver in (KFACIHVP, EKFACIHVP):
+        with pytest.raises(NonFiniteGradientError) as error:
+            solver(fisher="empirical").fit(model, loader)
+        assert error.value.sample_indices == (13,)
+
+
 def test_nan_in_data_read_once_is_named_as_it_is_read() -> None:
     """A generator cannot be read again to name the samples: it is scanned batch by batch."""
     from influence_core import NonFiniteGradientError

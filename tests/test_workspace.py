@@ -41,6 +41,10 @@ def test_products_are_written_into_one_buffer_that_grows_to_the_largest() -> Non
     big = workspace.matmul(torch.from_numpy(a).transpose(1, 2), torch.from_numpy(c))  # a view
     np.testing.assert_allclose(big.numpy(), a.transpose(0, 2, 1) @ c, rtol=1e-13)
     assert int(workspace._buffer.shape[0]) == 4 * 6 * 7  # grown to the largest
+    # x2 with more leading axes than x1 broadcasts them: a plain product, the buffer untouched
+    spread = workspace.matmul(torch.from_numpy(a[0]), torch.from_numpy(b))
+    np.testing.assert_allclose(spread.numpy(), a[0] @ b, rtol=1e-13)
+    assert spread.data_ptr() != workspace._buffer.data_ptr()
     single = workspace.matmul(torch.from_numpy(a).float(), torch.from_numpy(b).float())
     assert single.dtype == torch.float32 and workspace._buffer.dtype == torch.float32
     np.testing.assert_allclose(single.numpy(), a @ b, rtol=1e-5)  # a new buffer, not a cast
