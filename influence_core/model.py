@@ -30,6 +30,7 @@ from typing import Any
 
 from .arrays import join
 from .data import Batch, OffsetData, is_array_pair, iter_batches, leading_dim, slice_samples
+from .deferred_statistics import DeferredStatistics
 from .errors import (
     EmptyDataError,
     InvalidSampleError,
@@ -642,8 +643,13 @@ class InfluenceModel:
     _forward_products = True  # until the backend says it has no per_sample_loss_jvp
 
     def layer_statistics(
-        self, batch: Batch, measurement: Measurement = LOSS, targets: Any = None
-    ) -> dict[str, tuple[Array, Array]]:
+        self,
+        batch: Batch,
+        measurement: Measurement = LOSS,
+        targets: Any = None,
+        *,
+        deferred: bool = False,
+    ) -> Mapping[str, tuple[Array, Array]]:
         """Each layer's inputs and output gradients for one :class:`Batch` (the loss, or a measurement).
 
         ``{layer name: (a (b, T, p_in), g (b, T, p_out))}`` from the backend's
@@ -653,18 +659,34 @@ class InfluenceModel:
         replaces the batch's own (a true Fisher's sampled labels). Every
         layer's shapes are checked against its description
         (:func:`check_layer_statistics`), naming the layer.
+
+        ``deferred``: a :class:`~influence_core.deferred_statistics.DeferredStatistics`
+        whose convolutions form their patches only when read, from the
+        backend's ``layer_statistics_deferred`` where it has it.
         """
         targets = batch.targets if targets is None else targets
-        if measurement.is_loss:
-            stats = self._guarded(batch, lambda b: self.kernels.layer_statistics(b.inputs, targets))
-        else:
-            function = measurement.loss_like(self.xp)
-            stats = self._guarded(
-                batch,
-                lambda b: self.kernels.layer_statistics(b.inputs, targets, measurement=function),
-            )
-        check_layer_statistics(self.kernels.layers(), stats, batch.size, self.backend)
-        return stats
+        kernels, layers = self.kernels, self.kernels.layers()
+        compute = kernels.layer_statistics
+        if deferred and any(layer.kind == "conv2d" for layer in layers):
+            compute = kernels.layer_statistics_deferred
+        try:
+            if measurement.is_loss:
+                stats = self._guarded(batch, lambda b: compute(b.inputs, targets))
+            else:
+                function = measurement.loss_like(self.xp)
+                stats = self._guarded(
+                    batch, lambda b: compute(b.inputs, targets, measurement=function)
+                )
+        except UnsupportedByBackendError:
+            if compute == kernels.layer_statistics:
+                raise
+            return self.layer_statistics(batch, measurement, targets)
+        deferring = compute != kernels.layer_statistics
+        checked = [layer for layer in layers if not (deferring and layer.kind == "conv2d")]
+        check_layer_statistics(checked, stats, batch.size, self.backend)
+        if not deferred:
+            return stats
+        return DeferredStatistics(self, stats, layers, batch.size, deferred=deferring)
 
     def iter_measurement_grads(
         self, data: Any, measurement: Measurement, batch_size: int | None = None

@@ -280,6 +280,25 @@ def test_the_layer_check_catches_patches_in_the_wrong_order() -> None:
     ).test_layer_statistics_rebuild_the_per_sample_gradients("convnet", "float64")
 
 
+class MapInChannelMajorOrder(TorchKernels):
+    """conv2d_map reading the kernels' rows as (in, kh, kw), not the canonical (kh, kw, in)."""
+
+    def conv2d_map(self, layer, x, kernels):
+        module = self._conv(layer)
+        kh, kw = module.kernel_size
+        m = kernels.shape[1]
+        weight = kernels.reshape(module.in_channels, kh, kw, m).permute(3, 0, 1, 2)
+        z = torch.nn.functional.conv2d(x, weight, None, module.stride, module.padding)
+        return z.reshape(z.shape[0], m, -1).transpose(1, 2)
+
+
+def test_the_deferred_convolution_check_catches_a_map_in_the_wrong_order() -> None:
+    check = "test_deferred_convolutions_give_their_patches_and_their_map"
+    with pytest.raises(AssertionError, match=r"conv2d_map\(x, K\) = patches @ K"):
+        getattr(checks_on(MapInChannelMajorOrder, BackendConformance), check)()
+    getattr(checks_on(TorchKernels, BackendConformance), check)()
+
+
 class StatisticsOfTheLoss(TorchKernels):
     """Ignores the measurement in the layer statistics (the loss's output gradients instead)."""
 

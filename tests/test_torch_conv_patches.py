@@ -1,7 +1,7 @@
 """torch convolutions of every supported geometry: their statistics rebuild the per-sample gradients.
 
 The patches are read from a zero-bordered channels-last copy of the input
-(``influence_torch.layers._patches``); padding, stride, dilation and kernel
+(``influence_torch.layers.conv2d_patches``); padding, stride, dilation and kernel
 sizes that differ per axis each move which input entry a tap reads, so each
 is varied on its own and all together, in float64, against ``vmap(grad)``.
 """
@@ -39,3 +39,79 @@ def test_conv_statistics_rebuild_the_per_sample_gradients(geometry: str) -> None
     from_layers = per_sample_grads_from_layers(model, (X, y))
     exact = model.per_sample_grads((X, y))
     assert torch.allclose(from_layers, exact, rtol=1e-12, atol=1e-13)
+
+
+def geometry_model(geometry: str) -> tuple[InfluenceModel, tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, **GEOMETRIES[geometry])
+    with torch.no_grad():
+        width = conv(torch.zeros(1, 3, 9, 8)).numel()
+    net = torch.nn.Sequential(
+        conv, torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(width, 3)
+    ).double()
+    model = InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"), batch_size=5)
+    return model, (torch.randn(5, 3, 9, 8, dtype=torch.float64), torch.randint(0, 3, (5,)))
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_the_deferred_input_gives_the_patches_and_their_map(geometry: str) -> None:
+    """conv2d_patches(x) equals the statistics' patches; conv2d_map(x, K) equals patches @ K."""
+    model, (X, y) = geometry_model(geometry)
+    kernels = model.kernels
+    layer = next(layer for layer in kernels.layers() if layer.kind == "conv2d")
+    a, g = kernels.layer_statistics(X, y)[layer.name]
+    x, g_deferred = kernels.layer_statistics_deferred(X, y)[layer.name]
+    assert torch.equal(g_deferred, g)
+    assert torch.equal(kernels.conv2d_patches(layer, x), a)
+    K = torch.randn(layer.inputs, 7, dtype=torch.float64)
+    assert torch.allclose(kernels.conv2d_map(layer, x, K), a @ K, rtol=1e-12, atol=1e-13)
+
+
+def one_test_point_scores(model, data) -> tuple[torch.Tensor, torch.Tensor]:
+    """EK-FAC scores of every training point against one test point: layer-wise and through (b, d)."""
+    from influence_core import EKFACIHVP, FirstOrderInfluenceCalculator
+    from influence_core.ihvp.base import InverseHessianVectorProduct
+
+    class ThroughGradients(EKFACIHVP):
+        training_side = InverseHessianVectorProduct.training_side
+
+    test = (data[0][:1], data[1][:1])
+    layerwise = FirstOrderInfluenceCalculator(model, EKFACIHVP()).fit(data)
+    flat = FirstOrderInfluenceCalculator(model, ThroughGradients()).fit(data)
+    return layerwise.influence(test, data), flat.influence(test, data)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_one_test_point_is_scored_through_the_convolution_without_patches(
+    geometry: str, monkeypatch
+) -> None:
+    model, data = geometry_model(geometry)
+    formed = []
+    original = type(model.kernels).conv2d_patches
+
+    def counted(self, layer, x):
+        formed.append(layer.name)
+        return original(self, layer, x)
+
+    layerwise, flat = one_test_point_scores(model, data)
+    assert torch.allclose(layerwise, flat, rtol=1e-10, atol=1e-12)
+    monkeypatch.setattr(type(model.kernels), "conv2d_patches", counted)
+    again, _ = one_test_point_scores(model, data)
+    assert torch.allclose(again, flat, rtol=1e-10, atol=1e-12)
+    assert formed == []  # the fit forms its patches in the statistics; the scores never did
+
+
+def test_a_mapped_score_without_the_bias_fails_the_test_above(monkeypatch) -> None:
+    from influence_core.ihvp import kfac
+
+    def without_bias(self, block, P):
+        layer = block.layer
+        size = layer.inputs * layer.outputs
+        g = self.stats.gradients(layer.name)
+        kernel = P[:size, :].reshape(layer.inputs, layer.outputs)
+        mapped = self.model.kernels.conv2d_map(layer, self.stats.deferred_input(layer.name), kernel)
+        return (mapped * g).reshape(g.shape[0], -1).sum(1)[:, None]
+
+    monkeypatch.setattr(kfac._LayerwiseTrainingSide, "_mapped_scores", without_bias)
+    layerwise, flat = one_test_point_scores(*geometry_model("padded"))
+    assert not torch.allclose(layerwise, flat, rtol=1e-10, atol=1e-12)

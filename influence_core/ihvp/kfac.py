@@ -597,7 +597,8 @@ class KFACIHVP(InverseHessianVectorProduct):
         plain pass of the conv net in ``benchmarks/bench_layerwise.py``).
         """
         self._check_fitted()
-        return _LayerwiseTrainingSide(self, model, batch, model.layer_statistics(batch))
+        stats = model.layer_statistics(batch, deferred=True)
+        return _LayerwiseTrainingSide(self, model, batch, stats)
 
 
 class _LayerwiseTrainingSide(TrainingSide):
@@ -706,9 +707,11 @@ class _LayerwiseTrainingSide(TrainingSide):
 
     def _whole_scores(self, block: LayerBlock, P: Array, n: int) -> Array:
         xp = self.xp
-        a, g = self.stats[block.layer.name]
         if block.kind == "embedding":
             return self._embedding_scores(block, P, n)
+        if n == 1 and self.stats.deferred_input(block.layer.name) is not None:
+            return self._mapped_scores(block, P)
+        a, g = self.stats[block.layer.name]
         if block.kronecker and int(a.shape[1]) == 1:
             b, p_out = int(a.shape[0]), block.layer.outputs
             projected = xp.reshape(
@@ -725,6 +728,26 @@ class _LayerwiseTrainingSide(TrainingSide):
             return scores + xp.matmul(xp.sum(g, axis=1), P[size:, :])
         (matrix,) = layer_gradient_matrices(xp, [block], self.stats)
         return xp.matmul(xp.reshape(matrix, (int(matrix.shape[0]), -1)), P)
+
+    def _mapped_scores(self, block: LayerBlock, P: Array) -> Array:
+        """A convolution's scores against one test point, its patches never formed: (b, 1).
+
+        Σ_t (a_t K) · g_t + (Σ_t g_t) · P_bias, with a_t K over every position t
+        the layer's own convolution of its input by the solved kernel K
+        (:meth:`~influence_core.plugin.ModelKernels.conv2d_map`, b·T·p·o
+        multiply-adds, as many as forming G). Against n > 1 test points the
+        convolution would cost n times that, and forming G once is cheaper.
+        """
+        xp, layer = self.xp, block.layer
+        name, size = layer.name, layer.inputs * layer.outputs
+        g = self.stats.gradients(name)
+        kernel = xp.reshape(P[:size, :], (layer.inputs, layer.outputs))
+        mapped = self.model.kernels.conv2d_map(layer, self.stats.deferred_input(name), kernel)
+        b = int(g.shape[0])
+        scores = xp.sum(xp.reshape(mapped * g, (b, -1)), axis=1)[:, None]
+        if block.bias_offset is None:
+            return scores
+        return scores + xp.matmul(xp.sum(g, axis=1), P[size:, :])
 
     def _embedding_scores(self, block: LayerBlock, P: Array, n: int) -> Array:
         """vec(G_i)ᵀ P for an embedding, G_i = Σ_t e_{a_it} g_itᵀ: shape (b, n).

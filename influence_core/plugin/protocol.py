@@ -443,6 +443,39 @@ class ModelKernels(ABC):
         """
         raise self._unsupported("layer_statistics (needed by K-FAC and EK-FAC)")
 
+    def layer_statistics_deferred(
+        self,
+        inputs: Array,
+        targets: Array,
+        measurement: Callable[[Array, Array], Array] | None = None,
+    ) -> dict[str, tuple[Array, Array]]:
+        """:meth:`layer_statistics` with every ``"conv2d"`` layer's patches left unformed.
+
+        A convolution's patches are kh·kw/stride² times its input, copied every
+        batch. A first-order score against one test point needs only
+        Σ_t ⟨a_t K, g_t⟩ for the layer's solved kernel K, which is the layer's
+        own convolution of its input by K (:meth:`conv2d_map`): no patches. So
+        a ``"conv2d"`` layer's first entry here is its input x as the backend
+        keeps it (opaque to the core), which the core passes back to
+        :meth:`conv2d_patches` or :meth:`conv2d_map`; g and every other layer
+        are as in :meth:`layer_statistics`. Optional, with those two: the default
+        raises :class:`UnsupportedByBackendError` and the core forms the patches.
+        """
+        raise self._unsupported("layer_statistics_deferred")
+
+    def conv2d_patches(self, layer: Layer, x: Array) -> Array:
+        """(b, T, p_in): the patches of a ``"conv2d"`` layer's deferred input x, as
+        :meth:`layer_statistics` gives them (canonical (kh, kw, in) order)."""
+        raise self._unsupported("conv2d_patches")
+
+    def conv2d_map(self, layer: Layer, x: Array, kernels: Array) -> Array:
+        """(b, T, m): patches(x) @ ``kernels`` for canonical kernels (p_in, m), no bias.
+
+        The layer's own convolution of its deferred input x with m output
+        channels, never forming the patches (b·T·p_in·m multiply-adds).
+        """
+        raise self._unsupported("conv2d_map")
+
     def matmul_into(self, x1: Array, x2: Array, out: Array) -> Array:
         """x1 @ x2 written into ``out`` (the product's shape and dtype), and returned.
 

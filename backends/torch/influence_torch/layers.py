@@ -27,8 +27,17 @@ import torch
 from influence_core.plugin import Layer
 
 from .attention import attention_layers, recorded_attention, supported
+from .buffers import BufferPool
 
-__all__ = ["find_layers", "layer_gaps", "recorded_layers", "statistics", "tied_weights"]
+__all__ = [
+    "conv2d_map",
+    "conv2d_patches",
+    "find_layers",
+    "layer_gaps",
+    "recorded_layers",
+    "statistics",
+    "tied_weights",
+]
 
 
 def _conv_supported(module: torch.nn.Conv2d) -> bool:
@@ -263,7 +272,9 @@ def recorded_layers(
             handle.remove()
 
 
-def _patches(module: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def conv2d_patches(
+    module: torch.nn.Conv2d, x: torch.Tensor, pool: BufferPool | None = None, key: str = ""
+) -> torch.Tensor:
     """(b, positions, kh·kw·in): the input's patches, each in canonical (kh, kw, in) order.
 
     The input is first copied once into a zero-bordered channels-last buffer
@@ -274,23 +285,47 @@ def _patches(module: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     entry of its span. The patches are one more copy, in canonical order,
     that reads runs of channels (reading them across a channel-major input
     was 1.3-2.5x slower; ``F.unfold`` gives them channel-major, and reordering
-    them would copy them a second time).
+    them would copy them a second time). Given a ``pool`` (the pass's
+    :class:`~influence_torch.buffers.BufferPool`), both copies are written into
+    buffers reused from batch to batch, and a reused padded buffer keeps the
+    zero border it was given.
     """
     kh, kw = module.kernel_size
     (ph, pw), (sh, sw), (dh, dw) = module.padding, module.stride, module.dilation
     b, channels, height, width = x.shape
-    padded = x.new_empty((b, height + 2 * ph, width + 2 * pw, channels))
-    if ph:
-        padded[:, :ph].zero_()
-        padded[:, height + ph :].zero_()
-    if pw:
-        padded[:, :, :pw].zero_()
-        padded[:, :, width + pw :].zero_()
+    shape = (b, height + 2 * ph, width + 2 * pw, channels)
+    padded, reused = (
+        pool.take((key, "padded", ph, pw), shape, x) if pool else (x.new_empty(shape), False)
+    )
+    if not reused:
+        if ph:
+            padded[:, :ph].zero_()
+            padded[:, height + ph :].zero_()
+        if pw:
+            padded[:, :, :pw].zero_()
+            padded[:, :, width + pw :].zero_()
     padded[:, ph : height + ph, pw : width + pw].copy_(x.permute(0, 2, 3, 1))
     windows = padded.unfold(1, (kh - 1) * dh + 1, sh).unfold(2, (kw - 1) * dw + 1, sw)
-    windows = windows[..., ::dh, ::dw]  # (b, H', W', in, kh, kw)
+    windows = windows[..., ::dh, ::dw].permute(0, 1, 2, 4, 5, 3)  # (b, H', W', kh, kw, in)
     rows, cols = windows.shape[1:3]
-    return windows.permute(0, 1, 2, 4, 5, 3).reshape(b, rows * cols, kh * kw * channels)
+    if pool is None:
+        return windows.reshape(b, rows * cols, kh * kw * channels)
+    patches, _ = pool.take((key, "patches"), tuple(windows.shape), x)
+    patches.copy_(windows)
+    return patches.view(b, rows * cols, kh * kw * channels)
+
+
+def conv2d_map(module: torch.nn.Conv2d, x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """(b, T, m): patches(x) @ kernels for canonical kernels (kh·kw·in, m), as one convolution.
+
+    The kernels become a weight (m, in, kh, kw) of the layer's geometry; the
+    convolution's output (b, m, H', W') is returned as a view (b, T, m).
+    """
+    kh, kw = module.kernel_size
+    m = int(kernels.shape[1])
+    weight = kernels.reshape(kh, kw, module.in_channels, m).permute(3, 2, 0, 1)
+    z = torch.nn.functional.conv2d(x, weight, None, module.stride, module.padding, module.dilation)
+    return z.reshape(z.shape[0], m, -1).transpose(1, 2)
 
 
 def _normalised(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -320,8 +355,15 @@ def statistics(
     layers: Sequence[Layer],
     records: dict[str, tuple[torch.Tensor, torch.Tensor]],
     losses: torch.Tensor,
+    pool: BufferPool | None = None,
+    *,
+    defer: bool = False,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{name: (a (b, T, p_in), g (b, T, p_out))}`` from one recorded forward pass and its losses."""
+    """``{name: (a (b, T, p_in), g (b, T, p_out))}`` from one recorded forward pass and its losses.
+
+    Convolution patches are written into ``pool``'s buffers when one is given;
+    with ``defer``, a convolution's a is its input x instead (:func:`conv2d_map`).
+    """
     outputs = [records[layer.name][1] for layer in layers]
     grads = torch.autograd.grad(losses.sum(), outputs)
     modules = dict(module.named_modules())
@@ -331,7 +373,7 @@ def statistics(
         b = x.shape[0]
         child = modules.get(layer.name)  # None for an attention projection (dense)
         if layer.kind == "conv2d":
-            a = _patches(child, x)
+            a = x if defer else conv2d_patches(child, x, pool, layer.name)
             g = g.reshape(b, layer.outputs, -1).transpose(1, 2)
         elif layer.kind == "embedding":
             a = x.reshape(b, -1)

@@ -42,8 +42,9 @@ from influence_core.plugin import (
     tree_map,
 )
 
+from .buffers import PooledStatistics, current_pool
 from .data import native_batch_count, native_batches
-from .layers import find_layers, layer_gaps, recorded_layers, statistics
+from .layers import conv2d_map, conv2d_patches, find_layers, layer_gaps, recorded_layers, statistics
 from .namespace import namespace
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -499,19 +500,46 @@ class TorchKernels(ModelKernels):
     def layer_gaps(self) -> dict[str, str]:
         return layer_gaps(self.module, self._names)
 
-    @in_inference_mode
     def layer_statistics(
         self, inputs: Any, targets: torch.Tensor, measurement: Any = None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return self._layer_statistics(inputs, targets, measurement, defer=False)
+
+    def layer_statistics_deferred(
+        self, inputs: Any, targets: torch.Tensor, measurement: Any = None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return self._layer_statistics(inputs, targets, measurement, defer=True)
+
+    def conv2d_patches(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        module = self._conv(layer)
+        with torch.no_grad():
+            return conv2d_patches(module, x, current_pool(self), layer.name)
+
+    def conv2d_map(self, layer: Layer, x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return conv2d_map(self._conv(layer), x, kernels)
+
+    def _conv(self, layer: Layer) -> torch.nn.Conv2d:
+        module = dict(self.module.named_modules()).get(layer.name)
+        if layer.kind != "conv2d" or not isinstance(module, torch.nn.Conv2d):
+            raise ValueError(f"layer {layer.name!r} is a {layer.kind} layer, not a conv2d one")
+        return module
+
+    @in_inference_mode
+    def _layer_statistics(
+        self, inputs: Any, targets: torch.Tensor, measurement: Any, *, defer: bool
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         function = self.loss_fn if measurement is None else measurement
         hooked = [layer for layer in self.layers() if layer.kind != "parameter"]
         generic = [layer.kernel for layer in self.layers() if layer.kind == "parameter"]
-        out = {}
+        # Patches go into buffers reused over the pass; the statistics hold the pool (buffers.py).
+        pool = current_pool(self)
+        out = PooledStatistics({}, pool)
         if hooked:
             batch = int(targets.shape[0])
             with recorded_layers(self.module, hooked, batch) as records, torch.enable_grad():
                 losses = function(self._forward(inputs), targets)
-                out = statistics(self.module, hooked, records, losses)
+                out.update(statistics(self.module, hooked, records, losses, pool, defer=defer))
         if generic:
             out.update(self._parameter_statistics(generic, inputs, targets, function))
         return out
