@@ -27,7 +27,6 @@ import torch
 from influence_core.plugin import Layer
 
 from .attention import attention_layers, recorded_attention, supported
-from .buffers import BufferPool
 
 __all__ = [
     "conv2d_map",
@@ -272,9 +271,7 @@ def recorded_layers(
             handle.remove()
 
 
-def conv2d_patches(
-    module: torch.nn.Conv2d, x: torch.Tensor, pool: BufferPool | None = None, key: str = ""
-) -> torch.Tensor:
+def conv2d_patches(module: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """(b, positions, kh·kw·in): the input's patches, each in canonical (kh, kw, in) order.
 
     The input is first copied once into a zero-bordered channels-last buffer
@@ -285,34 +282,23 @@ def conv2d_patches(
     entry of its span. The patches are one more copy, in canonical order,
     that reads runs of channels (reading them across a channel-major input
     was 1.3-2.5x slower; ``F.unfold`` gives them channel-major, and reordering
-    them would copy them a second time). Given a ``pool`` (the pass's
-    :class:`~influence_torch.buffers.BufferPool`), both copies are written into
-    buffers reused from batch to batch, and a reused padded buffer keeps the
-    zero border it was given.
+    them would copy them a second time).
     """
     kh, kw = module.kernel_size
     (ph, pw), (sh, sw), (dh, dw) = module.padding, module.stride, module.dilation
     b, channels, height, width = x.shape
-    shape = (b, height + 2 * ph, width + 2 * pw, channels)
-    padded, reused = (
-        pool.take((key, "padded", ph, pw), shape, x) if pool else (x.new_empty(shape), False)
-    )
-    if not reused:
-        if ph:
-            padded[:, :ph].zero_()
-            padded[:, height + ph :].zero_()
-        if pw:
-            padded[:, :, :pw].zero_()
-            padded[:, :, width + pw :].zero_()
+    padded = x.new_empty((b, height + 2 * ph, width + 2 * pw, channels))
+    if ph:
+        padded[:, :ph].zero_()
+        padded[:, height + ph :].zero_()
+    if pw:
+        padded[:, :, :pw].zero_()
+        padded[:, :, width + pw :].zero_()
     padded[:, ph : height + ph, pw : width + pw].copy_(x.permute(0, 2, 3, 1))
     windows = padded.unfold(1, (kh - 1) * dh + 1, sh).unfold(2, (kw - 1) * dw + 1, sw)
-    windows = windows[..., ::dh, ::dw].permute(0, 1, 2, 4, 5, 3)  # (b, H', W', kh, kw, in)
+    windows = windows[..., ::dh, ::dw]  # (b, H', W', in, kh, kw)
     rows, cols = windows.shape[1:3]
-    if pool is None:
-        return windows.reshape(b, rows * cols, kh * kw * channels)
-    patches, _ = pool.take((key, "patches"), tuple(windows.shape), x)
-    patches.copy_(windows)
-    return patches.view(b, rows * cols, kh * kw * channels)
+    return windows.permute(0, 1, 2, 4, 5, 3).reshape(b, rows * cols, kh * kw * channels)
 
 
 def conv2d_map(module: torch.nn.Conv2d, x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
@@ -355,14 +341,13 @@ def statistics(
     layers: Sequence[Layer],
     records: dict[str, tuple[torch.Tensor, torch.Tensor]],
     losses: torch.Tensor,
-    pool: BufferPool | None = None,
     *,
     defer: bool = False,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{name: (a (b, T, p_in), g (b, T, p_out))}`` from one recorded forward pass and its losses.
 
-    Convolution patches are written into ``pool``'s buffers when one is given;
-    with ``defer``, a convolution's a is its input x instead (:func:`conv2d_map`).
+    With ``defer``, a convolution's a is its input x instead of its patches
+    (:func:`conv2d_patches`, :func:`conv2d_map`).
     """
     outputs = [records[layer.name][1] for layer in layers]
     grads = torch.autograd.grad(losses.sum(), outputs)
@@ -373,7 +358,7 @@ def statistics(
         b = x.shape[0]
         child = modules.get(layer.name)  # None for an attention projection (dense)
         if layer.kind == "conv2d":
-            a = x if defer else conv2d_patches(child, x, pool, layer.name)
+            a = x if defer else conv2d_patches(child, x)
             g = g.reshape(b, layer.outputs, -1).transpose(1, 2)
         elif layer.kind == "embedding":
             a = x.reshape(b, -1)

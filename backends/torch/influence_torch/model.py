@@ -42,7 +42,6 @@ from influence_core.plugin import (
     tree_map,
 )
 
-from .buffers import PooledStatistics, current_pool
 from .data import native_batch_count, native_batches
 from .layers import conv2d_map, conv2d_patches, find_layers, layer_gaps, recorded_layers, statistics
 from .namespace import namespace
@@ -513,7 +512,7 @@ class TorchKernels(ModelKernels):
     def conv2d_patches(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         module = self._conv(layer)
         with torch.no_grad():
-            return conv2d_patches(module, x, current_pool(self), layer.name)
+            return conv2d_patches(module, x)
 
     def conv2d_map(self, layer: Layer, x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -532,14 +531,12 @@ class TorchKernels(ModelKernels):
         function = self.loss_fn if measurement is None else measurement
         hooked = [layer for layer in self.layers() if layer.kind != "parameter"]
         generic = [layer.kernel for layer in self.layers() if layer.kind == "parameter"]
-        # Patches go into buffers reused over the pass; the statistics hold the pool (buffers.py).
-        pool = current_pool(self)
-        out = PooledStatistics({}, pool)
+        out = {}
         if hooked:
             batch = int(targets.shape[0])
             with recorded_layers(self.module, hooked, batch) as records, torch.enable_grad():
                 losses = function(self._forward(inputs), targets)
-                out.update(statistics(self.module, hooked, records, losses, pool, defer=defer))
+                out = statistics(self.module, hooked, records, losses, defer=defer)
         if generic:
             out.update(self._parameter_statistics(generic, inputs, targets, function))
         return out
