@@ -458,8 +458,9 @@ class ModelKernels(ABC):
         a ``"conv2d"`` layer's first entry here is its input x as the backend
         keeps it (opaque to the core), which the core passes back to
         :meth:`conv2d_patches` or :meth:`conv2d_map`; g and every other layer
-        are as in :meth:`layer_statistics`. Optional, with those two: the default
-        raises :class:`UnsupportedByBackendError` and the core forms the patches.
+        are as in :meth:`layer_statistics`. Optional, with those two (torch,
+        TensorFlow and JAX nnx have them): the default raises
+        :class:`UnsupportedByBackendError` and the core forms the patches.
         """
         raise self._unsupported("layer_statistics_deferred")
 

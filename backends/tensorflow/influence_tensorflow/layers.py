@@ -171,8 +171,11 @@ class LayerStatistics:
         self.layers = self.recorded + self.generic
         self.gaps = _gaps(model, by_variable, self.layers)
 
-    def __call__(self, loss_fn: Any, inputs: Any, targets: Any) -> dict[str, tuple[Any, Any]]:
-        out = self._recorded_statistics(loss_fn, inputs, targets) if self.recorded else {}
+    def __call__(
+        self, loss_fn: Any, inputs: Any, targets: Any, *, defer: bool = False
+    ) -> dict[str, tuple[Any, Any]]:
+        """``{name: (a, g)}``; with ``defer``, a convolution's a is its input (NHWC), not patches."""
+        out = self._recorded_statistics(loss_fn, inputs, targets, defer) if self.recorded else {}
         if self.generic:
             out.update(self._parameter_statistics(loss_fn, inputs, targets))
         return out
@@ -202,8 +205,28 @@ class LayerStatistics:
             out[spec.name] = (tf.ones_like(g), g)
         return out
 
+    def conv2d_patches(self, spec: Layer, x: Any) -> Any:
+        """(b, T, p_in): the patches of a ``"conv2d"`` layer's input x, as the statistics give them."""
+        patches = _patches(self._keras_layer(spec), x)
+        return tf.reshape(patches, [tf.shape(patches)[0], -1, spec.inputs])
+
+    def conv2d_map(self, spec: Layer, x: Any, kernels: Any) -> Any:
+        """(b, T, m): patches(x) @ kernels as the layer's own convolution (canonical = Keras layout)."""
+        layer = self._keras_layer(spec)
+        kh, kw = layer.kernel_size
+        m = int(kernels.shape[1])
+        weight = tf.reshape(kernels, [kh, kw, spec.inputs // (kh * kw), m])
+        z = _convolved(layer, x, weight)
+        return tf.reshape(z, [tf.shape(z)[0], -1, m])
+
+    def _keras_layer(self, spec: Layer) -> Any:
+        for layer, recorded in zip(self.keras_layers, self.recorded, strict=True):
+            if recorded.name == spec.name and spec.kind == "conv2d":
+                return layer
+        raise ValueError(f"layer {spec.name!r} is a {spec.kind} layer, not a conv2d one")
+
     def _recorded_statistics(
-        self, loss_fn: Any, inputs: Any, targets: Any
+        self, loss_fn: Any, inputs: Any, targets: Any, defer: bool = False
     ) -> dict[str, tuple[Any, Any]]:
         b = int(tf.shape(targets)[0])
         with _recorded_calls(self.keras_layers, self.recorded, b) as records:
@@ -234,21 +257,24 @@ class LayerStatistics:
                     tf.reshape(d_out, [b, -1, spec.outputs]),
                 )
                 continue
-            z, patches = self._pre_activation(layer, spec, a)
+            deferred = defer and spec.kind == "conv2d"
+            z, patches = self._pre_activation(layer, spec, a, patches=not deferred)
             activation = getattr(layer, "activation", None) or (lambda x: x)
             with tf.GradientTape() as inner:
                 inner.watch(z)
                 activated = activation(z)
             g = inner.gradient(activated, z, output_gradients=d_out)
             out[spec.name] = (
-                tf.reshape(patches, [b, -1, spec.inputs]),
+                a if deferred else tf.reshape(patches, [b, -1, spec.inputs]),
                 tf.reshape(g, [b, -1, spec.outputs]),
             )
         return out
 
     @staticmethod
-    def _pre_activation(layer: Any, spec: Layer, a: Any) -> tuple[Any, Any]:
-        """(z, the input as patches): z = a W + b, recomputed from the captured input."""
+    def _pre_activation(
+        layer: Any, spec: Layer, a: Any, *, patches: bool = True
+    ) -> tuple[Any, Any]:
+        """(z, the input as patches, or None): z = a W + b, recomputed from the captured input."""
         kernel = layer.kernel
         if spec.kind == "dense":
             contracted = len(_einsum_axes(layer)[0]) if _einsum_axes(layer) is not None else 1
@@ -257,18 +283,29 @@ class LayerStatistics:
             z = tf.tensordot(a, kernel, axes=axes)
             patches = a
         else:
-            kh, kw = layer.kernel_size
-            sh, sw = layer.strides
-            dh, dw = layer.dilation_rate
-            padding = layer.padding.upper()
-            z = tf.nn.conv2d(a, kernel, [1, sh, sw, 1], padding, dilations=[1, dh, dw, 1])
-            patches = tf.image.extract_patches(
-                a, [1, kh, kw, 1], [1, sh, sw, 1], [1, dh, dw, 1], padding
-            )
+            z = _convolved(layer, a, kernel)
+            patches = _patches(layer, a) if patches else None
         bias = getattr(layer, "bias", None)
         if bias is not None:
             z = z + bias
         return z, patches
+
+
+def _convolved(layer: Any, x: Any, kernel: Any) -> Any:
+    """x convolved by ``kernel`` (kh, kw, in, m) at the Keras Conv2D's geometry, no bias."""
+    sh, sw = layer.strides
+    dh, dw = layer.dilation_rate
+    return tf.nn.conv2d(x, kernel, [1, sh, sw, 1], layer.padding.upper(), dilations=[1, dh, dw, 1])
+
+
+def _patches(layer: Any, x: Any) -> Any:
+    """(b, H', W', kh·kw·in): the Keras Conv2D's input patches, canonical (kh, kw, in) order."""
+    kh, kw = layer.kernel_size
+    sh, sw = layer.strides
+    dh, dw = layer.dilation_rate
+    return tf.image.extract_patches(
+        x, [1, kh, kw, 1], [1, sh, sw, 1], [1, dh, dw, 1], layer.padding.upper()
+    )
 
 
 def _gaps(model: Any, by_variable: dict[int, str], layers: Sequence[Layer]) -> dict[str, str]:

@@ -413,6 +413,20 @@ class TensorFlowKernels(ModelKernels):
             lambda y, outputs: measurement(outputs, y), inputs, targets
         )
 
+    def layer_statistics_deferred(
+        self, inputs: Any, targets: Any, measurement: Any = None
+    ) -> dict[str, tuple[Any, Any]]:
+        statistics = self._layer_statistics_of()
+        if measurement is None:
+            return statistics(self.loss_fn, inputs, targets, defer=True)
+        return statistics(lambda y, outputs: measurement(outputs, y), inputs, targets, defer=True)
+
+    def conv2d_patches(self, layer: Layer, x: Any) -> Any:
+        return self._layer_statistics_of().conv2d_patches(layer, x)
+
+    def conv2d_map(self, layer: Layer, x: Any, kernels: Any) -> Any:
+        return self._layer_statistics_of().conv2d_map(layer, x, kernels)
+
     # -- the last linear layer ----------------------------------------------------
     def _flat_layers(self, layer: Any) -> Iterator[Any]:
         for child in getattr(layer, "layers", []):

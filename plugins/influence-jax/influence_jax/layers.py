@@ -248,8 +248,32 @@ def patches(module: Any, x: Any) -> Any:
     return jnp.swapaxes(cols, 2, 3).reshape(b, h * w, kh * kw * channels)
 
 
-def statistics_function(layers: Sequence[Layer], modules: dict, apply: Any, loss_fn: Any) -> Any:
-    """``f(params, rest, x, y) -> {name: (a, g)}``, to be jitted; ``apply(params, rest, x)``."""
+def conv2d_map(module: Any, x: Any, kernels: Any) -> Any:
+    """(b, T, m): patches(x) @ kernels for canonical kernels (kh·kw·in, m), as one convolution.
+
+    The canonical rows are nnx.Conv's own kernel layout (kh, kw, in, out), so
+    the kernels are its weight of m output channels, at its geometry.
+    """
+    kh, kw = module.kernel_size
+    m = kernels.shape[1]
+    z = jax.lax.conv_general_dilated(
+        x,
+        kernels.reshape(kh, kw, x.shape[-1], m),
+        _pair(module.strides),
+        _padding(module),
+        rhs_dilation=_pair(module.kernel_dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    return z.reshape(z.shape[0], -1, m)
+
+
+def statistics_function(
+    layers: Sequence[Layer], modules: dict, apply: Any, loss_fn: Any, *, defer: bool = False
+) -> Any:
+    """``f(params, rest, x, y) -> {name: (a, g)}``, to be jitted; ``apply(params, rest, x)``.
+
+    With ``defer``, a convolution's a is its input (NHWC) instead of its patches.
+    """
 
     def run(params: Any, rest: Any, x: Any, eps: Any) -> tuple[Any, dict]:
         batch = jax.tree_util.tree_leaves(x)[0].shape[0]
@@ -275,6 +299,9 @@ def statistics_function(layers: Sequence[Layer], modules: dict, apply: Any, loss
             a, g = inputs[layer.name], grads[layer.name]
             b = a.shape[0]
             if layer.kind == "conv2d":
+                if defer:
+                    out[layer.name] = (a, g.reshape(b, -1, layer.outputs))
+                    continue
                 a = patches(modules[layer.name], a)
             if layer.kind == "embedding":
                 out[layer.name] = (a.reshape(b, -1), g.reshape(b, -1, layer.outputs))

@@ -41,7 +41,7 @@ from influence_core.plugin import (
     select_parameters,
 )
 
-from .layers import layer_gaps, recording_graph, statistics_function
+from .layers import conv2d_map, layer_gaps, patches, recording_graph, statistics_function
 
 __all__ = ["Functional", "JaxKernels"]
 
@@ -374,8 +374,11 @@ class JaxKernels(ModelKernels):
         return self._hvp(theta, leaves, rest, inputs, targets, vectors)
 
     # -- layer-wise statistics (K-FAC, EK-FAC) ---------------------------------------------
-    def _layer_statistics_kernel(self, measurement: Any = None) -> tuple[tuple[Layer, ...], Any]:
-        """(layers, jitted statistics function) for the loss or one measurement, built once each."""
+    def _layer_statistics_kernel(
+        self, measurement: Any = None, *, defer: bool = False
+    ) -> tuple[tuple[Layer, ...], Any]:
+        """(layers, jitted statistics function) for the loss or one measurement, built once each
+        (and once more with convolutions deferred, ``defer``)."""
         if self._layer_kernels is None:
             if self._functional:
                 raise self._unsupported(
@@ -401,12 +404,14 @@ class JaxKernels(ModelKernels):
 
             self._layer_kernels = (layers, (modules, apply), {})
         layers, (modules, apply), functions = self._layer_kernels
-        key = None if measurement is None else id(measurement)
+        key = (None if measurement is None else id(measurement), defer)
         if key not in functions:
             target = self.loss_fn if measurement is None else measurement
             hooked = [layer for layer in layers if layer.kind != "parameter"]
             generic = [layer for layer in layers if layer.kind == "parameter"]
-            recorded = statistics_function(hooked, modules, apply, target) if hooked else None
+            recorded = (
+                statistics_function(hooked, modules, apply, target, defer=defer) if hooked else None
+            )
             direct = self._parameter_statistics(generic, apply, target) if generic else None
 
             def both(leaves: Any, rest: Any, x: Any, y: Any) -> dict[str, tuple[Any, Any]]:
@@ -459,6 +464,27 @@ class JaxKernels(ModelKernels):
         _, function = self._layer_statistics_kernel(measurement)
         _, leaves, rest = self._state()
         return function(leaves, rest, inputs, targets)
+
+    def layer_statistics_deferred(
+        self, inputs: Any, targets: Any, measurement: Any = None
+    ) -> dict[str, tuple[Any, Any]]:
+        _, function = self._layer_statistics_kernel(measurement, defer=True)
+        _, leaves, rest = self._state()
+        return function(leaves, rest, inputs, targets)
+
+    def conv2d_patches(self, layer: Layer, x: Any) -> Any:
+        return patches(self._conv(layer), x)
+
+    def conv2d_map(self, layer: Layer, x: Any, kernels: Any) -> Any:
+        return conv2d_map(self._conv(layer), x, kernels)
+
+    def _conv(self, layer: Layer) -> Any:
+        """The nnx.Conv of a ``"conv2d"`` layer, as the recording found it."""
+        self._layer_statistics_kernel()  # the recording, built once
+        modules = self._layer_kernels[1][0]
+        if layer.kind != "conv2d" or layer.name not in modules:
+            raise ValueError(f"layer {layer.name!r} is a {layer.kind} layer, not a conv2d one")
+        return modules[layer.name]
 
     def per_sample_loss_jvp(self, inputs: Any, targets: Any, vectors: Any) -> Any:
         theta, leaves, rest = self._state()
