@@ -4,7 +4,8 @@ Each framework's ``layer_statistics_deferred`` gives a convolution's input in
 place of its patches; ``conv2d_patches`` must rebuild the patches from it and
 ``conv2d_map`` must equal patches @ K, at padded, strided and dilated
 geometries (the conformance suite's reference convnet is "valid" and stride
-1). EK-FAC's first-order scores against one test point, which take that route,
+1). EK-FAC's first-order scores against one test point, which take that route (two
+take G from the patches),
 must equal solve(g_test)ᵀ g_train with no patches formed while scoring.
 """
 
@@ -118,20 +119,19 @@ def test_the_deferred_input_gives_the_patches_and_their_map(framework, geometry)
     np.testing.assert_allclose(mapped, a @ K, atol=1e-12 * np.abs(a @ K).max())
 
 
+@pytest.mark.parametrize("n", [1, 2])
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 @pytest.mark.parametrize("framework", ["torch", "tensorflow", "jax"])
-def test_one_test_point_scores_equal_the_solved_gradients_without_patches(
-    framework, geometry
-) -> None:
+def test_one_or_two_test_points_scores_equal_the_solved_gradients(framework, geometry, n) -> None:
     model, train = case(framework, geometry)
     calculator = FirstOrderInfluenceCalculator(model, EKFACIHVP(damping=1e-2, fisher="empirical"))
     calculator = calculator.fit(train)
     formed = []
     patches = model.kernels.conv2d_patches
     model.kernels.conv2d_patches = lambda layer, x: formed.append(layer.name) or patches(layer, x)
-    test = (train[0][:1], train[1][:1])
+    test = (train[0][:n], train[1][:n])
     got = model.to_numpy(calculator.influence(test))
-    assert formed == []  # scored through conv2d_map
+    assert (formed == []) == (n == 1)  # one test point through conv2d_map, two through G
     flat = model.to_numpy(model.per_sample_grads(train))
     g_test = model.to_numpy(model.per_sample_grads(test))
     solved = model.to_numpy(calculator.ihvp.solve(model.kernels.as_native(g_test.T)))

@@ -67,24 +67,26 @@ def test_the_deferred_input_gives_the_patches_and_their_map(geometry: str) -> No
     assert torch.allclose(kernels.conv2d_map(layer, x, K), a @ K, rtol=1e-12, atol=1e-13)
 
 
-def one_test_point_scores(model, data) -> tuple[torch.Tensor, torch.Tensor]:
-    """EK-FAC scores of every training point against one test point: layer-wise and through (b, d)."""
+def few_test_point_scores(model, data, n: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """EK-FAC scores of every training point against n test points: layer-wise and through (b, d)."""
     from influence_core import EKFACIHVP, FirstOrderInfluenceCalculator
     from influence_core.ihvp.base import InverseHessianVectorProduct
 
     class ThroughGradients(EKFACIHVP):
         training_side = InverseHessianVectorProduct.training_side
 
-    test = (data[0][:1], data[1][:1])
+    test = (data[0][:n], data[1][:n])
     layerwise = FirstOrderInfluenceCalculator(model, EKFACIHVP()).fit(data)
     flat = FirstOrderInfluenceCalculator(model, ThroughGradients()).fit(data)
     return layerwise.influence(test, data), flat.influence(test, data)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3])
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-def test_one_test_point_is_scored_through_the_convolution_without_patches(
-    geometry: str, monkeypatch
+def test_few_test_points_are_scored_through_the_convolution_without_patches(
+    geometry: str, n: int, monkeypatch
 ) -> None:
+    """One test point through conv2d_map (no patches formed), more through G: all exact."""
     model, data = geometry_model(geometry)
     formed = []
     original = type(model.kernels).conv2d_patches
@@ -93,12 +95,10 @@ def test_one_test_point_is_scored_through_the_convolution_without_patches(
         formed.append(layer.name)
         return original(self, layer, x)
 
-    layerwise, flat = one_test_point_scores(model, data)
-    assert torch.allclose(layerwise, flat, rtol=1e-10, atol=1e-12)
     monkeypatch.setattr(type(model.kernels), "conv2d_patches", counted)
-    again, _ = one_test_point_scores(model, data)
-    assert torch.allclose(again, flat, rtol=1e-10, atol=1e-12)
-    assert formed == []  # the fit forms its patches in the statistics; the scores never did
+    layerwise, flat = few_test_point_scores(model, data, n)
+    assert torch.allclose(layerwise, flat, rtol=1e-10, atol=1e-12)
+    assert (formed == []) == (n == 1)  # the fit forms its patches in the statistics
 
 
 def test_a_mapped_score_without_the_bias_fails_the_test_above(monkeypatch) -> None:
@@ -113,5 +113,5 @@ def test_a_mapped_score_without_the_bias_fails_the_test_above(monkeypatch) -> No
         return (mapped * g).reshape(g.shape[0], -1).sum(1)[:, None]
 
     monkeypatch.setattr(kfac._LayerwiseTrainingSide, "_mapped_scores", without_bias)
-    layerwise, flat = one_test_point_scores(*geometry_model("padded"))
+    layerwise, flat = few_test_point_scores(*geometry_model("padded"))
     assert not torch.allclose(layerwise, flat, rtol=1e-10, atol=1e-12)
