@@ -4,9 +4,9 @@ Each framework's ``layer_statistics_deferred`` gives a convolution's input in
 place of its patches; ``conv2d_patches`` must rebuild the patches from it and
 ``conv2d_map`` must equal patches @ K, at padded, strided and dilated
 geometries (the conformance suite's reference convnet is "valid" and stride
-1). EK-FAC's first-order scores against one test point, which take that route (two
-take G from the patches),
-must equal solve(g_test)ᵀ g_train with no patches formed while scoring.
+1). EK-FAC's first-order scores against one test point, which take that route,
+must equal solve(g_test)ᵀ g_train with no patches formed while scoring; two
+test points take G from the patches, and must equal it too.
 """
 
 from __future__ import annotations
