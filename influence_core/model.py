@@ -667,7 +667,7 @@ class InfluenceModel:
         targets = batch.targets if targets is None else targets
         kernels, layers = self.kernels, self.kernels.layers()
         compute = kernels.layer_statistics
-        if deferred and any(layer.kind == "conv2d" for layer in layers):
+        if deferred and any(layer.kind == "conv2d" for layer in layers) and self._defers():
             compute = kernels.layer_statistics_deferred
         try:
             if measurement.is_loss:
@@ -680,13 +680,22 @@ class InfluenceModel:
         except UnsupportedByBackendError:
             if compute == kernels.layer_statistics:
                 raise
-            return self.layer_statistics(batch, measurement, targets)
+            stats = self.layer_statistics(batch, measurement, targets)  # patches formed
+            return DeferredStatistics(self, stats, layers, batch.size, deferred=False)
         deferring = compute != kernels.layer_statistics
         checked = [layer for layer in layers if not (deferring and layer.kind == "conv2d")]
         check_layer_statistics(checked, stats, batch.size, self.backend)
         if not deferred:
             return stats
         return DeferredStatistics(self, stats, layers, batch.size, deferred=deferring)
+
+    def _defers(self) -> bool:
+        """Whether the backend implements all three kernels of deferred convolutions."""
+        kind = type(self.kernels)
+        return all(
+            getattr(kind, name) is not getattr(ModelKernels, name)
+            for name in ("layer_statistics_deferred", "conv2d_patches", "conv2d_map")
+        )
 
     def iter_measurement_grads(
         self, data: Any, measurement: Measurement, batch_size: int | None = None

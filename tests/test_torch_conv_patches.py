@@ -115,3 +115,41 @@ def test_a_mapped_score_without_the_bias_fails_the_test_above(monkeypatch) -> No
     monkeypatch.setattr(kfac._LayerwiseTrainingSide, "_mapped_scores", without_bias)
     layerwise, flat = few_test_point_scores(*geometry_model("padded"))
     assert not torch.allclose(layerwise, flat, rtol=1e-10, atol=1e-12)
+
+
+def test_a_backend_without_deferred_convolutions_scores_through_the_patches(monkeypatch) -> None:
+    """A backend with only layer_statistics (the protocol's defaults for the rest): same scores."""
+    from influence_core.plugin import ModelKernels
+
+    model, data = geometry_model("padded")
+    for name in ("layer_statistics_deferred", "conv2d_patches", "conv2d_map"):
+        monkeypatch.setattr(type(model.kernels), name, getattr(ModelKernels, name))
+    layerwise, flat = few_test_point_scores(model, data)
+    assert torch.allclose(layerwise, flat, rtol=1e-10, atol=1e-12)
+
+
+def test_a_backend_with_only_part_of_deferred_convolutions_scores_through_the_patches(
+    monkeypatch,
+) -> None:
+    """Deferred statistics without conv2d_map would leave the scores nothing to read them with."""
+    from influence_core.plugin import ModelKernels
+
+    model, data = geometry_model("padded")
+    monkeypatch.setattr(type(model.kernels), "conv2d_map", ModelKernels.conv2d_map)
+    layerwise, flat = few_test_point_scores(model, data)
+    assert torch.allclose(layerwise, flat, rtol=1e-10, atol=1e-12)
+
+
+def test_a_backend_refusing_deferred_statistics_for_a_model_scores_through_the_patches(
+    monkeypatch,
+) -> None:
+    """Implemented but refused for this model (UnsupportedByBackendError): the patches instead."""
+    from influence_core.plugin import UnsupportedByBackendError
+
+    def refused(self, inputs, targets, measurement=None):
+        raise UnsupportedByBackendError("not for this model")
+
+    model, data = geometry_model("padded")
+    monkeypatch.setattr(type(model.kernels), "layer_statistics_deferred", refused)
+    layerwise, flat = few_test_point_scores(model, data)
+    assert torch.allclose(layerwise, flat, rtol=1e-10, atol=1e-12)
