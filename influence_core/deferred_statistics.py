@@ -43,13 +43,14 @@ class DeferredStatistics(Mapping):
         *,
         deferred: bool,
     ) -> None:
-        self.model, self.raw = model, raw
-        self.batch_size = batch_size
+        self.model, self.batch_size = model, batch_size
+        # Our own entries: a convolution's input is dropped once its patches replace it.
+        self._entries: dict[str, tuple[Array, Array]] = dict(raw)
         self._layers = {layer.name: layer for layer in layers}
         self._deferred = (
             {layer.name for layer in layers if layer.kind == "conv2d"} if deferred else set()
         )
-        self._formed: dict[str, tuple[Array, Array]] = {}
+        self._formed: set[str] = set()
         for name in self._deferred:  # g as layer_statistics gives it; x is the backend's own
             shape, o = tuple(int(s) for s in raw[name][1].shape), self._layers[name].outputs
             if len(shape) != 3 or shape[0] != batch_size or shape[2] != o:
@@ -63,28 +64,27 @@ class DeferredStatistics(Mapping):
         """A convolution's input x for :meth:`~influence_core.plugin.ModelKernels.conv2d_map`
         while its patches are not formed; None otherwise."""
         if name in self._deferred and name not in self._formed:
-            return self.raw[name][0]
+            return self._entries[name][0]
         return None
 
     def gradients(self, name: str) -> Array:
         """g of a layer, (b, T, p_out), without forming its patches."""
-        return self.raw[name][1]
+        return self._entries[name][1]
 
     def __getitem__(self, name: str) -> tuple[Array, Array]:
-        if name not in self._deferred:
-            return self.raw[name]
-        if name not in self._formed:
+        if name in self._deferred and name not in self._formed:
             from .model import check_layer_statistics
 
             layer = self._layers[name]
-            x, g = self.raw[name]
+            x, g = self._entries[name]
             formed = {name: (self.model.kernels.conv2d_patches(layer, x), g)}
             check_layer_statistics([layer], formed, self.batch_size, self.model.backend)
-            self._formed[name] = formed[name]
-        return self._formed[name]
+            self._entries[name] = formed[name]  # x is no longer held here
+            self._formed.add(name)
+        return self._entries[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.raw)
+        return iter(self._entries)
 
     def __len__(self) -> int:
-        return len(self.raw)
+        return len(self._entries)

@@ -153,3 +153,20 @@ def test_a_backend_refusing_deferred_statistics_for_a_model_scores_through_the_p
     monkeypatch.setattr(type(model.kernels), "layer_statistics_deferred", refused)
     layerwise, flat = few_test_point_scores(model, data)
     assert torch.allclose(layerwise, flat, rtol=1e-10, atol=1e-12)
+
+
+def test_deferred_statistics_with_a_wrong_gradient_shape_are_refused_naming_the_layer(
+    monkeypatch,
+) -> None:
+    original = type(geometry_model("plain")[0].kernels).layer_statistics_deferred
+
+    def transposed(self, inputs, targets, measurement=None):
+        stats = original(self, inputs, targets, measurement)
+        x, g = stats["0"]
+        stats["0"] = (x, g.transpose(1, 2))  # (b, o, T): what a channel-major backend might give
+        return stats
+
+    model, data = geometry_model("plain")
+    monkeypatch.setattr(type(model.kernels), "layer_statistics_deferred", transposed)
+    with pytest.raises(ValueError, match=r"deferred layer statistics of layer '0' \(conv2d"):
+        few_test_point_scores(model, data)
