@@ -25,22 +25,6 @@ GEOMETRIES = {
 }
 
 
-@pytest.mark.parametrize("geometry", GEOMETRIES)
-def test_conv_statistics_rebuild_the_per_sample_gradients(geometry: str) -> None:
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(3, 4, **GEOMETRIES[geometry])
-    with torch.no_grad():
-        width = conv(torch.zeros(1, 3, 9, 8)).numel()
-    net = torch.nn.Sequential(
-        conv, torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(width, 3)
-    ).double()
-    model = InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"), batch_size=5)
-    X, y = torch.randn(5, 3, 9, 8, dtype=torch.float64), torch.randint(0, 3, (5,))
-    from_layers = per_sample_grads_from_layers(model, (X, y))
-    exact = model.per_sample_grads((X, y))
-    assert torch.allclose(from_layers, exact, rtol=1e-12, atol=1e-13)
-
-
 def geometry_model(geometry: str) -> tuple[InfluenceModel, tuple[torch.Tensor, torch.Tensor]]:
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 4, **GEOMETRIES[geometry])
@@ -51,6 +35,14 @@ def geometry_model(geometry: str) -> tuple[InfluenceModel, tuple[torch.Tensor, t
     ).double()
     model = InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"), batch_size=5)
     return model, (torch.randn(5, 3, 9, 8, dtype=torch.float64), torch.randint(0, 3, (5,)))
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_conv_statistics_rebuild_the_per_sample_gradients(geometry: str) -> None:
+    model, data = geometry_model(geometry)
+    from_layers = per_sample_grads_from_layers(model, data)
+    exact = model.per_sample_grads(data)
+    assert torch.allclose(from_layers, exact, rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
