@@ -276,15 +276,20 @@ def test_an_eigendecomposition_that_does_not_converge_is_retried_with_jitter(mon
     assert gap < 1e-6  # the jitter (1e-12 of the mean eigenvalue) is removed from the eigenvalues
 
 
+def tanh_mlp(seed: int) -> InfluenceModel:
+    """A float64 4-6-3 tanh MLP in batches of 8, its weights drawn after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+    ).double()
+    return InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"), batch_size=8)
+
+
 def test_nan_in_the_layer_statistics_names_the_samples() -> None:
     """At the fit (the factors) and when scoring (a training side): the sample index, not a NaN score."""
     from influence_core import NonFiniteGradientError
 
-    torch.manual_seed(5)
-    net = torch.nn.Sequential(
-        torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
-    ).double()
-    model = InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"), batch_size=8)
+    model = tanh_mlp(seed=5)
     X, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
     broken = X.clone()
     broken[13, 2] = float("nan")
@@ -319,11 +324,7 @@ def test_nan_in_a_shuffled_loader_is_named_by_its_dataset_index() -> None:
 
     from influence_core import NonFiniteGradientError
 
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
-    ).double()
-    model = InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"), batch_size=8)
+    model = tanh_mlp(seed=0)
     X, y = torch.randn(40, 4, dtype=torch.float64), torch.randint(0, 3, (40,))
     X[13, 2] = float("nan")
     loader = DataLoader(TensorDataset(X, y), batch_size=8, shuffle=True)

@@ -114,6 +114,8 @@ def test_resnet18_is_covered_whole_and_scored_by_every_layer_wise_estimator() ->
         assert float((both[0] - expected).abs().max() / expected.abs().max()) < 1e-9
         assert float((both[1] - own).abs().max() / own.abs().max()) < 1e-9
         assert calculator.top_k(test, k=3).proponents.shape == (3, 3)
+        one = calculator.influence((X[:1], y[:1]))  # through conv2d_map: no patches, no G
+        assert float((one - expected[:1]).abs().max() / expected[:1].abs().max()) < 1e-9
     tracin = TracIn(model, [model.save_state()], 0.1, layerwise=True).fit(train)
     np.testing.assert_allclose(tracin.influence(test), 0.1 * g_train[:3] @ g_train.T, rtol=1e-9)
     trak = TRAK(model, projector=KroneckerProjection(8, 8), damping=1e-3).fit(train)

@@ -162,3 +162,30 @@ def test_deferred_statistics_with_a_wrong_gradient_shape_are_refused_naming_the_
     monkeypatch.setattr(type(model.kernels), "layer_statistics_deferred", transposed)
     with pytest.raises(ValueError, match=r"deferred layer statistics of layer '0' \(conv2d"):
         few_test_point_scores(model, data)
+
+
+def test_one_test_point_over_a_shuffled_loader_scores_each_sample_in_dataset_order() -> None:
+    """The map route reads whatever batch the loader gives; scores still land at dataset indices."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from influence_core import EKFACIHVP, FirstOrderInfluenceCalculator
+
+    model, (X, y) = geometry_model("strided per axis")
+    calculator = FirstOrderInfluenceCalculator(model, EKFACIHVP(fisher="empirical")).fit((X, y))
+    expected = calculator.influence((X[:1], y[:1]), (X, y))
+    torch.manual_seed(3)
+    shuffled = DataLoader(TensorDataset(X, y), batch_size=2, shuffle=True)
+    got = calculator.influence((X[:1], y[:1]), shuffled)
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_nan_in_a_sample_scored_through_the_map_is_named() -> None:
+    from influence_core import EKFACIHVP, FirstOrderInfluenceCalculator, NonFiniteGradientError
+
+    model, (X, y) = geometry_model("padded")
+    calculator = FirstOrderInfluenceCalculator(model, EKFACIHVP(fisher="empirical")).fit((X, y))
+    broken = X.clone()
+    broken[3, 1, 4, 4] = float("nan")
+    with pytest.raises(NonFiniteGradientError) as error:
+        calculator.influence((X[:1], y[:1]), (broken, y))
+    assert error.value.sample_indices == (3,)
